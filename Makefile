@@ -1,0 +1,39 @@
+# cdm: every target sets itself up (venv, pip and apt packages, local services) on a fresh machine.
+.PHONY: help setup dev demo test lint typecheck unit bench bench-quick services-start services-stop clean
+
+PY := .venv/bin/python
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+setup:  ## create .venv and install runtime deps (+ apt: dataset-fashion-mnist, redis-server)
+	@deploy/local/bootstrap.sh
+
+dev:
+	@deploy/local/bootstrap.sh --dev
+
+demo: setup  ## the main job end to end: services + daemon + push sources + sample + forget
+	@$(PY) -m daemon.demo
+
+test: dev  ## lint, type-check and the whole test suite (starts Redis + Kafka broker on free ports itself)
+	@$(PY) -m ruff check cdm daemon tests deploy
+	@$(PY) -m mypy cdm daemon
+	@$(PY) -m pytest
+
+unit: dev  ## tests that need no services
+	@$(PY) -m pytest -m "not services"
+
+bench: dev  ## full benchmark run (~40 min on 2 CPU cores); writes tests/bench/results and RESULTS.md
+	@$(PY) -m tests.bench.run --profile full
+
+bench-quick: dev  ## minutes-long benchmark smoke run
+	@$(PY) -m tests.bench.run --profile quick
+
+services-start: setup  ## start Redis + Kafka-protocol broker on free loopback ports (state in .services/)
+	@$(PY) -m deploy.local.services start
+
+services-stop:
+	@$(PY) -m deploy.local.services stop
+
+clean:
+	rm -rf .venv .cache .services build *.egg-info
