@@ -25,9 +25,10 @@ class ModelConfig:
 
     sample_size: int = 16  # image side in pixels; sources are resized to it (area interpolation)
     in_channels: int = 1  # 1 for grayscale, 3 for RGB; sources must match
+    num_classes: int = 10  # class-conditional with this many classes (+1 null class); 0 = unconditional
     block_out_channels: tuple[int, ...] = (32, 64)  # UNet widths per resolution level
     layers_per_block: int = 1  # ResNet blocks per level
-    attention: bool = False  # add self-attention at the lowest resolution
+    attention: bool = False  # self-attention at the lowest resolution and in the mid block
     norm_num_groups: int = 8  # GroupNorm groups (must divide every width)
     num_train_timesteps: int = 1000  # diffusion steps of the training noise schedule
     beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name ("linear", "squaredcos_cap_v2", ...)
@@ -71,7 +72,7 @@ class RouterConfig:
     batch_size: int = 256  # noised samples per step
     lr: float = 2e-3  # AdamW learning rate
     channels: tuple[int, ...] = (32, 64)  # CNN widths
-    label_dropout: float = 0.2  # probability of hiding the class (so P(i | x_t, t) is learnt too)
+    label_dropout: float = 0.5  # probability of hiding the class (so P(i | x_t, t) is learnt too)
     seed: int = 0
     device: Device = "cpu"
     eval_samples: int = 512  # held-out noised samples per noise level for the report

@@ -1,0 +1,157 @@
+"""Persisted artifacts: safetensors + JSON, sha256 recorded on save and verified before loading.
+
+Nothing here unpickles: weights are read as raw bytes, hashed, then decoded by safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from cdm.errors import IntegrityError, StoreError
+
+MANIFEST = "manifest.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def hash_tree(directory: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
+    """sha256 of every file below ``directory`` keyed by its relative POSIX path."""
+    out: dict[str, str] = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name not in exclude:
+            out[p.relative_to(directory).as_posix()] = sha256_file(p)
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (tmp file + fsync + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise StoreError(f"missing {path}; the artifact is incomplete or was deleted") from exc
+    except json.JSONDecodeError as exc:
+        raise StoreError(f"{path} is not valid JSON ({exc}); the artifact is corrupt") from exc
+
+
+def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Save a flat tensor dict as safetensors, atomically."""
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: Path, *, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read safetensors bytes, verify their sha256 when given, then decode (no pickle involved)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise StoreError(f"missing weights file {path}") from exc
+    if expected_sha256 is not None:
+        got = sha256_bytes(raw)
+        if got != expected_sha256:
+            raise IntegrityError(
+                f"{path}: sha256 {got[:16]}… does not match the recorded {expected_sha256[:16]}…; "
+                "the file was modified or corrupted. Retrain or restore the artifact; it will not be loaded."
+            )
+    return st_load(raw)
+
+
+def verify_tree(directory: Path, expected: Mapping[str, str]) -> None:
+    """Check every recorded file's sha256 (and that none is missing); raise IntegrityError otherwise."""
+    for rel, want in expected.items():
+        p = directory / rel
+        if not p.is_file():
+            raise IntegrityError(f"{p} is recorded in the manifest but missing; the artifact is incomplete")
+        got = sha256_file(p)
+        if got != want:
+            raise IntegrityError(
+                f"{p}: sha256 {got[:16]}… does not match the recorded {want[:16]}…; refusing to load a "
+                "tampered or corrupted artifact. Retrain it or restore it from a good copy."
+            )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        old: Path | None = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{id(tmp)}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path: Path) -> list[str]:
+    """Delete a file or directory tree; return the files that were deleted (for forgetting receipts)."""
+    if not path.exists():
+        return []
+    if path.is_file():
+        path.unlink()
+        return [str(path)]
+    files = [str(p) for p in sorted(path.rglob("*")) if p.is_file()]
+    shutil.rmtree(path)
+    return files

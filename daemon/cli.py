@@ -1,0 +1,422 @@
+"""The ``cdm`` command line: offline commands over a local store, and the service commands (daemon, push, ls).
+
+Every command reads ``config.toml`` once (``--config``, default ./config.toml when present); flags override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """\
+examples (offline, a local store directory, no services needed):
+  cdm split --data fashion-mnist --scheme by-class --n 4 --out sources/
+  cdm train --store store/ --source shoes=sources/source-0.npz --source tops=sources/source-1.npz --steps 300
+  cdm sample --store store/ --n 64 --png grid.png --out samples.npz
+  cdm sample --store store/ --n 16 --sources shoes --labels 7 --top-k 1 --out shoes.npz
+  cdm forget --store store/ --source tops
+  cdm evaluate --store store/ --n 500
+
+examples (the service: Kafka + Redis; `make services-start` runs local ones):
+  cdm daemon --config config.toml
+  cdm push --source shoes sources/source-0.npz
+  cdm ls --json
+  cdm sample --redis redis://127.0.0.1:6379/0 --n 16 --out live.npz
+"""
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def _int_csv(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
+
+
+def _source_arg(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--source takes NAME=PATH.npz, got {value!r}")
+    return name, Path(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cdm",
+        description=(
+            "cdm: Compartmentalized Diffusion Models. One diffusion model (compartment) per data source, "
+            "composed at sampling time as eps = sum_i w_i(x_t,t,c) eps_i(x_t,t,c) with a learnt router w. "
+            "Sources can be added without retraining the others and forgotten exactly."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "split",
+        help="split a dataset into per-source .npz files",
+        description="Split Fashion-MNIST (or sklearn digits) into N sources, one .npz each.",
+    )
+    s.add_argument("--data", choices=["fashion-mnist", "digits"], default="fashion-mnist")
+    s.add_argument(
+        "--scheme",
+        choices=["random", "by-class", "dirichlet"],
+        default="random",
+        help="random: IID shards; by-class: disjoint class groups; dirichlet: non-IID (see --alpha)",
+    )
+    s.add_argument("--n", type=int, required=True, help="number of sources")
+    s.add_argument("--out", type=Path, required=True, help="output directory (source-0.npz, ...)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skewed)")
+    s.add_argument("--split", choices=["train", "test"], default="train")
+    s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT samples")
+    s.set_defaults(func=cmd_split)
+
+    t = sub.add_parser(
+        "train",
+        help="train one compartment per new source, then the router",
+        description="Stage each --source into the store, train a compartment for every source whose "
+        "data fingerprint is not trained yet (an interrupted run resumes), then retrain the router.",
+    )
+    t.add_argument("--store", type=Path, required=True, help="local artifact store directory (created if missing)")
+    t.add_argument(
+        "--source",
+        type=_source_arg,
+        action="append",
+        default=[],
+        metavar="NAME=PATH.npz",
+        help="a source to add (repeatable); without any, only the router is retrained",
+    )
+    _train_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    sm = sub.add_parser(
+        "sample",
+        help="sample images (PNG grid, attribution) from the composition",
+        description="Sample from the composed model of a local store (--store) or the live registry "
+        "(--redis). OUT.npz holds images (uint8), attribution (N,K) and sources (column names).",
+    )
+    src = sm.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", type=Path, help="local artifact store")
+    src.add_argument("--redis", help="registry URL of a running daemon, e.g. redis://127.0.0.1:6379/0")
+    sm.add_argument("--n", type=int, default=16, help="number of images")
+    sm.add_argument("--sources", type=_csv, default=None, help="access subset, e.g. shoes,bags (default: all)")
+    sm.add_argument("--labels", type=_int_csv, default=None, help="class labels, cycled over the samples")
+    sm.add_argument("--top-k", type=int, default=None, help="route each sample to its k most likely compartments")
+    sm.add_argument("--steps", type=int, default=None, help="denoising steps (default [sample] num_inference_steps)")
+    sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    sm.add_argument("--out", type=Path, required=True, help="output .npz")
+    sm.add_argument("--png", type=Path, default=None, help="also write a PNG grid with attribution bars")
+    sm.add_argument("--trajectory", action="store_true", help="store the full weight trajectory (T,N,K) too")
+    sm.add_argument("--no-progress", action="store_true")
+    sm.set_defaults(func=cmd_sample)
+
+    f = sub.add_parser(
+        "forget",
+        help="forget a source (or some of its samples) exactly",
+        description="Delete a source's compartment, staged data and checkpoints and retrain the router "
+        "without it; with --samples, retrain only that source's compartment without those samples. "
+        "Writes a receipt to STORE/receipts/.",
+    )
+    f.add_argument("--store", type=Path, required=True)
+    f.add_argument("--source", required=True)
+    f.add_argument("--samples", type=_int_csv, default=None, help="sample ids to forget (default: the whole source)")
+    _train_flags(f)
+    f.set_defaults(func=cmd_forget)
+
+    e = sub.add_parser(
+        "evaluate",
+        help="FID / KID / memorisation of samples as JSON",
+        description="Sample from the store and score against the Fashion-MNIST test split with a "
+        "feature classifier trained here (cached).",
+    )
+    e.add_argument("--store", type=Path, required=True)
+    e.add_argument("--n", type=int, default=None, help="samples (default [eval] num_samples)")
+    e.add_argument("--sources", type=_csv, default=None)
+    e.add_argument("--top-k", type=int, default=None)
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--memorisation", action="store_true", help="also compute the memorisation ratio test")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    ls = sub.add_parser("ls", help="list compartments (local store or live registry)")
+    g = ls.add_mutually_exclusive_group()
+    g.add_argument("--store", type=Path)
+    g.add_argument("--redis", help="registry URL (default: from config / .services/services.json)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    try:
+        from daemon import service_cli
+    except ImportError:  # the service commands are optional for a library-only install
+        pass
+    else:
+        service_cli.register(sub)
+    return p
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per compartment ([train] steps)")
+    p.add_argument("--router-steps", type=int, default=None, help="router optimizer steps ([router] steps)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help='"cuda" also turns on bf16 autocast')
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_app_config(args: argparse.Namespace) -> Any:
+    from daemon.config import load_config
+
+    path = args.config
+    if path is None and Path("config.toml").exists():
+        path = Path("config.toml")
+    return load_config(path)
+
+
+def _train_cfgs(args: argparse.Namespace, lib: Any) -> tuple[Any, Any]:
+    from cdm.config import replace
+
+    precision = "bf16" if args.device == "cuda" else None
+    train = replace(
+        lib.train, steps=args.steps, batch_size=args.batch_size, device=args.device, seed=args.seed, precision=precision
+    )
+    router = replace(lib.router, steps=args.router_steps, device=args.device, seed=args.seed)
+    return train, router
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from cdm.data import load_dataset, save_npz, split_sources
+
+    data = load_dataset(args.data, args.split)
+    if args.limit:
+        data = data.subset(slice(0, args.limit))
+    parts = split_sources(data, args.scheme, args.n, seed=args.seed, alpha=args.alpha)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = []
+    for i, part in enumerate(parts):
+        path = args.out / f"source-{i}.npz"
+        save_npz(path, part)
+        classes = sorted(set(part.labels.tolist())) if part.labels is not None else []
+        summary.append({"path": str(path), "n": len(part), "classes": classes})
+        _say(f"  {path}: {len(part)} images, classes {classes}")
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cdm.data import fingerprint, load_npz
+    from cdm.store import LocalStore, check_source_name
+
+    cfg = load_app_config(args)
+    train, router = _train_cfgs(args, cfg.library)
+    store = LocalStore(args.store, model=cfg.library.model)
+    progress = not args.no_progress
+    todo = []
+    for name, path in args.source:
+        check_source_name(name)
+        data = load_npz(path)
+        fp = fingerprint(data)
+        if store.is_trained(name, fp):
+            _say(f"= {name}: already trained on this data (fingerprint {fp[:12]}), skipped")
+            continue
+        store.stage_data(name, data)
+        todo.append(name)
+    for name in todo:
+        _say(f"> training compartment {name!r} ({train.steps} steps, batch {train.batch_size}, {train.device})")
+        res = store.train_compartment(name, train, progress=progress)
+        resumed = f", resumed from step {res.resumed_from}" if res.resumed_from else ""
+        _say(f"  done in {res.seconds:.1f}s, final loss {res.final_loss:.4f}{resumed}")
+    if todo or store.router_manifest() is None or not args.source:
+        _say(f"> training router over {store.sources()}")
+        rr = store.train_router(router, progress=progress)
+        if rr is not None:
+            acc = " ".join(f"{a:.2f}" for a in rr.report.accuracy_by_noise)
+            _say(
+                f"  accuracy by noise level (low -> high): {acc}; ECE {rr.report.ece:.3f}; "
+                f"priors {[round(p, 3) for p in rr.report.priors]}"
+            )
+    print(json.dumps({"store": str(args.store), "sources": store.sources(), "trained": todo}))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from cdm.viz import save_grid
+
+    from cdm.pipeline import CompartmentalPipeline, make_scheduler
+
+    cfg = load_app_config(args)
+    sc = cfg.library.sample
+    device = args.device or sc.device
+    started = time.perf_counter()
+    if args.store is not None:
+        from cdm.store import LocalStore
+
+        store = LocalStore(args.store)
+        den = store.composed(device=device, vectorize=sc.vectorize, mode=sc.mode, top_k=sc.top_k)
+        model_cfg = store.model
+    else:
+        from daemon.hotswap import load_live_composition
+
+        den, model_cfg = load_live_composition(args.redis, cfg, device=device)
+    pipe = CompartmentalPipeline(den, make_scheduler(args.scheduler or sc.scheduler, model_cfg))
+    out = pipe(
+        batch_size=args.n,
+        class_labels=args.labels,
+        sources=args.sources,
+        top_k=args.top_k if args.top_k is not None else (sc.top_k if sc.mode == "top_k" else None),
+        num_inference_steps=args.steps or sc.num_inference_steps,
+        generator=torch.Generator().manual_seed(args.seed),
+        return_trajectory=args.trajectory,
+        progress=not args.no_progress,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, Any] = {
+        "images": out.images,
+        "attribution": out.attribution.astype(np.float32),
+        "sources": np.array(out.source_names),
+    }
+    if out.trajectory is not None:
+        arrays["trajectory"] = out.trajectory.astype(np.float32)
+        arrays["timesteps"] = out.timesteps
+    np.savez(args.out, **arrays)
+    if args.png:
+        save_grid(out.images, args.png, attribution=out.attribution, source_names=out.source_names)
+    dominant = out.attribution.argmax(1)
+    share = {n: int((dominant == i).sum()) for i, n in enumerate(out.source_names)}
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "png": str(args.png) if args.png else None,
+                "n": args.n,
+                "seconds": round(time.perf_counter() - started, 2),
+                "dominant_source_counts": share,
+            }
+        )
+    )
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from cdm.store import LocalStore
+
+    cfg = load_app_config(args)
+    train, router = _train_cfgs(args, cfg.library)
+    store = LocalStore(args.store)
+    if args.samples:
+        receipt = store.forget_samples(args.source, args.samples, train, router, progress=not args.no_progress)
+    else:
+        receipt = store.forget_source(args.source, router, progress=not args.no_progress)
+    _say(
+        f"forgot {receipt.kind} of {receipt.source!r}: {receipt.n_samples_removed} samples, "
+        f"{len(receipt.deleted_files)} files deleted, {len(receipt.untouched)} compartments untouched, "
+        f"{receipt.seconds:.1f}s"
+    )
+    print(json.dumps(receipt.to_dict()))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from cdm.data import from_model_tensor, load_fashion_mnist, to_model_tensor
+    from cdm.metrics import evaluate, get_feature_extractor
+    from cdm.pipeline import CompartmentalPipeline, make_scheduler
+    from cdm.store import LocalStore
+
+    cfg = load_app_config(args)
+    sc, ec = cfg.library.sample, cfg.library.eval
+    store = LocalStore(args.store)
+    n = args.n or ec.num_samples
+    pipe = CompartmentalPipeline(
+        store.composed(device=sc.device, vectorize=sc.vectorize),
+        make_scheduler(args.scheduler or sc.scheduler, store.model),
+    )
+    images = []
+    g = torch.Generator().manual_seed(args.seed)
+    for start in range(0, n, sc.batch_size):
+        out = pipe(
+            batch_size=min(sc.batch_size, n - start),
+            sources=args.sources,
+            top_k=args.top_k,
+            num_inference_steps=args.steps or sc.num_inference_steps,
+            generator=g,
+            progress=not args.no_progress,
+        )
+        images.append(out.images)
+    import numpy as np
+
+    gen = np.concatenate(images)
+    size = store.model.sample_size
+    ext = get_feature_extractor(size, cache_dir=Path(ec.cache_dir), progress=not args.no_progress)
+    ref = from_model_tensor(to_model_tensor(load_fashion_mnist("test").images, size))
+    train_sets = None
+    if args.memorisation:
+        train_sets = {s: from_model_tensor(to_model_tensor(store.load_data(s).images, size)) for s in store.sources()}
+    report = evaluate(gen, reference=ref, extractor=ext, train_sets=train_sets)
+    print(json.dumps(report.to_dict()))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    if args.store is not None:
+        from cdm.store import LocalStore
+
+        store = LocalStore(args.store)
+        rows = [store.manifest(n).to_dict() for n in store.sources()]
+        rm = store.router_manifest()
+        doc: dict[str, Any] = {"store": str(args.store), "compartments": rows, "router": rm.to_dict() if rm else None}
+        if args.json:
+            print(json.dumps(doc))
+        else:
+            for r in rows:
+                print(
+                    f"{r['name']:20s} n={r['n_samples']:6d} steps={r['steps']:5d} loss={r['final_loss']:.4f} "
+                    f"fp={r['fingerprint'][:12]}"
+                )
+            if rm:
+                print(f"router over {rm.source_names}, held-out accuracy {rm.report['accuracy']:.3f}")
+        return 0
+    from daemon import service_cli
+
+    return service_cli.cmd_ls_registry(args, load_app_config(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from cdm.errors import CdmError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CdmError as exc:
+        print(f"cdm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cdm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
