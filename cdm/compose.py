@@ -125,7 +125,7 @@ class ComposedDenoiser(nn.Module):
         self.compartments = nn.ModuleList(compartments)
         self.router = router
         self.source_names = list(source_names)
-        rnames: list[str] = list(router_names if router_names is not None else router.source_names)
+        rnames = [str(n) for n in (router_names if router_names is not None else router.source_names)]  # type: ignore[union-attr]
         missing = [n for n in self.source_names if n not in rnames]
         if missing:
             raise ConfigError(f"the router was not trained on {missing}; retrain the router")
