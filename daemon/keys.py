@@ -1,0 +1,173 @@
+"""Every Redis key, stream and channel name the daemon uses, in one place (like rq's and arq's constants).
+
+All names start with the configured namespace (``[redis] namespace``, default ``cdm``), so several
+deployments (or tests) can share one Redis server. ``ns`` below stands for that prefix.
+
+Compartment ids are ``"<source>@v<version>"``: source names are restricted to ``SOURCE_NAME_PATTERN`` so the
+id is unambiguous and every key stays printable.
+
+=========================================  ===========  =====================================================
+key                                        type         contents
+=========================================  ===========  =====================================================
+``ns:compartment:{id}``                    hash         one compartment (``CompartmentRecord``): source,
+                                                        version, status (training|active|retired),
+                                                        artifact_uri, sha256 (JSON map file -> sha256), prior,
+                                                        class_counts (JSON list), n_samples, fingerprint,
+                                                        train_metrics (JSON), created_at, updated_at,
+                                                        lineage (JSON: topic, partitions, offsets / chunk
+                                                        refs), retired_reason
+``ns:active``                              set          ids of the active compartments (the composition)
+``ns:sources``                             set          every source name ever registered
+``ns:source:{source}``                     hash         per-source index: ``current`` (active compartment id),
+                                                        ``training`` (id being trained), ``version`` (counter;
+                                                        never reset, so ids are never reused)
+``ns:fingerprints:{source}``               hash         data fingerprint -> compartment id (idempotency)
+``ns:router``                              hash         the active router (``RouterRecord``)
+``ns:epoch``                               string/int   incremented exactly once per change of the composition
+                                                        (active set, active records or router)
+``ns:changes``                             stream       change log, one entry per registry change (capped)
+``ns:events``                              pub/sub      ``{"epoch", "kind", ...}`` after each change (lossy:
+                                                        readers must also re-read ``ns:epoch``)
+``ns:lock:source:{source}``                string       owner token of the per-source training lock (PX TTL)
+``ns:lock:job:{name}``                     string       owner token of a singleton job lock (router, gc)
+``ns:daemon:{daemon_id}``                  string       JSON heartbeat of a live daemon (PX TTL)
+``ns:daemons``                             zset         daemon id -> heartbeat expiry (ms), index for listing
+``ns:forget:receipts``                     hash         receipt id -> ForgetReceipt JSON
+``ns:audit``                               list         JSON audit entries, newest first (forget, retire)
+=========================================  ===========  =====================================================
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+SOURCE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a superset of daemon.wire.SOURCE_ID_RE
+_COMPARTMENT_ID = re.compile(r"(?P<source>[A-Za-z0-9._-]{1,128})@v(?P<version>[1-9][0-9]*)")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+CHANGES_MAXLEN = 100_000  # approximate cap of the change-log stream (XADD MAXLEN ~)
+AUDIT_MAXLEN = 100_000  # audit list entries kept
+
+
+def check_source(source: str) -> str:
+    """``source`` if it is a valid source name, else ValueError naming it and the allowed form."""
+    if not isinstance(source, str) or not SOURCE_NAME_PATTERN.fullmatch(source):
+        raise ValueError(
+            f"source name {source!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ -"
+        )
+    return source
+
+
+def compartment_id(source: str, version: int) -> str:
+    """The id of version ``version`` (>= 1) of ``source``'s compartment."""
+    if version < 1:
+        raise ValueError(f"compartment version {version} must be >= 1")
+    return f"{check_source(source)}@v{version}"
+
+
+def parse_compartment_id(cid: str) -> tuple[str, int]:
+    """(source, version) of a compartment id; ValueError if it is not ``<source>@v<version>``."""
+    match = _COMPARTMENT_ID.fullmatch(cid)
+    if match is None:
+        raise ValueError(f"compartment id {cid!r} is not of the form <source>@v<version>")
+    return match["source"], int(match["version"])
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{kind} {name!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ : -")
+    return name
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace. Build once from ``RedisConfig.namespace`` and pass it in."""
+
+    namespace: str = "cdm"
+
+    def __post_init__(self) -> None:
+        if not self.namespace or any(c in self.namespace for c in " {}*?[]"):
+            raise ValueError(f"namespace {self.namespace!r} must be non-empty, without spaces, braces or globs")
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.namespace, *parts))
+
+    # -- compartments and the composition
+    def compartment(self, cid: str) -> str:
+        """Hash of one compartment."""
+        parse_compartment_id(cid)
+        return self._k("compartment", cid)
+
+    @property
+    def compartment_prefix(self) -> str:
+        """``compartment(cid) == compartment_prefix + cid`` (for Lua scripts)."""
+        return self._k("compartment", "")
+
+    @property
+    def active(self) -> str:
+        """Set of active compartment ids."""
+        return self._k("active")
+
+    @property
+    def sources(self) -> str:
+        """Set of every registered source name."""
+        return self._k("sources")
+
+    def source(self, source: str) -> str:
+        """Per-source index hash: current, training, version."""
+        return self._k("source", check_source(source))
+
+    def fingerprints(self, source: str) -> str:
+        """Hash fingerprint -> compartment id of one source."""
+        return self._k("fingerprints", check_source(source))
+
+    @property
+    def router(self) -> str:
+        """Hash of the active router."""
+        return self._k("router")
+
+    @property
+    def epoch(self) -> str:
+        """Composition epoch counter."""
+        return self._k("epoch")
+
+    # -- change notification
+    @property
+    def changes(self) -> str:
+        """Change-log stream."""
+        return self._k("changes")
+
+    @property
+    def events(self) -> str:
+        """Pub/sub channel announcing each change (lossy; re-read ``epoch``)."""
+        return self._k("events")
+
+    # -- coordination
+    def source_lock(self, source: str) -> str:
+        """Per-source training lock."""
+        return self._k("lock", "source", check_source(source))
+
+    def job_lock(self, name: str) -> str:
+        """Singleton job lock (e.g. "router", "gc")."""
+        return self._k("lock", "job", _check_name("job name", name))
+
+    def daemon(self, daemon_id: str) -> str:
+        """Heartbeat key of one daemon."""
+        return self._k("daemon", _check_name("daemon id", daemon_id))
+
+    @property
+    def daemons(self) -> str:
+        """Sorted set daemon id -> heartbeat expiry in ms."""
+        return self._k("daemons")
+
+    # -- forgetting
+    @property
+    def forget_receipts(self) -> str:
+        """Hash receipt id -> ForgetReceipt JSON."""
+        return self._k("forget", "receipts")
+
+    @property
+    def audit(self) -> str:
+        """Audit list (newest first)."""
+        return self._k("audit")
