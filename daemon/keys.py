@@ -31,7 +31,7 @@ key                                        type         contents
 ``ns:lock:source:{source}``                string       owner token of the per-source training lock (PX TTL)
 ``ns:lock:job:{name}``                     string       owner token of a singleton job lock (router, gc)
 ``ns:daemon:{daemon_id}``                  string       JSON heartbeat of a live daemon (PX TTL)
-``ns:daemons``                             zset         daemon id -> heartbeat expiry (ms), index for listing
+``ns:daemons``                             zset         daemon id -> last heartbeat (unix s); index for listing
 ``ns:forget:receipts``                     hash         receipt id -> ForgetReceipt JSON
 ``ns:audit``                               list         JSON audit entries, newest first (forget, retire)
 =========================================  ===========  =====================================================
@@ -53,9 +53,7 @@ AUDIT_MAXLEN = 100_000  # audit list entries kept
 def check_source(source: str) -> str:
     """``source`` if it is a valid source name, else ValueError naming it and the allowed form."""
     if not isinstance(source, str) or not SOURCE_NAME_PATTERN.fullmatch(source):
-        raise ValueError(
-            f"source name {source!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ -"
-        )
+        raise ValueError(f"source name {source!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ -")
     return source
 
 
@@ -158,7 +156,7 @@ class Keys:
 
     @property
     def daemons(self) -> str:
-        """Sorted set daemon id -> heartbeat expiry in ms."""
+        """Sorted set daemon id -> last heartbeat time (liveness is the heartbeat key's TTL)."""
         return self._k("daemons")
 
     # -- forgetting
