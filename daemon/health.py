@@ -5,6 +5,8 @@
   A failing liveness probe makes the orchestrator restart the process.
 * ``/readyz``: readiness. 200 when ``is_ready()`` says so (Redis reachable and a composition loaded), else 503;
   the JSON body says why, e.g. ``{"ready": false, "reasons": ["no composition loaded"], "epoch": 0}``.
+  ``is_ready`` returns a ``Readiness`` or a ``(ready, message)`` tuple.
+* ``/status``: the JSON of an optional ``status()`` callable (what the daemon is doing), 404 without one.
 
 The probes are called on the request thread: keep them cheap (read state the daemon maintains).
 A probe that raises answers 503 with the error instead of failing the request.
@@ -36,30 +38,44 @@ class Readiness:
     def to_json(self) -> dict[str, Any]:
         return {**self.details, "ready": self.ready, "reasons": list(self.reasons)}
 
+    @classmethod
+    def of(cls, value: Readiness | tuple[bool, str]) -> Readiness:
+        """Normalise what a probe returned; a ``(ready, message)`` tuple puts the message in the body."""
+        if isinstance(value, Readiness):
+            return value
+        ready, message = value
+        return cls(bool(ready), () if ready else (message,), {"detail": message} if ready else {})
+
+
+ReadyProbe = Callable[[], Readiness | tuple[bool, str]]
+
 
 class HealthServer:
-    """Serves /metrics, /healthz and /readyz on ``host:port`` from a daemon thread.
+    """Serves /metrics, /healthz, /readyz (and /status) on ``host:port`` from a daemon thread.
 
     Args:
-        registry: the metrics to expose.
-        is_alive: liveness probe (true while the main loop makes progress).
-        is_ready: readiness probe.
         host: interface to bind ("0.0.0.0" in a container).
         port: TCP port; 0 picks a free one (read ``port`` after ``start()``).
+        registry: the metrics to expose.
+        is_alive: liveness probe (true while the main loop makes progress).
+        is_ready: readiness probe, returning ``Readiness`` or ``(ready, message)``.
+        status: optional JSON-able description of the daemon's state for ``/status``.
     """
 
     def __init__(
         self,
-        registry: CollectorRegistry,
-        *,
-        is_alive: Callable[[], bool],
-        is_ready: Callable[[], Readiness],
         host: str = "127.0.0.1",
         port: int = 0,
+        *,
+        registry: CollectorRegistry,
+        is_alive: Callable[[], bool],
+        is_ready: ReadyProbe,
+        status: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self.registry = registry
         self.is_alive = is_alive
         self.is_ready = is_ready
+        self.status = status
         self._address = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -131,12 +147,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200 if alive else 503, {"alive": alive, **body})
         elif path == "/readyz":
             try:
-                readiness = app.is_ready()
+                readiness = Readiness.of(app.is_ready())
             except Exception as exc:
                 readiness = Readiness(False, (f"readiness check failed: {type(exc).__name__}: {exc}",))
             self._json(200 if readiness.ready else 503, readiness.to_json())
+        elif path == "/status" and app.status is not None:
+            try:
+                self._json(200, app.status())
+            except Exception as exc:
+                self._json(500, {"error": f"{type(exc).__name__}: {exc}"})
         else:
-            self._json(404, {"error": f"no such endpoint {path!r}; try /metrics, /healthz or /readyz"})
+            self._json(404, {"error": f"no such endpoint {path!r}; try /metrics, /healthz, /readyz or /status"})
 
     def _json(self, code: int, body: Mapping[str, Any]) -> None:
         self._send(code, json.dumps(body, default=str).encode(), "application/json")

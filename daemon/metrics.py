@@ -76,6 +76,11 @@ class Metrics:
             buckets=HOTSWAP_BUCKETS,
             registry=registry,
         )
+        self.hotswap_failures = Counter(
+            "cdm_hotswap_failures",
+            "Hot swaps that failed to load (the previous composition kept serving).",
+            registry=registry,
+        )
         self.router_accuracy = Gauge(
             "cdm_router_accuracy", "Held-out accuracy of the active router (0..1).", registry=registry
         )

@@ -37,6 +37,7 @@ def test_metrics_values() -> None:
     m.compartments_active.set(2)
     m.registry_epoch.set(5)
     m.hotswap_seconds.observe(0.2)
+    m.hotswap_failures.inc()
     m.router_accuracy.set(0.9)
     m.sampling_seconds.observe(1.5)
     m.forgetting_seconds.observe(12.0)
@@ -55,6 +56,7 @@ def test_metrics_values() -> None:
     assert v("cdm_compartments_active") == 2
     assert v("cdm_registry_epoch") == 5
     assert v("cdm_hotswap_seconds_count") == 1
+    assert v("cdm_hotswap_failures_total") == 1
     assert v("cdm_router_accuracy") == 0.9
     assert v("cdm_sampling_seconds_sum") == 1.5
     assert v("cdm_forgetting_seconds_count") == 1
@@ -95,7 +97,9 @@ def server() -> tuple[HealthServer, Probe, Metrics]:
     reg = CollectorRegistry()
     metrics = Metrics(reg)
     probe = Probe()
-    srv = HealthServer(reg, is_alive=probe.is_alive, is_ready=probe.is_ready, host="127.0.0.1", port=0)
+    srv = HealthServer(
+        "127.0.0.1", 0, registry=reg, is_alive=probe.is_alive, is_ready=probe.is_ready, status=lambda: {"epoch": 1}
+    )
     srv.start()
     yield srv, probe, metrics  # type: ignore[misc]
     srv.stop()
@@ -144,6 +148,18 @@ def test_readyz(server: tuple[HealthServer, Probe, Metrics]) -> None:
     assert code == 503 and "redis down" in json.loads(body)["reasons"][0]
 
 
+def test_readyz_accepts_a_tuple_probe_and_status(server: tuple[HealthServer, Probe, Metrics]) -> None:
+    srv, _, _ = server
+    srv.is_ready = lambda: (False, "no composition loaded yet")
+    code, _, body = get(f"{srv.url}/readyz")
+    assert (code, json.loads(body)) == (503, {"ready": False, "reasons": ["no composition loaded yet"]})
+    srv.is_ready = lambda: (True, "serving epoch 3")
+    code, _, body = get(f"{srv.url}/readyz")
+    assert (code, json.loads(body)) == (200, {"ready": True, "reasons": [], "detail": "serving epoch 3"})
+    code, _, body = get(f"{srv.url}/status")
+    assert (code, json.loads(body)) == (200, {"epoch": 1})
+
+
 def test_unknown_path_and_concurrent_requests(server: tuple[HealthServer, Probe, Metrics]) -> None:
     srv, _, _ = server
     assert get(f"{srv.url}/nope")[0] == 404
@@ -157,10 +173,12 @@ def test_unknown_path_and_concurrent_requests(server: tuple[HealthServer, Probe,
 
 
 def test_stop_releases_port() -> None:
-    srv = HealthServer(CollectorRegistry(), is_alive=lambda: True, is_ready=lambda: Readiness(True))
+    srv = HealthServer(registry=CollectorRegistry(), is_alive=lambda: True, is_ready=lambda: (True, "serving"))
     with srv:
         port = srv.port
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
+        assert get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+        assert get(f"http://127.0.0.1:{port}/status")[0] == 404  # no status callable
     srv.stop()  # idempotent
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

