@@ -1,0 +1,516 @@
+"""Kafka side of the daemon: sources and control records -> spool, callbacks, dead-letter topic, offsets.
+
+One thread calls :meth:`Ingestor.poll_once` in a loop (it also keeps the group membership alive while
+training runs elsewhere: :meth:`Ingestor.pause_all` stops fetching without leaving the group). Other threads
+report finished work with :meth:`Ingestor.mark_source_registered`, :meth:`Ingestor.mark_control_done` and
+:meth:`Ingestor.mark_source_dropped`; offsets are committed by the polling thread only, and never past a
+record whose effect is not durable yet:
+
+* chunk and seal records of a source: once the source's compartment is registered (or the source dropped);
+* dead-lettered records: once the dead-letter topic acknowledged the copy;
+* control records: once the command completed;
+* records ignored because their source was forgotten: at once.
+
+The commit per partition is the contiguous prefix of such records. Redeliveries (after a crash or a
+rebalance) are harmless because the spool stages idempotently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from daemon.errors import DaemonError
+from daemon.metrics import Metrics
+from daemon.spool import Spool, SpoolState
+from daemon.wire import (
+    Chunk,
+    ControlCommand,
+    Origin,
+    RecordLike,
+    WireError,
+    decode_control,
+    decode_source_message,
+    encode_dlq,
+)
+
+log = logging.getLogger(__name__)
+
+
+class IngestConfig(Protocol):
+    """The fields of ``daemon.config.KafkaConfig`` the ingestor reads."""
+
+    @property
+    def sources_topic(self) -> str: ...
+    @property
+    def control_topic(self) -> str: ...
+    @property
+    def dlq_topic(self) -> str: ...
+    @property
+    def max_message_bytes(self) -> int: ...
+
+
+class DeadLetterError(DaemonError):
+    """The dead-letter topic did not acknowledge a rejected record; its offset stays uncommitted."""
+
+
+# What an uncommitted record waits for: ("source", name) | ("control", origin) | ("dlq", origin).
+WaitKey = tuple[str, Any]
+
+
+@dataclass
+class _Entry:
+    offset: int
+    leader_epoch: int
+    wait: WaitKey | None  # None: committable
+
+
+class OffsetTracker:
+    """Consumed records per partition, in order, each waiting for something or done.
+
+    Not thread-safe on its own; the :class:`Ingestor` guards it with its lock.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[TopicPartition, deque[_Entry]] = {}
+        self._ready: dict[TopicPartition, OffsetAndMetadata] = {}  # advanced but not yet committed
+
+    def add(self, tp: TopicPartition, offset: int, leader_epoch: int, wait: WaitKey | None) -> None:
+        self._entries.setdefault(tp, deque()).append(_Entry(offset, leader_epoch, wait))
+
+    def release(self, wait: WaitKey) -> int:
+        """Mark every record waiting for ``wait`` done; returns how many."""
+        n = 0
+        for entries in self._entries.values():
+            for entry in entries:
+                if entry.wait == wait:
+                    entry.wait = None
+                    n += 1
+        return n
+
+    def rewait(self, tp: TopicPartition, offset: int, wait: WaitKey) -> None:
+        """Change what a tracked record waits for (a control command that failed goes to the DLQ)."""
+        for entry in self._entries.get(tp, ()):
+            if entry.offset == offset:
+                entry.wait = wait
+
+    def committable(
+        self, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Advance over each partition's done prefix; the offsets to commit (next offset to read)."""
+        for tp in list(self._entries if partitions is None else partitions):
+            entries = self._entries.get(tp)
+            last: _Entry | None = None
+            while entries and entries[0].wait is None:
+                last = entries.popleft()
+            if last is not None:
+                self._ready[tp] = OffsetAndMetadata(last.offset + 1, "", last.leader_epoch)
+        return {tp: om for tp, om in self._ready.items() if partitions is None or tp in partitions}
+
+    def committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        """Forget ready offsets that were committed (unless they advanced meanwhile)."""
+        for tp, om in offsets.items():
+            if self._ready.get(tp) == om:
+                del self._ready[tp]
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop all state of partitions this consumer no longer owns."""
+        for tp in partitions:
+            self._entries.pop(tp, None)
+            self._ready.pop(tp, None)
+
+    def pending(self) -> int:
+        return sum(1 for entries in self._entries.values() for e in entries if e.wait is not None)
+
+
+@dataclass
+class PollReport:
+    """What one :meth:`Ingestor.poll_once` did."""
+
+    records: int = 0
+    staged: int = 0  # chunks newly staged
+    duplicates: int = 0  # chunks/seals already in the spool (redeliveries)
+    sealed: list[str] = field(default_factory=list)  # sources handed to on_sealed
+    controls: int = 0  # control commands handed to on_control
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> records dead-lettered
+    committed: dict[TopicPartition, int] = field(default_factory=dict)  # next offset committed per partition
+
+
+class _RebalanceListener(AsyncConsumerRebalanceListener):
+    """Runs on kafka-python's IO thread; blocking consumer calls are not allowed there, so it awaits."""
+
+    def __init__(self, ingestor: Ingestor) -> None:
+        self._ingestor = ingestor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:
+            return
+        ing = self._ingestor
+        with ing._lock:
+            offsets = ing._tracker.committable(revoked)
+            ing._tracker.forget(revoked)
+        if offsets:
+            try:
+                await ing._consumer.commit_async(offsets)
+                log.info("committed %s before giving up partitions", _fmt(offsets))
+            except Exception as exc:  # the next owner re-reads them; the spool makes that harmless
+                log.warning("commit before revoking %s failed (%s); records will be redelivered", revoked, exc)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        ing = self._ingestor
+        log.info("assigned %s", sorted(assigned))
+        if ing._paused and assigned:
+            ing._consumer.pause(*assigned)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        log.warning("lost partitions %s (evicted from the group); their records will be redelivered", lost)
+        with self._ingestor._lock:
+            self._ingestor._tracker.forget(lost)
+
+
+def _fmt(offsets: dict[TopicPartition, OffsetAndMetadata]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]={om.offset}" for tp, om in sorted(offsets.items()))
+
+
+class Ingestor:
+    """Consumes ``sources_topic`` and ``control_topic`` into the spool and the daemon's callbacks.
+
+    Args:
+        consumer: a KafkaConsumer with ``group_id``, ``enable_auto_commit=False`` and
+            ``auto_offset_reset="earliest"``, no deserializers, not yet subscribed (the ingestor subscribes).
+        dlq_producer: a KafkaProducer (bytes key/value) for the dead-letter topic; its ``max_request_size``
+            must exceed ``config.max_message_bytes`` plus headers.
+        spool: where chunks are staged.
+        metrics: the daemon's metrics (messages/bytes ingested, dead letters by reason, sources sealed, lag).
+        config: topic names and the record size limit (see :class:`IngestConfig`).
+        on_sealed: called (on the polling thread) once per source when its seal is verified; it should only
+            enqueue the training, and later call :meth:`mark_source_registered`.
+        on_control: called (on the polling thread) with each valid control command and its origin; the
+            daemon calls :meth:`mark_control_done` with that origin when the command completed. An exception
+            dead-letters the record as ``control-failed``.
+        clock: monotonic seconds (lag reporting rate).
+        claim_check_root: directory claim-check files must live in; None refuses chunk-ref records.
+        max_ref_bytes: largest claim-check file read.
+        lag_interval_s: at most one consumer-lag measurement per this many seconds.
+        dlq_timeout_s: how long to wait for the dead-letter topic to acknowledge.
+    """
+
+    def __init__(
+        self,
+        consumer: KafkaConsumer,
+        dlq_producer: KafkaProducer,
+        spool: Spool,
+        metrics: Metrics,
+        config: IngestConfig,
+        on_sealed: Callable[[str], None],
+        on_control: Callable[[ControlCommand, Origin], None],
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        claim_check_root: Path | None = None,
+        max_ref_bytes: int = 1 << 30,
+        lag_interval_s: float = 15.0,
+        dlq_timeout_s: float = 30.0,
+    ) -> None:
+        if consumer.config.get("enable_auto_commit"):
+            raise ValueError("the ingest consumer must have enable_auto_commit=False (it commits durable work only)")
+        if consumer.config.get("group_id") is None:
+            raise ValueError("the ingest consumer needs a group_id (offsets are committed to the group)")
+        self._consumer = consumer
+        self._dlq = dlq_producer
+        self._spool = spool
+        self._metrics = metrics
+        self._config = config
+        self._on_sealed = on_sealed
+        self._on_control = on_control
+        self._clock = clock
+        self._claim_check_root = claim_check_root
+        self._max_ref_bytes = max_ref_bytes
+        self._lag_interval_s = lag_interval_s
+        self._dlq_timeout_s = dlq_timeout_s
+
+        self._lock = threading.Lock()  # guards the tracker and the sets below
+        self._tracker = OffsetTracker()
+        self._registered: set[str] = set()
+        self._announced: set[str] = set()  # sources handed to on_sealed by this ingestor
+        self._dlq_inflight: list[tuple[Origin, Any]] = []
+        self._want_paused = False  # set by any thread, applied by the polling thread
+        self._paused = False  # what is applied (read by the rebalance listener)
+        self._started = False
+        self._next_lag = 0.0
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Subscribe, and hand sealed-but-unregistered spool sources (from before a restart) to on_sealed."""
+        if self._started:
+            return
+        self._consumer.subscribe(
+            [self._config.sources_topic, self._config.control_topic], listener=_RebalanceListener(self)
+        )
+        self._started = True
+        for source in self._spool.sources(SpoolState.SEALED):
+            self._announce(source)
+
+    def close(self) -> None:
+        """Wait for dead-letter acknowledgements and commit what is committable.
+
+        Closing the consumer (which leaves the group) and the producer stays the caller's.
+        """
+        self._await_dead_letters()
+        self._commit()
+
+    def pause_all(self) -> None:
+        """Stop fetching (applied at the next poll); keep polling so the group membership stays."""
+        self._want_paused = True
+
+    def resume_all(self) -> None:
+        """Fetch again (applied at the next poll)."""
+        self._want_paused = False
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # ------------------------------------------------------------------------------------------- completions
+
+    def mark_source_registered(self, source: str) -> None:
+        """The compartment of ``source`` is registered: its chunk and seal records become committable."""
+        with self._lock:
+            self._registered.add(source)
+            self._tracker.release(("source", source))
+
+    def mark_source_dropped(self, source: str) -> None:
+        """``source`` was dropped from the spool (forgotten): its records become committable, and a later
+        push of the same id is a new source."""
+        with self._lock:
+            self._registered.discard(source)
+            self._announced.discard(source)
+            self._tracker.release(("source", source))
+
+    def mark_control_done(self, origin: Origin) -> None:
+        """The control command read at ``origin`` completed: its record becomes committable."""
+        with self._lock:
+            self._tracker.release(("control", Origin(*origin)))
+
+    # ------------------------------------------------------------------------------------------- polling
+
+    def poll_once(self, timeout_ms: int = 1000) -> PollReport:
+        """Fetch and handle one batch, dead-letter rejects, commit what became committable, report lag."""
+        self.start()
+        self._apply_pause()
+        report = PollReport()
+        batches = self._consumer.poll(timeout_ms=timeout_ms)
+        for tp, records in batches.items():
+            for i, record in enumerate(records):
+                report.records += 1
+                try:
+                    self._handle(record, report)
+                except BaseException:
+                    # Not a bad record but a failure here (disk full, a callback's bug, shutdown): rewind the
+                    # unhandled records so they are fetched again, never skipped by a later commit.
+                    self._rewind(batches, failed=(tp, i))
+                    raise
+        self._await_dead_letters()
+        report.committed = self._commit()
+        self._report_lag()
+        return report
+
+    def _rewind(self, batches: dict[TopicPartition, list[Any]], *, failed: tuple[TopicPartition, int]) -> None:
+        """Seek back to the failed record and to every record after it in the batch (handled in dict order)."""
+        order = list(batches)
+        k = order.index(failed[0])
+        for tp in order[k:]:
+            first = failed[1] if tp == failed[0] else 0
+            self._consumer.seek(tp, batches[tp][first].offset)
+
+    def _apply_pause(self) -> None:
+        want = self._want_paused
+        if want != self._paused:
+            assigned = list(self._consumer.assignment())
+            if want:
+                self._consumer.pause(*assigned)
+            else:
+                self._consumer.resume(*assigned)
+            self._paused = want
+            log.info("%s fetching from %s", "paused" if want else "resumed", sorted(assigned))
+
+    def _handle(self, record: RecordLike, report: PollReport) -> None:
+        origin = Origin.of(record)
+        tp = TopicPartition(record.topic, record.partition)
+        epoch = getattr(record, "leader_epoch", -1)
+        epoch = -1 if epoch is None else epoch
+        try:
+            if record.topic == self._config.control_topic:
+                self._handle_control(record, tp, origin, epoch, report)
+            else:
+                self._handle_source(record, tp, origin, epoch, report)
+        except WireError as exc:
+            self._dead_letter(record, tp, origin, epoch, exc, report)
+
+    def _handle_control(
+        self, record: RecordLike, tp: TopicPartition, origin: Origin, epoch: int, report: PollReport
+    ) -> None:
+        if record.value is not None and len(record.value) > self._config.max_message_bytes:
+            raise WireError("oversized", f"value is {len(record.value)} bytes, limit {self._config.max_message_bytes}")
+        command = decode_control(record)
+        with self._lock:
+            self._tracker.add(tp, origin.offset, epoch, ("control", origin))
+        try:
+            self._on_control(command, origin)
+        except Exception as exc:
+            log.exception("control command %s from %s failed", command, origin)
+            error = WireError("control-failed", f"{type(exc).__name__}: {exc}")
+            self._send_dead_letter(record, tp, origin, error, report, rewait=True)
+            return
+        report.controls += 1
+        self._accepted(record)
+
+    def _handle_source(
+        self, record: RecordLike, tp: TopicPartition, origin: Origin, epoch: int, report: PollReport
+    ) -> None:
+        message = decode_source_message(
+            record,
+            max_value_bytes=self._config.max_message_bytes,
+            claim_check_root=self._claim_check_root,
+            max_ref_bytes=self._max_ref_bytes,
+        )
+        source = message.source
+        if self._spool.forgotten(source, origin):
+            with self._lock:
+                self._tracker.add(tp, origin.offset, epoch, None)
+            self._accepted(record)
+            return
+        if isinstance(message, Chunk):
+            new = self._spool.stage_chunk(source, message.seq, message.data, origin)
+            outcome = "staged" if new else "duplicate"
+        else:
+            new = self._spool.seal(source, message, origin)
+            outcome = "sealed" if new else "duplicate"
+        report.staged += outcome == "staged"
+        report.duplicates += outcome == "duplicate"
+        with self._lock:
+            registered = source in self._registered or self._spool.state(source) == SpoolState.REGISTERED
+            if registered:
+                self._registered.add(source)
+            self._tracker.add(tp, origin.offset, epoch, None if registered else ("source", source))
+        self._accepted(record)
+        if outcome == "sealed":
+            self._metrics.sources_sealed.inc()
+        sealed = not isinstance(message, Chunk) and self._spool.state(source) == SpoolState.SEALED
+        if sealed and self._announce(source):
+            report.sealed.append(source)
+
+    def _announce(self, source: str) -> bool:
+        with self._lock:
+            if source in self._announced:
+                return False
+            self._announced.add(source)
+        log.info("source %s sealed; handing it to training", source)
+        try:
+            self._on_sealed(source)
+        except BaseException:
+            with self._lock:
+                self._announced.discard(source)
+            raise
+        return True
+
+    # ------------------------------------------------------------------------------------------- dead letters
+
+    def _dead_letter(
+        self,
+        record: RecordLike,
+        tp: TopicPartition,
+        origin: Origin,
+        epoch: int,
+        error: WireError,
+        report: PollReport,
+    ) -> None:
+        with self._lock:
+            self._tracker.add(tp, origin.offset, epoch, ("dlq", origin))
+        self._send_dead_letter(record, tp, origin, error, report, rewait=False)
+
+    def _send_dead_letter(
+        self,
+        record: RecordLike,
+        tp: TopicPartition,
+        origin: Origin,
+        error: WireError,
+        report: PollReport,
+        *,
+        rewait: bool,
+    ) -> None:
+        log.warning("dead-lettering %s: %s: %s", origin, error.reason, error.detail)
+        if rewait:
+            with self._lock:
+                self._tracker.rewait(tp, origin.offset, ("dlq", origin))
+        message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
+        future = self._dlq.send(self._config.dlq_topic, key=message.key, value=message.value, headers=message.headers)
+        self._dlq_inflight.append((origin, future))
+        report.rejected[error.reason] = report.rejected.get(error.reason, 0) + 1
+        self._metrics.dlq_messages.labels(reason=error.reason).inc()
+
+    def _await_dead_letters(self) -> None:
+        inflight, self._dlq_inflight = self._dlq_inflight, []
+        for origin, future in inflight:
+            try:
+                future.get(timeout=self._dlq_timeout_s)
+            except Exception as exc:
+                # The record stays uncommitted (so does everything after it in its partition): the daemon
+                # should stop; after a restart the record is read and dead-lettered again.
+                raise DeadLetterError(
+                    f"the dead-letter topic {self._config.dlq_topic} did not acknowledge the copy of {origin}: {exc}"
+                ) from exc
+            with self._lock:
+                self._tracker.release(("dlq", origin))
+
+    # ------------------------------------------------------------------------------------------- offsets
+
+    def _commit(self) -> dict[TopicPartition, int]:
+        with self._lock:
+            offsets = self._tracker.committable()
+        if not offsets:
+            return {}
+        try:
+            self._consumer.commit(offsets)
+        except KafkaError as exc:  # e.g. a rebalance started; kept ready and retried at the next poll
+            log.warning("offset commit %s failed (%s); retrying at the next poll", _fmt(offsets), exc)
+            return {}
+        with self._lock:
+            self._tracker.committed(offsets)
+        log.debug("committed %s", _fmt(offsets))
+        return {tp: om.offset for tp, om in offsets.items()}
+
+    def _report_lag(self) -> None:
+        now = self._clock()
+        if now < self._next_lag:
+            return
+        self._next_lag = now + self._lag_interval_s
+        # The high watermark from the last fetch response: no extra request, and unlike ListOffsets(LATEST)
+        # (end_offsets) it is right on every broker we run against (see deploy/local/README.md).
+        lag = 0
+        for tp in sorted(self._consumer.assignment()):
+            highwater = self._consumer.highwater(tp)
+            position = self._consumer.position(tp) if highwater is not None else None
+            if highwater is not None and position is not None:
+                lag += max(0, highwater - position)
+        self._metrics.consumer_lag.set(lag)
+
+    def _accepted(self, record: RecordLike) -> None:
+        self._metrics.messages_ingested.inc()
+        self._metrics.bytes_ingested.inc(len(record.value or b""))
+
+    def uncommitted(self) -> int:
+        """Records consumed whose offsets wait (for a registration, a command or the dead-letter topic)."""
+        with self._lock:
+            return self._tracker.pending()
