@@ -617,6 +617,30 @@ class Registry:
 
         return self._txn(fn, self._keys.epoch)
 
+    def clear_router(self) -> int | None:
+        """Remove the active router (e.g. no compartment is left); returns the new epoch, None if none was set."""
+
+        def fn(pipe: redis.client.Pipeline) -> int | None:
+            if not pipe.exists(self._keys.router):
+                pipe.multi()
+                return None
+            epoch = self._epoch(pipe) + 1
+            pipe.multi()
+            pipe.delete(self._keys.router)
+            pipe.set(self._keys.epoch, epoch)
+            self._announce(pipe, epoch, "router", detail={"router_id": None})
+            return epoch
+
+        return self._txn(fn, self._keys.router, self._keys.epoch)
+
+    def record_audit(self, kind: str, doc: Mapping[str, Any]) -> None:
+        """Append ``{**doc, "kind": kind, "at": now}`` (JSON-able) to the audit list (``kind`` wins over doc's)."""
+        entry = json.dumps({**dict(doc), "kind": kind, "at": self._clock()}, sort_keys=True)
+        with self._r.pipeline(transaction=True) as pipe:
+            pipe.lpush(self._keys.audit, entry)
+            pipe.ltrim(self._keys.audit, 0, AUDIT_MAXLEN - 1)
+            pipe.execute()
+
     # -- reads
 
     def snapshot(self) -> RegistrySnapshot:

@@ -225,6 +225,21 @@ def test_set_router_bumps_epoch_and_is_in_snapshot(registry: Registry) -> None:
     assert registry.snapshot().router == router2  # fields of r1 do not linger
 
 
+def test_clear_router(registry: Registry) -> None:
+    assert registry.clear_router() is None  # nothing to clear: no epoch change
+    assert registry.epoch() == 0
+    registry.set_router(RouterRecord("r", "/r", {}, (), 0))
+    assert registry.clear_router() == 2
+    assert registry.snapshot() == RegistrySnapshot(epoch=2, compartments=(), router=None)
+
+
+def test_record_audit(registry: Registry) -> None:
+    registry.record_audit("forget-complete", {"kind": "forget-source", "source": "shoes", "deleted_files": ["a"]})
+    (entry,) = registry.audit()
+    assert entry["kind"] == "forget-complete" and entry["source"] == "shoes" and entry["deleted_files"] == ["a"]
+    assert entry["at"] > 0
+
+
 def test_empty_snapshot(registry: Registry) -> None:
     assert registry.snapshot() == RegistrySnapshot(epoch=0, compartments=(), router=None)
 
