@@ -126,6 +126,7 @@ class ComposedDenoiser(nn.Module):
         self.router = router
         self.source_names = list(source_names)
         rnames = [str(n) for n in (router_names if router_names is not None else router.source_names)]  # type: ignore[union-attr]
+        self.router_names = rnames
         missing = [n for n in self.source_names if n not in rnames]
         if missing:
             raise ConfigError(f"the router was not trained on {missing}; retrain the router")
@@ -162,7 +163,7 @@ class ComposedDenoiser(nn.Module):
             list(self.compartments),
             self.router,
             self.source_names,
-            router_names=getattr(self.router, "source_names", None),
+            router_names=self.router_names,
             mode=mode or self.mode,
             top_k=top_k or self.top_k,
             subset=subset if subset is not None else [self.source_names[i] for i in self.subset],

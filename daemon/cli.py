@@ -260,7 +260,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
-    from cdm.viz import save_grid
 
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
 
@@ -300,6 +299,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         arrays["timesteps"] = out.timesteps
     np.savez(args.out, **arrays)
     if args.png:
+        from cdm.viz import save_grid
+
         save_grid(out.images, args.png, attribution=out.attribution, source_names=out.source_names)
     dominant = out.attribution.argmax(1)
     share = {n: int((dominant == i).sum()) for i, n in enumerate(out.source_names)}

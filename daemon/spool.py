@@ -368,6 +368,25 @@ class Spool:
             write_atomic(self._dir(source) / "state.json", _json_bytes(state))
             return True
 
+    def seal_idle(self, source: str) -> Seal | None:
+        """Seal a staged source whose push went quiet without a seal message (the scheduler's idle-seal job).
+
+        The seal is computed from what is staged, so it needs chunks 0..n-1 without a gap (else
+        ``SpoolRejected("missing-chunks")``: a chunk may still be on its way). Its origin is the newest chunk's
+        record. Returns the seal, or None when the source is not (or no longer) staged.
+        """
+        with self._lock:
+            if self.state(source) is not SpoolState.STAGED:
+                return None
+            chunks = self._chunks(source)
+            gaps = [i for i in range(max(chunks) + 1) if i not in chunks] if chunks else []
+            if not chunks or gaps:
+                raise SpoolRejected("missing-chunks", f"{source} went idle with chunks #{_ranges(gaps)} missing")
+            data = self._concat(source, chunks)
+            seal = Seal(source=source, chunks=len(chunks), fingerprint=fingerprint(data), n_samples=len(data))
+            newest = chunks[max(chunks)].origin
+        return seal if self.seal(source, seal, newest) else None
+
     def _concat(self, source: str, chunks: dict[int, StagedChunk]) -> SourceData:
         parts = []
         for seq in sorted(chunks):

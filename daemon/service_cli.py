@@ -1,0 +1,199 @@
+"""Service commands of ``cdm``: daemon, push, control, services, and ``ls`` over the live registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SERVICES = Path(".services/services.json")
+
+
+def register(sub: Any) -> None:
+    """Add the service subcommands to the ``cdm`` parser."""
+    d = sub.add_parser(
+        "daemon",
+        help="run the continual-learning daemon (Kafka -> compartments -> Redis registry)",
+        description="Consume sources from Kafka, train one compartment per sealed source, register it in Redis "
+        "and hot-swap the composed sampler. SIGTERM: warm shutdown (checkpoint, commit only what is registered); "
+        "a second SIGTERM exits at once. /metrics, /healthz and /readyz are served on [daemon] http_port.",
+    )
+    _services_flag(d)
+    d.add_argument("--progress", action="store_true", help="training progress bars on stderr")
+    d.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    d.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser(
+        "push",
+        help="publish a source (.npz) to Kafka for the daemon to train",
+        description="Send PATH.npz as source NAME: chunks of --chunk-size samples, then a seal with the data's "
+        "fingerprint. The daemon trains a compartment once the seal arrives.",
+    )
+    p.add_argument("--source", required=True, help="source id: 1-64 of [A-Za-z0-9._-]")
+    p.add_argument("path", type=Path, help=".npz with images uint8 (N,H,W[,C]) and optional labels, ids")
+    p.add_argument("--chunk-size", type=int, default=2000, help="samples per Kafka message")
+    p.add_argument(
+        "--claim-check-dir",
+        type=Path,
+        default=None,
+        help="write oversized chunks here and send file:// pointers (must be under the daemon's spool root)",
+    )
+    _services_flag(p)
+    p.set_defaults(func=cmd_push)
+
+    c = sub.add_parser(
+        "control",
+        help="send a control command (forget-source, forget-samples, retrain-router)",
+        description="Publish a command on the control topic; the daemon executes it and records a receipt in the "
+        "registry's audit log (see `cdm ls --json`).",
+    )
+    c.add_argument("op", choices=["forget-source", "forget-samples", "retrain-router"])
+    c.add_argument("--source", default=None)
+    c.add_argument("--samples", default=None, help="comma-separated sample ids (forget-samples)")
+    c.add_argument("--request-id", default=None)
+    _services_flag(c)
+    c.set_defaults(func=cmd_control)
+
+    s = sub.add_parser("services", help="start/stop the local Redis + Kafka-protocol broker (development, tests)")
+    s.add_argument("action", choices=["start", "stop", "status"])
+    s.add_argument("--state-dir", type=Path, default=None)
+    s.set_defaults(func=cmd_services)
+
+
+def _services_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--services",
+        type=Path,
+        default=None,
+        help="services.json of deploy/local (Kafka/Redis addresses); default .services/services.json if present",
+    )
+
+
+def app_config(args: argparse.Namespace) -> Any:
+    """config.toml, with local service addresses from services.json when there is one."""
+    from daemon.cli import load_app_config
+    from daemon.config import with_services
+
+    cfg = load_app_config(args)
+    services = getattr(args, "services", None) or (DEFAULT_SERVICES if DEFAULT_SERVICES.exists() else None)
+    return with_services(cfg, services) if services else cfg
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from daemon.service import Service
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cfg = app_config(args)
+    return Service(cfg, progress=args.progress).run()
+
+
+def _producer(cfg: Any) -> Any:
+    from kafka import KafkaProducer
+
+    return KafkaProducer(**cfg.kafka.producer_kwargs())
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from cdm.data import load_npz
+    from daemon.producer import push_source
+
+    cfg = app_config(args)
+    data = load_npz(args.path)
+    producer = _producer(cfg)
+    try:
+        report = push_source(
+            producer,
+            cfg.kafka.sources_topic,
+            args.source,
+            data,
+            chunk_size=args.chunk_size,
+            claim_check_dir=args.claim_check_dir,
+        )
+    finally:
+        producer.close()
+    from dataclasses import asdict
+
+    print(json.dumps(asdict(report)))
+    return 0
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    from daemon.producer import send_control
+    from daemon.wire import ControlCommand
+
+    cfg = app_config(args)
+    ids = tuple(int(v) for v in args.samples.split(",") if v.strip()) if args.samples else ()
+    cmd = ControlCommand(op=args.op, source=args.source, sample_ids=ids, request_id=args.request_id)
+    producer = _producer(cfg)
+    try:
+        origin = send_control(producer, cfg.kafka.control_topic, cmd)
+    finally:
+        producer.close()
+    print(
+        json.dumps(
+            {
+                "op": args.op,
+                "source": args.source,
+                "topic": origin.topic,
+                "partition": origin.partition,
+                "offset": origin.offset,
+            }
+        )
+    )
+    return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from deploy.local import services
+
+    argv = [args.action] + (["--state-dir", str(args.state_dir)] if args.state_dir else [])
+    return int(services.main(argv) or 0)
+
+
+def cmd_ls_registry(args: argparse.Namespace, _cfg: Any) -> int:
+    """``cdm ls`` over the live registry."""
+    import redis
+
+    from daemon.keys import Keys
+    from daemon.registry import Registry
+
+    cfg = app_config(args)
+    kw = cfg.redis.client_kwargs()
+    url = args.redis or kw.pop("url")
+    kw.pop("url", None)
+    client = redis.Redis.from_url(url, **kw)
+    try:
+        reg = Registry(client, Keys(cfg.redis.namespace))
+        snap = reg.snapshot()
+        doc = {
+            "epoch": snap.epoch,
+            "compartments": [_record(c) for c in snap.compartments],
+            "router": _record(snap.router) if snap.router else None,
+            "daemons": [{"daemon_id": d.daemon_id, "info": d.info} for d in reg.live_daemons()],
+            "audit": reg.audit(20),
+        }
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(doc, default=str))
+    else:
+        print(f"epoch {doc['epoch']}")
+        for c in snap.compartments:
+            print(f"  {c.compartment_id:24s} n={c.n_samples:6d} prior={c.prior:.3f} {c.artifact_uri}")
+        if snap.router:
+            print(f"  router {snap.router.router_id} over {list(snap.router.compartment_ids)}")
+    return 0
+
+
+def _record(rec: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    d = asdict(rec)
+    if "status" in d:
+        d["status"] = str(d["status"])
+    return d

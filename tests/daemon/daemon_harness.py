@@ -1,0 +1,224 @@
+"""Run real ``cdm daemon`` processes against the test Redis and Kafka-protocol broker (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import redis
+from kafka import KafkaProducer
+
+from cdm.data import SourceData, load_digits
+from daemon.keys import Keys
+from daemon.producer import push_source
+from daemon.registry import Registry, RegistrySnapshot
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = """
+[model]
+sample_size = 8
+block_out_channels = [16, 32]
+[train]
+steps = {steps}
+batch_size = 32
+warmup_steps = 2
+checkpoint_every = {checkpoint_every}
+[router]
+steps = 30
+batch_size = 64
+channels = [16, 32]
+eval_samples = 64
+[sample]
+num_inference_steps = 3
+[kafka]
+bootstrap_servers = "{bootstrap}"
+sources_topic = "{prefix}.sources"
+control_topic = "{prefix}.control"
+dlq_topic = "{prefix}.dlq"
+group_id = "{prefix}.group"
+session_timeout_ms = 6000
+heartbeat_interval_ms = 1000
+[redis]
+url = "{redis_url}"
+namespace = "{namespace}"
+[daemon]
+artifact_dir = "{root}/artifacts"
+spool_dir = "{root}/spool"
+http_port = 0
+router_debounce_s = 0.5
+gc_grace_s = 3600
+poll_timeout_ms = 200
+heartbeat_ttl_s = 5
+lock_ttl_s = 10
+source_idle_seal_s = 3600
+[scheduler]
+heartbeat_s = 1
+lock_refresh_s = 3
+seal_check_s = 1
+router_check_s = 0.5
+gc_s = 60
+lag_s = 1
+registry_resync_s = 1
+"""
+
+
+def digit_sources(n: int) -> dict[str, SourceData]:
+    """sklearn digits split into ``n`` class-disjoint sources named d0.. (ids unique across sources)."""
+    d = load_digits()
+    assert d.labels is not None
+    groups = np.array_split(np.arange(10), n)
+    return {f"d{i}": d.subset(np.flatnonzero(np.isin(d.labels, g))) for i, g in enumerate(groups)}
+
+
+@dataclass
+class DaemonEnv:
+    """One isolated daemon deployment: its own topics, consumer group, Redis namespace and directories."""
+
+    root: Path
+    redis_url: str
+    bootstrap: str
+    prefix: str
+    namespace: str
+    steps: int = 40
+    checkpoint_every: int = 10
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _logs: list[Any] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    def write_config(self) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            TINY.format(
+                steps=self.steps,
+                checkpoint_every=self.checkpoint_every,
+                bootstrap=self.bootstrap,
+                prefix=self.prefix,
+                redis_url=self.redis_url,
+                namespace=self.namespace,
+                root=self.root,
+            )
+        )
+        return self.config_path
+
+    # -- processes ----------------------------------------------------------------------------------
+    def start_daemon(self, name: str = "a") -> subprocess.Popen[bytes]:
+        self.write_config()
+        log = open(self.root / f"daemon-{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
+        self._logs.append(log)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "--config", str(self.config_path), "daemon", "--log-level", "DEBUG"],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.root.glob("daemon-*.log")))
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    # -- clients --------------------------------------------------------------------------------------
+    def registry(self) -> Registry:
+        return Registry(redis.Redis.from_url(self.redis_url), Keys(self.namespace))
+
+    def producer(self) -> KafkaProducer:
+        return KafkaProducer(bootstrap_servers=self.bootstrap)
+
+    def push(self, sources: dict[str, SourceData], chunk_size: int = 200) -> None:
+        producer = self.producer()
+        try:
+            for name, data in sources.items():
+                push_source(producer, f"{self.prefix}.sources", name, data, chunk_size=chunk_size, progress=False)
+        finally:
+            producer.close()
+
+    def wait(self, what: str, check: Callable[[], T | None], timeout: float = 120.0) -> T:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = check()
+            if value:
+                return value
+            for p in self.procs:
+                if p.poll() not in (None, 0, -9) and p.returncode != -signal.SIGKILL:
+                    raise AssertionError(f"daemon exited with {p.returncode} while waiting for {what}\n{self.logs()}")
+            time.sleep(0.2)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
+
+    def wait_serving(self, sources: set[str], timeout: float = 120.0) -> RegistrySnapshot:
+        """Until the active compartments are exactly ``sources`` and the router covers them all."""
+        reg = self.registry()
+
+        def check() -> RegistrySnapshot | None:
+            snap = reg.snapshot()
+            active = {c.source for c in snap.compartments}
+            routed = set(snap.router.compartment_ids) if snap.router else set()
+            return snap if active == sources and routed == set(snap.compartment_ids) else None
+
+        return self.wait(f"serving {sorted(sources)}", check, timeout)
+
+    def http_port(self, daemon_index: int = 0) -> int:
+        reg = self.registry()
+        pid = self.procs[daemon_index].pid
+
+        def check() -> int | None:
+            for d in reg.live_daemons():
+                if d.info.get("pid") == pid and d.info.get("http_port"):
+                    return int(d.info["http_port"])
+            return None
+
+        return self.wait("the daemon's heartbeat with its http port", check, 60)
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str, labels: str = "") -> float | None:
+    """The value of one sample in Prometheus exposition text."""
+    want = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == want:
+            return float(value)
+    return None
+
+
+def as_json(x: Any) -> str:
+    return json.dumps(x, default=str)
