@@ -82,6 +82,19 @@ def digit_sources(n: int) -> dict[str, SourceData]:
     return {f"d{i}": d.subset(np.flatnonzero(np.isin(d.labels, g))) for i, g in enumerate(groups)}
 
 
+def names_by_partition(partitions: int) -> list[str]:
+    """Source ids whose keys the default (murmur2) partitioner sends to partitions 0..partitions-1."""
+    from kafka.partitioner.default import murmur2
+
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < partitions:
+        name = f"s{i}"
+        found.setdefault((murmur2(name.encode()) & 0x7FFFFFFF) % partitions, name)
+        i += 1
+    return [found[p] for p in range(partitions)]
+
+
 @dataclass
 class DaemonEnv:
     """One isolated daemon deployment: its own topics, consumer group, Redis namespace and directories."""

@@ -18,7 +18,7 @@ from daemon.cli import main
 from daemon.hotswap import CompositionLoader, LiveComposition, artifact_path
 from daemon.keys import Keys
 from daemon.registry import CompartmentStatus, RegistryClient
-from tests.daemon.daemon_harness import DaemonEnv, digit_sources, http_get, metric
+from tests.daemon.daemon_harness import DaemonEnv, digit_sources, http_get, metric, names_by_partition
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -196,7 +196,9 @@ def test_sigkill_mid_training_resumes_and_trains_exactly_once(env: DaemonEnv) ->
 def test_two_daemons_in_one_group_split_sources_and_train_each_once(env: DaemonEnv) -> None:
     env.start_daemon("a")
     env.start_daemon("b")
-    sources = digit_sources(4)
+    # one source per partition of the 4-partition topic, so each member of the group owns some
+    names = names_by_partition(4)
+    sources = {names[i]: data for i, data in enumerate(digit_sources(4).values())}
     env.wait("both daemons alive", lambda: len(env.registry().live_daemons()) == 2, 60)
     env.push(sources)
     snap = env.wait_serving(set(sources), timeout=240)

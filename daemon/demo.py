@@ -1,0 +1,263 @@
+"""``make demo``: the whole product on this machine in a few minutes.
+
+1. start Redis + a Kafka-protocol broker on free loopback ports (deploy/local/services.py)
+2. start ``cdm daemon`` as a separate process
+3. push four Fashion-MNIST sources (tops, trousers, footwear, bags) with the producer ``cdm push`` uses
+4. wait until each compartment and the router are registered and served (progress from the daemon's heartbeat)
+5. sample a PNG grid with attribution from the live registry
+6. forget "bags" through the control topic; sample again with the same seed; print what changed
+7. stop the daemon (warm) and the services it started
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import torch
+from tqdm.auto import tqdm
+
+OUT = Path("demo-out")
+# Fashion-MNIST classes: 0 T-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot
+SOURCES = {"tops": [0, 2, 3, 4, 6], "trousers": [1], "footwear": [5, 7, 9], "bags": [8]}
+FORGET = "bags"
+
+CONFIG = """
+# written by `make demo` (daemon/demo.py); see config.toml for every key
+[model]
+sample_size = 16
+block_out_channels = [32, 64]
+[train]
+steps = {steps}
+batch_size = 64
+warmup_steps = 20
+lr = 2e-3
+checkpoint_every = 100
+[router]
+steps = {router_steps}
+batch_size = 128
+[sample]
+num_inference_steps = 20
+scheduler = "dpm"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+session_timeout_ms = 6000
+heartbeat_interval_ms = 1000
+[redis]
+url = "{redis_url}"
+namespace = "cdm-demo-{run}"
+[daemon]
+artifact_dir = "{out}/artifacts"
+spool_dir = "{out}/spool"
+http_port = 0
+router_debounce_s = 2
+poll_timeout_ms = 200
+"""
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def build_sources(per_source: int, seed: int) -> dict[str, Any]:
+    from cdm.data import load_fashion_mnist
+
+    data = load_fashion_mnist("train")
+    assert data.labels is not None
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, classes in SOURCES.items():
+        idx = np.flatnonzero(np.isin(data.labels, classes))
+        out[name] = data.subset(np.sort(rng.choice(idx, size=min(per_source, len(idx)), replace=False)))
+    return out
+
+
+def wait_serving(registry: Any, want: set[str], daemon: subprocess.Popen[bytes], log: Path, timeout: float) -> Any:
+    """Poll the registry until exactly ``want`` is active and routed; show the daemon's training progress."""
+    bar = tqdm(total=len(want), desc="compartments serving", unit="source", dynamic_ncols=True, mininterval=2)
+    last = ""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if daemon.poll() is not None:
+                raise SystemExit(f"the daemon exited ({daemon.returncode}); see {log}")
+            snap = registry.snapshot()
+            active = {c.source for c in snap.compartments}
+            routed = set(snap.router.compartment_ids) if snap.router else set()
+            bar.update(len(active & want) - bar.n)
+            work = [d.info for d in registry.live_daemons()]
+            job = work[0] if work else {}
+            status = f"epoch {snap.epoch} | {job.get('job', '?')} {job.get('source', '')} step {job.get('step', 0)}"
+            if status != last:
+                bar.set_postfix_str(status, refresh=False)
+                bar.update(0)
+                last = status
+            if active == want and routed == set(snap.compartment_ids):
+                return snap
+            time.sleep(0.5)
+    finally:
+        bar.close()
+    raise SystemExit(f"timed out waiting for {sorted(want)}; see {log}")
+
+
+def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
+    from cdm.pipeline import CompartmentalPipeline, make_scheduler
+    from cdm.viz import save_grid
+    from daemon.hotswap import load_live_composition
+
+    den, model = load_live_composition(redis_url, cfg)
+    pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
+    out = pipe(
+        batch_size=n,
+        num_inference_steps=cfg.library.sample.num_inference_steps,
+        generator=torch.Generator().manual_seed(seed),
+        progress=True,
+    )
+    save_grid(out.images, png, nrow=8, attribution=out.attribution, source_names=out.source_names)
+    return out
+
+
+def shares(out: Any) -> dict[str, float]:
+    dominant = out.attribution.argmax(1)
+    return {n: round(float((dominant == i).mean()), 3) for i, n in enumerate(out.source_names)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per compartment")
+    p.add_argument("--router-steps", type=int, default=300)
+    p.add_argument("--per-source", type=int, default=3000, help="images per source")
+    p.add_argument("--n", type=int, default=64, help="images per sample grid")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--timeout", type=float, default=1800)
+    args = p.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the `finally` below stops the daemon and the services
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    from daemon.config import load_config
+    from daemon.keys import Keys
+    from daemon.producer import push_source, send_control
+    from daemon.registry import Registry
+    from daemon.wire import ControlCommand
+    from deploy.local import services
+
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    # 1. services
+    _say("== 1. starting Redis and the Kafka-protocol broker on free loopback ports")
+    state = out / "services"
+    addrs = services.start(state)
+    _say(f"   redis {addrs.redis_url}   kafka {addrs.kafka_bootstrap}")
+    daemon: subprocess.Popen[bytes] | None = None
+    log = out / "daemon.log"
+    try:
+        run = str(int(time.time()))
+        text = CONFIG.format(
+            steps=args.steps,
+            router_steps=args.router_steps,
+            bootstrap=addrs.kafka_bootstrap,
+            redis_url=addrs.redis_url,
+            run=run,
+            out=out,
+        )
+        cfg_path = out / "config.toml"
+        cfg_path.write_text(text)
+        cfg = load_config(cfg_path)
+        # 2. daemon
+        _say(f"== 2. starting `cdm daemon --config {cfg_path}` (log: {log})")
+        with open(log, "ab") as logf:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "daemon", "--config", str(cfg_path), "daemon"],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+            )
+        client = redis.Redis.from_url(addrs.redis_url)
+        registry = Registry(client, Keys(cfg.redis.namespace))
+        # 3. push sources
+        _say(f"== 3. pushing {len(SOURCES)} Fashion-MNIST sources ({args.per_source} images each) to Kafka")
+        sources = build_sources(args.per_source, args.seed)
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(**cfg.kafka.producer_kwargs())
+        for name, data in sources.items():
+            rep = push_source(producer, cfg.kafka.sources_topic, name, data, chunk_size=1000, progress=False)
+            _say(f"   {name:9s} {rep.n_samples} images in {rep.chunks} chunks -> partition {rep.partition}")
+        # 4. wait until served
+        _say(f"== 4. the daemon trains one compartment per source ({args.steps} steps each), then the router")
+        snap = wait_serving(registry, set(SOURCES), daemon, log, args.timeout)
+        acc = snap.router.metrics.get("accuracy") if snap.router else None
+        _say(
+            f"   serving epoch {snap.epoch}: {[c.compartment_id for c in snap.compartments]}, "
+            f"router held-out accuracy {acc:.3f}"
+            if acc is not None
+            else f"   serving epoch {snap.epoch}"
+        )
+        # 5. sample
+        before_png = out / "grid-before.png"
+        _say(f"== 5. sampling {args.n} images from the live registry -> {before_png}")
+        before = sample(cfg, addrs.redis_url, args.n, args.seed, before_png)
+        _say(f"   share of samples by dominant source: {shares(before)}")
+        # 6. forget
+        _say(f"== 6. forgetting {FORGET!r} through the control topic")
+        t0 = time.perf_counter()
+        send_control(producer, cfg.kafka.control_topic, ControlCommand("forget-source", FORGET, request_id="demo"))
+        producer.close()
+        after_snap = wait_serving(registry, set(SOURCES) - {FORGET}, daemon, log, args.timeout)
+        receipt = next((a for a in registry.audit(20) if a.get("kind") == "forget-complete"), None)
+        _say(f"   done in {time.perf_counter() - t0:.1f}s: epoch {snap.epoch} -> {after_snap.epoch}")
+        if receipt:
+            _say(
+                f"   receipt: retired {receipt['retired']}, {len(receipt['deleted_files'])} files deleted, "
+                f"router {receipt['router_before']} -> {receipt['router_after']}, untouched {sorted(receipt['untouched'])}"
+            )
+        after_png = out / "grid-after.png"
+        after = sample(cfg, addrs.redis_url, args.n, args.seed, after_png)
+        _say(f"   share of samples by dominant source: {shares(after)}  -> {after_png}")
+        summary = {
+            "seconds": round(time.perf_counter() - started, 1),
+            "before": {
+                "epoch": snap.epoch,
+                "sources": before.source_names,
+                "shares": shares(before),
+                "png": str(before_png),
+            },
+            "after": {
+                "epoch": after_snap.epoch,
+                "sources": after.source_names,
+                "shares": shares(after),
+                "png": str(after_png),
+            },
+            "forget_receipt": receipt,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        _say(
+            f"== done in {summary['seconds']}s. What changed: {FORGET!r} left the composition "
+            f"({len(before.source_names)} -> {len(after.source_names)} sources), no other compartment was "
+            f"retrained. Grids: {before_png}, {after_png}; summary: {out / 'summary.json'}"
+        )
+        client.close()
+        return 0
+    finally:
+        # 7. stop what we started, in reverse order
+        if daemon is not None and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
+            try:
+                daemon.wait(60)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        services.stop(state)
+        _say("   daemon and services stopped")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
