@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         if receipt:
             _say(
                 f"   receipt: retired {receipt['retired']}, {len(receipt['deleted_files'])} files deleted, "
-                f"router {receipt['router_before']} -> {receipt['router_after']}, untouched {sorted(receipt['untouched'])}"
+                f"router {receipt['router_before']} -> {receipt['router_after']}, "
+                f"untouched {sorted(receipt['untouched'])}"
             )
         after_png = out / "grid-after.png"
         after = sample(cfg, addrs.redis_url, args.n, args.seed, after_png)
