@@ -20,7 +20,6 @@ from cdm.artifacts import (
     hash_tree,
     load_tensors,
     read_json,
-    save_tensors,
     verify_tree,
     write_json,
 )
@@ -128,9 +127,8 @@ class Compartment(torch.nn.Module):
     def save(self, directory: Path) -> CompartmentManifest:
         """Write unet config + safetensors + manifest (with sha256s) atomically to ``directory``."""
         with atomic_directory(Path(directory)) as tmp:
-            (tmp / "unet").mkdir()
-            write_json(tmp / UNET_CONFIG, dict(self.unet.config))
-            save_tensors(tmp / WEIGHTS, self.unet.state_dict())
+            # diffusers' own format: unet/config.json + unet/diffusion_pytorch_model.safetensors
+            self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
             manifest = dataclasses.replace(
                 self.manifest, sha256=hash_tree(tmp), created_at=self.manifest.created_at or time.time()
             )

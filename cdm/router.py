@@ -33,7 +33,6 @@ from cdm.artifacts import (
     hash_tree,
     load_tensors,
     read_json,
-    save_tensors,
     verify_tree,
     write_json,
 )
@@ -167,8 +166,7 @@ class RouterResult:
 def save_router(router: Router, manifest: RouterManifest, directory: Path) -> RouterManifest:
     """config.json + safetensors + manifest.json (with sha256s), atomically."""
     with atomic_directory(Path(directory)) as tmp:
-        write_json(tmp / CONFIG, dict(router.config))
-        save_tensors(tmp / WEIGHTS, router.state_dict())
+        router.save_pretrained(tmp, safe_serialization=True)  # config.json + diffusion_pytorch_model.safetensors
         manifest = dataclasses.replace(manifest, sha256=hash_tree(tmp), created_at=manifest.created_at or time.time())
         write_json(tmp / MANIFEST, manifest.to_dict())
     return manifest

@@ -188,6 +188,10 @@ class LocalStore:
             should_stop=should_stop,
         )
         manifest = save_router(result.router, result.manifest, self.router_dir)
+        # record lambda_i = n_i / N in each compartment's manifest (metadata only: weights are untouched)
+        for name, prior in zip(names, result.report.priors, strict=True):
+            m = dataclasses.replace(self.manifest(name), prior=prior)
+            write_json(self.compartment_dir(name) / "manifest.json", m.to_dict())
         return dataclasses.replace(result, manifest=manifest)
 
     # -- loading and sampling ------------------------------------------------------------------------

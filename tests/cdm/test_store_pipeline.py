@@ -27,6 +27,16 @@ def store(tmp_path: Path, two_class_disjoint_sources) -> LocalStore:
     return s
 
 
+def test_router_training_records_priors_in_manifests(store: LocalStore, two_class_disjoint_sources) -> None:
+    n = {k: len(v) for k, v in two_class_disjoint_sources.items()}
+    for name in store.sources():
+        prior = store.manifest(name).prior
+        assert prior is not None
+        # the router holds out ~10% per source, so priors are measured on the training pool
+        assert abs(prior - n[name] / sum(n.values())) < 0.02
+    store.load_compartment("low")  # sha256s still verify after the metadata update
+
+
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
 def test_sampling_with_each_scheduler(store: LocalStore, scheduler: str) -> None:
     pipe = CompartmentalPipeline(store.composed(), make_scheduler(scheduler, store.model))
