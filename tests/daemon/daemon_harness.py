@@ -135,7 +135,7 @@ class DaemonEnv:
         self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(self.config_path), "daemon", "--log-level", "DEBUG"],
+            [sys.executable, "-m", "daemon", "--config", str(self.config_path), "daemon", "--log-level", "INFO"],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

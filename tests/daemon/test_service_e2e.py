@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -116,6 +117,13 @@ def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, caps
     done = [a for a in audit if a.get("kind") == "forget-complete"]
     assert done and done[0]["source"] == "d1" and done[0]["deleted_files"]
     assert set(done[0]["untouched"]) == set(snap.compartment_ids)
+    capsys.readouterr()
+    assert main(["--config", str(env.config_path), "ls", "--redis", env.redis_url, "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["epoch"] == snap.epoch
+    assert sorted(c["source"] for c in listing["compartments"]) == ["d0", "d2", "d3"]
+    assert listing["router"]["compartment_ids"] == list(snap.compartment_ids)
+    assert len(listing["daemons"]) == 1 and listing["audit"]
     # 5. metrics and health
     status, body = http_get(port, "/metrics")
     assert status == 200
@@ -207,3 +215,31 @@ def test_two_daemons_in_one_group_split_sources_and_train_each_once(env: DaemonE
         assert [r.version for r in reg.history(s)] == [1]
     trainers = {c.train_metrics.get("daemon_id") for c in snap.compartments}
     assert len(trainers) == 2, f"one daemon trained everything: {trainers}"
+
+
+def test_sigterm_is_a_warm_shutdown_that_commits_nothing_unregistered(env: DaemonEnv) -> None:
+    env.steps, env.checkpoint_every = 400, 10
+    env.write_config()
+    daemon = env.start_daemon("first")
+    env.push({"d0": digit_sources(2)["d0"]})
+    work = env.root / "artifacts" / "work"
+    env.wait("a training checkpoint", lambda: any(work.glob("d0-*/train_state/state.json")), 120)
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.wait(60) == 0, env.logs()
+    assert "warm shutdown" in env.logs()
+    reg = env.registry()
+    assert [r.status for r in reg.history("d0")] == [CompartmentStatus.TRAINING]
+    assert reg.snapshot().compartments == ()
+    # nothing of d0 was committed: a fresh member of the group would be handed it again
+    c = KafkaConsumer(bootstrap_servers=env.bootstrap, group_id=f"{env.prefix}.group", enable_auto_commit=False)
+    try:
+        tps = [
+            TopicPartition(f"{env.prefix}.sources", p) for p in c.partitions_for_topic(f"{env.prefix}.sources") or ()
+        ]
+        assert all(c.committed(tp) in (None, 0) for tp in tps)
+    finally:
+        c.close(autocommit=False)
+    env.start_daemon("second")
+    snap = env.wait_serving({"d0"}, timeout=240)
+    assert [r.version for r in reg.history("d0")] == [1]
+    assert snap.by_source()["d0"].train_metrics["resumed_from"] > 0
