@@ -1,0 +1,98 @@
+"""PNG sample grids, optionally with a stacked attribution bar (one colour per source) under each image."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from cdm.errors import DataError
+
+# tab10: distinct, colour-blind-friendlier than a rainbow
+PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return PALETTE[i % len(PALETTE)]
+
+
+def save_grid(
+    images: np.ndarray,
+    path: Path | str,
+    *,
+    nrow: int | None = None,
+    scale: int = 4,
+    attribution: np.ndarray | None = None,
+    source_names: Sequence[str] | None = None,
+) -> Path:
+    """Write uint8 images (N,H,W[,C]) as a PNG grid; with ``attribution`` (N,K) add bars and a legend."""
+    imgs = np.asarray(images)
+    if imgs.dtype != np.uint8:
+        raise DataError(f"images must be uint8, got {imgs.dtype}")
+    if imgs.ndim == 3:
+        imgs = imgs[..., None]
+    if imgs.ndim != 4 or imgs.shape[-1] not in (1, 3) or len(imgs) == 0:
+        raise DataError(f"images must be (N,H,W), (N,H,W,1) or (N,H,W,3) with N > 0, got shape {images.shape}")
+    n, h, w, _ = imgs.shape
+    att = None
+    if attribution is not None:
+        att = np.asarray(attribution, dtype=np.float64)
+        if att.ndim != 2 or att.shape[0] != n:
+            raise DataError(f"attribution must be (N={n}, K), got shape {att.shape}")
+        if source_names is not None and len(source_names) != att.shape[1]:
+            raise DataError(f"{len(source_names)} source names for {att.shape[1]} attribution columns")
+    cols = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    cw, ch = w * scale, h * scale
+    bar = max(3, scale * 2) if att is not None else 0
+    pad = 2
+    names = list(source_names) if source_names is not None else ([f"source {i}" for i in range(att.shape[1])]
+                                                                  if att is not None else [])
+    font = ImageFont.load_default()
+    legend_h = (12 * math.ceil(len(names) / 4) + 6) if att is not None else 0
+    width = cols * (cw + pad) + pad
+    height = rows * (ch + bar + pad) + pad + legend_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        x, y = pad + c * (cw + pad), pad + r * (ch + bar + pad)
+        tile = imgs[i][..., 0] if imgs.shape[-1] == 1 else imgs[i]
+        im = Image.fromarray(tile, mode="L" if imgs.shape[-1] == 1 else "RGB").convert("RGB")
+        canvas.paste(im.resize((cw, ch), Image.Resampling.NEAREST), (x, y))
+        if att is not None:
+            # stacked bar: each source's share of the mean router weight over the trajectory
+            row = att[i] / max(att[i].sum(), 1e-12)
+            left = float(x)
+            for k, share in enumerate(row):
+                right = left + share * cw
+                if right - left >= 0.5:
+                    draw.rectangle([round(left), y + ch, round(right) - 1, y + ch + bar - 1], fill=colour(k))
+                left = right
+    if att is not None:
+        y0 = rows * (ch + bar + pad) + pad + 2
+        for k, name in enumerate(names):
+            r, c = divmod(k, 4)
+            x = pad + c * (width // 4)
+            y = y0 + r * 12
+            draw.rectangle([x, y + 2, x + 8, y + 10], fill=colour(k))
+            draw.text((x + 11, y), name, fill=(0, 0, 0), font=font)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
