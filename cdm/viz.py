@@ -74,8 +74,9 @@ def save_grid(
             left = float(x)
             for k, share in enumerate(row):
                 right = left + share * cw
-                if right - left >= 0.5:
-                    draw.rectangle([round(left), y + ch, round(right) - 1, y + ch + bar - 1], fill=colour(k))
+                x0, x1 = round(left), round(right) - 1
+                if x1 >= x0:
+                    draw.rectangle([x0, y + ch, x1, y + ch + bar - 1], fill=colour(k))
                 left = right
     if att is not None:
         y0 = rows * (ch + bar + pad) + pad + 2

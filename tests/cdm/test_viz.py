@@ -35,3 +35,11 @@ def test_bad_inputs_are_named(tmp_path: Path) -> None:
         save_grid(np.zeros((2, 4, 4), dtype=np.float32), tmp_path / "x.png")
     with pytest.raises(DataError, match="attribution"):
         save_grid(np.zeros((2, 4, 4), dtype=np.uint8), tmp_path / "x.png", attribution=np.ones((3, 2)))
+
+
+def test_tiny_and_fractional_shares_do_not_break_the_bars(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    att = rng.dirichlet([0.3] * 4, size=16)
+    att[0] = [0.49, 0.01, 0.25, 0.25]
+    save_grid(np.zeros((16, 8, 8), dtype=np.uint8), tmp_path / "f.png", attribution=att, scale=3)
+    assert Image.open(tmp_path / "f.png").size[0] > 0
