@@ -15,19 +15,20 @@ from cdm.viz import colour, save_grid
 def test_grid_without_attribution(tmp_path: Path) -> None:
     imgs = np.full((6, 8, 8), 200, dtype=np.uint8)
     p = save_grid(imgs, tmp_path / "g.png", nrow=3, scale=2)
-    im = Image.open(p)
-    assert im.size == (3 * (16 + 2) + 2, 2 * (16 + 2) + 2)
-    assert im.getpixel((2, 2)) == (200, 200, 200)
+    with Image.open(p) as im:
+        assert im.size == (3 * (16 + 2) + 2, 2 * (16 + 2) + 2)
+        assert im.getpixel((2, 2)) == (200, 200, 200)
 
 
 def test_grid_with_attribution_draws_source_colours(tmp_path: Path) -> None:
     imgs = np.zeros((2, 8, 8, 1), dtype=np.uint8)
     att = np.array([[1.0, 0.0], [0.0, 1.0]])
     p = save_grid(imgs, tmp_path / "a.png", nrow=2, scale=4, attribution=att, source_names=["tops", "bags"])
-    im = Image.open(p).convert("RGB")
+    with Image.open(p) as im:
+        rgb = im.convert("RGB")
     # the bar under image 0 is source 0's colour, under image 1 source 1's
-    assert im.getpixel((2 + 5, 2 + 32 + 1)) == colour(0)
-    assert im.getpixel((2 + 34 + 5, 2 + 32 + 1)) == colour(1)
+    assert rgb.getpixel((2 + 5, 2 + 32 + 1)) == colour(0)
+    assert rgb.getpixel((2 + 34 + 5, 2 + 32 + 1)) == colour(1)
 
 
 def test_bad_inputs_are_named(tmp_path: Path) -> None:
@@ -42,4 +43,5 @@ def test_tiny_and_fractional_shares_do_not_break_the_bars(tmp_path: Path) -> Non
     att = rng.dirichlet([0.3] * 4, size=16)
     att[0] = [0.49, 0.01, 0.25, 0.25]
     save_grid(np.zeros((16, 8, 8), dtype=np.uint8), tmp_path / "f.png", attribution=att, scale=3)
-    assert Image.open(tmp_path / "f.png").size[0] > 0
+    with Image.open(tmp_path / "f.png") as im:
+        assert im.size[1] > 4 * 8 * 3

@@ -76,7 +76,8 @@ def test_offline_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     z = np.load(out)
     assert z["images"].shape == (6, 8, 8, 1) and z["images"].dtype == np.uint8
     assert z["attribution"].shape == (6, 2) and list(z["sources"]) == ["hi", "lo"]
-    assert Image.open(png).size[0] > 8 * 4
+    with Image.open(png) as im:
+        assert im.size[0] > 8 * 4
     listing = run(capsys, *c, "ls", "--store", store, "--json")
     assert [r["name"] for r in listing["compartments"]] == ["hi", "lo"]
     receipt = run(capsys, *c, "forget", "--store", store, "--source", "lo", "--no-progress")
