@@ -93,7 +93,7 @@ def test_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "uint8" in capsys.readouterr().err
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\nstepz = 3\n")
-    assert main(["--config", str(cfg), "ls", "--store", str(tmp_path / "s")]) == 2
+    assert main(["--config", str(cfg), "train", "--store", str(tmp_path / "s")]) == 2
     assert "stepz" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--store", "x", "--source", "no-equals-sign"])
