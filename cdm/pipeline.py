@@ -21,19 +21,26 @@ SchedulerName = Literal["ddpm", "ddim", "dpm"]
 
 
 def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
-    """A diffusers sampler sharing the training noise schedule of ``model``."""
+    """A diffusers sampler sharing the training noise schedule of ``model``.
+
+    Pixel-space samplers clip the predicted x_0 to [-1, 1] (improved-diffusion's ``clip_denoised``; dynamic
+    thresholding for DPM-Solver++). DPM-Solver++ uses "leading" spacing: with the cosine schedule the last
+    training step has alpha_bar ~ 0, where its data prediction x_0 = (x - sigma eps) / alpha diverges.
+    """
     cfg = model.scheduler_config()
+    common = {
+        "num_train_timesteps": cfg["num_train_timesteps"],
+        "beta_schedule": cfg["beta_schedule"],
+        "prediction_type": "epsilon",
+    }
     if name == "ddpm":
-        return DDPMScheduler(**cfg)
+        return DDPMScheduler(**common, clip_sample=True)
     if name == "ddim":
-        return DDIMScheduler(**cfg, set_alpha_to_one=False)
+        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=False)
     if name == "dpm":
         return DPMSolverMultistepScheduler(
-            num_train_timesteps=cfg["num_train_timesteps"],
-            beta_schedule=cfg["beta_schedule"],
-            prediction_type="epsilon",
-            algorithm_type="dpmsolver++",
-            solver_order=2,
+            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading", steps_offset=1,
+            thresholding=True, sample_max_value=1.0,
         )
     raise ConfigError(f"unknown scheduler {name!r}; choose one of ddpm, ddim, dpm")
 

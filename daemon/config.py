@@ -60,6 +60,9 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 3_000  # must be below session_timeout_ms (Kafka advises a third)
     max_poll_interval_ms: int = 300_000  # longest gap between polls before the member is dropped
     max_message_bytes: int = 4 * 1024 * 1024  # largest record produced or accepted (bigger ones -> DLQ)
+    create_topics: bool = True  # create the three topics at start-up if missing (off where ACLs forbid it)
+    partitions: int = 4  # partitions of created topics: the most daemons one consumer group can spread over
+    replication_factor: int = 1  # replicas of created topics (3 on a production Apache Kafka cluster)
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -70,6 +73,8 @@ class KafkaConfig:
             heartbeat_interval_ms=self.heartbeat_interval_ms,
             max_poll_interval_ms=self.max_poll_interval_ms,
             max_message_bytes=self.max_message_bytes,
+            partitions=self.partitions,
+            replication_factor=self.replication_factor,
         )
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ConfigError(
@@ -96,8 +101,7 @@ class KafkaConfig:
         for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
             if getattr(self, name) is not None and not uses_ssl:
                 raise ConfigError(
-                    f"kafka.{name} is set but kafka.security_protocol = {self.security_protocol!r}; "
-                    "use SSL or SASL_SSL"
+                    f"kafka.{name} is set but kafka.security_protocol = {self.security_protocol!r}; use SSL or SASL_SSL"
                 )
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("kafka.ssl_certfile and kafka.ssl_keyfile must be given together")
@@ -170,8 +174,7 @@ class RedisConfig:
             raise ConfigError(f"redis.url = {self.url!r} must start with redis://, rediss:// or unix://")
         if not self.namespace or any(c in self.namespace for c in " {}*?[]"):
             raise ConfigError(
-                f"redis.namespace = {self.namespace!r} must be non-empty, without spaces, braces or "
-                "glob characters"
+                f"redis.namespace = {self.namespace!r} must be non-empty, without spaces, braces or glob characters"
             )
         _positive(
             "redis",
@@ -182,9 +185,7 @@ class RedisConfig:
             raise ConfigError(f"redis.health_check_interval_s = {self.health_check_interval_s} must be >= 0")
         tls_files = (self.tls_ca_certs, self.tls_certfile, self.tls_keyfile)
         if any(f is not None for f in tls_files) and not self.uses_tls:
-            raise ConfigError(
-                "redis.tls_* files are set but TLS is off; set redis.tls = true or use rediss://"
-            )
+            raise ConfigError("redis.tls_* files are set but TLS is off; set redis.tls = true or use rediss://")
 
     @property
     def uses_tls(self) -> bool:
@@ -233,6 +234,7 @@ class DaemonConfig:
     gc_grace_s: float = 300.0  # retired artifacts are deleted this long after retirement
     poll_timeout_ms: int = 500  # Kafka poll timeout of the ingest loop (bounds shutdown latency)
     device: Device = "cpu"  # training / sampling device
+    claim_check_dir: str | None = None  # claim-check (chunk-ref) files must lie under it; unset refuses them
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -293,9 +295,7 @@ class AppConfig:
         for name in DAEMON_SECTIONS:
             section = to_dict(getattr(self, name))
             if redact:
-                section = {
-                    k: "***" if k in _SECRET_FIELDS and v is not None else v for k, v in section.items()
-                }
+                section = {k: "***" if k in _SECRET_FIELDS and v is not None else v for k, v in section.items()}
             out[name] = section
         return out
 
@@ -305,9 +305,7 @@ def parse_config(doc: Mapping[str, Any], *, where: str = "config") -> AppConfig:
     allowed = (*LIBRARY_SECTIONS, *DAEMON_SECTIONS)
     unknown = sorted(set(doc) - set(allowed))
     if unknown:
-        raise ConfigError(
-            f"unknown section(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
+        raise ConfigError(f"unknown section(s) in {where}: {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
     return AppConfig(
         library=parse_library(doc),
         kafka=parse_section(KafkaConfig, doc.get("kafka"), "kafka"),
@@ -346,9 +344,7 @@ def with_services(cfg: AppConfig, services_json_path: Path | str) -> AppConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist; start the services with `make services-start`") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{path} is not a services.json (needs kafka_bootstrap, redis_url): {exc}"
-        ) from None
+        raise ConfigError(f"{path} is not a services.json (needs kafka_bootstrap, redis_url): {exc}") from None
     if not isinstance(bootstrap, str) or not isinstance(redis_url, str):
         raise ConfigError(f"{path}: kafka_bootstrap and redis_url must be strings")
     return dataclasses.replace(

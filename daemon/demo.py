@@ -188,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         sources = build_sources(args.per_source, args.seed)
         from kafka import KafkaProducer
 
+        from daemon.service import ensure_topics
+
+        ensure_topics(cfg.kafka)  # the daemon creates them too; whoever comes first wins
         producer = KafkaProducer(**cfg.kafka.producer_kwargs())
         for name, data in sources.items():
             rep = push_source(producer, cfg.kafka.sources_topic, name, data, chunk_size=1000, progress=False)

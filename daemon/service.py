@@ -143,7 +143,9 @@ class Service:
         )
         self.live.start()
         self._push("hot swap", self.live.stop)
-        # 5. kafka
+        # 5. kafka (topics created with their partition count: never rely on broker auto-creation)
+        if cfg.kafka.create_topics:
+            ensure_topics(cfg.kafka)
         consumer = KafkaConsumer(**cfg.kafka.consumer_kwargs(client_id=f"{cfg.kafka.client_id}-{self.daemon_id}"))
         producer = KafkaProducer(**cfg.kafka.producer_kwargs())
         self.ingestor = Ingestor(
@@ -154,7 +156,7 @@ class Service:
             cfg.kafka,
             on_sealed=lambda source: self.worker.submit(Job("train", source)),
             on_control=self._on_control,
-            claim_check_root=Path(cfg.daemon.spool_dir).resolve().parent,
+            claim_check_root=Path(cfg.daemon.claim_check_dir).resolve() if cfg.daemon.claim_check_dir else None,
             lag_interval_s=cfg.scheduler.lag_s,
         )
 
@@ -241,8 +243,9 @@ class Service:
         if cmd.op == "forget-source":
             self.worker.submit(Job("forget-source", cmd.source or "", origin=origin, request_id=cmd.request_id or ""))
         elif cmd.op == "forget-samples":
+            ids = tuple(cmd.sample_ids)
             self.worker.submit(
-                Job("forget-samples", cmd.source or "", tuple(cmd.sample_ids), origin=origin, request_id=cmd.request_id or "")
+                Job("forget-samples", cmd.source or "", ids, origin=origin, request_id=cmd.request_id or "")
             )
         elif cmd.op == "retrain-router":
             self.worker.submit(Job("retrain-router", origin=origin, request_id=cmd.request_id or ""))
@@ -296,3 +299,27 @@ class Service:
 
     def heartbeat(self) -> None:
         self.registry.heartbeat(self.daemon_id, self.cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
+
+
+def ensure_topics(kafka: Any) -> list[str]:
+    """Create the sources, control and dead-letter topics if they are missing; returns those created."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(**kafka.client_kwargs())
+    created = []
+    try:
+        existing = set(admin.list_topics())
+        for name in (kafka.sources_topic, kafka.control_topic, kafka.dlq_topic):
+            if name in existing:
+                continue
+            try:
+                admin.create_topics([NewTopic(name, kafka.partitions, kafka.replication_factor)])
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass  # another replica created it first
+    finally:
+        admin.close()
+    if created:
+        log.info("created topics %s with %d partitions", created, kafka.partitions)
+    return created

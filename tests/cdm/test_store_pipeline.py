@@ -112,3 +112,17 @@ def test_store_refuses_other_architecture_and_stale_router(store: LocalStore, tw
     store.train_compartment("extra", dataclasses.replace(TINY_TRAIN, steps=1), progress=False)
     with pytest.raises(StoreError, match="retrain"):
         store.load_router()
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
+def test_samplers_stay_in_range_with_the_cosine_schedule(store: LocalStore, scheduler: str) -> None:
+    """A regression test: DPM-Solver++ from t = 999 of squaredcos_cap_v2 divided by alpha ~ 0 and exploded."""
+    s = make_scheduler(scheduler, store.model)
+    s.set_timesteps(10)
+    comp = store.load_compartment("low")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((4, 1, 8, 8), generator=g) * s.init_noise_sigma
+    with torch.no_grad():
+        for t in s.timesteps:
+            x = s.step(comp(s.scale_model_input(x, t), t.expand(4), None), t, x, generator=g).prev_sample
+    assert x.abs().max() <= 1.05, f"{scheduler} left the data range: max |x| = {x.abs().max():.2f}"
