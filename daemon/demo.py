@@ -121,11 +121,12 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
         generator=torch.Generator().manual_seed(seed),
         progress=True,
     )
-    save_grid(out.images, png, nrow=8, attribution=out.attribution, source_names=out.source_names)
+    save_grid(out.images, png, nrow=10, attribution=out.attribution, source_names=out.source_names)
     return out
 
 
 def shares(out: Any) -> dict[str, float]:
+    """Fraction of samples whose dominant source (largest mean router weight) is each source."""
     dominant = out.attribution.argmax(1)
     return {n: round(float((dominant == i).mean()), 3) for i, n in enumerate(out.source_names)}
 
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per compartment")
     p.add_argument("--router-steps", type=int, default=300)
     p.add_argument("--per-source", type=int, default=3000, help="images per source")
-    p.add_argument("--n", type=int, default=64, help="images per sample grid")
+    p.add_argument("--n", type=int, default=60, help="images per sample grid (column j shows class j)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--timeout", type=float, default=1800)
