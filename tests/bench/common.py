@@ -1,0 +1,217 @@
+"""Benchmark plumbing: profiles, environment capture, result files, shared helpers (sampling + FID)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one benchmark run (the same code runs every profile)."""
+
+    name: str
+    device: str = "cpu"
+    sample_size: int = 16  # Fashion-MNIST is downsampled to this side
+    channels: tuple[int, ...] = (32, 64)  # UNet widths (~0.65M parameters at (32, 64))
+    batch: int = 32  # monolith batch B; each of K compartments gets B / K under equal compute
+    steps: int = 1200  # monolith optimizer steps (and every compartment's, under equal compute)
+    converged_steps: int = 1200  # steps of each compartment at batch B (the paper's K x compute setting)
+    converged_splits: tuple[str, ...] = ("by-class",)  # splits trained in the converged budget
+    k: int = 8  # sources
+    router_steps: int = 400
+    router_batch: int = 256
+    n_fid: int = 500  # generated images per FID/KID (the same for every method)
+    sample_steps: int = 20  # DPM-Solver++ steps
+    train_limit: int | None = None  # use only the first N training images (None: all 60k)
+    memo_n: int = 200  # training images in the small-data memorisation regime
+    memo_steps: int = 800
+    sampling_batch: int = 64  # images per timed sampling call
+    sampling_ks: tuple[int, ...] = (1, 2, 4, 8)
+    service_steps: int = 100  # compartment steps in the service benchmark
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PROFILES = {
+    "quick": Profile(
+        name="quick",
+        steps=60,
+        converged_steps=60,
+        router_steps=40,
+        n_fid=100,
+        sample_steps=8,
+        train_limit=8000,
+        memo_n=64,
+        memo_steps=60,
+        sampling_batch=16,
+        sampling_ks=(1, 2, 4),
+        service_steps=20,
+        k=4,
+    ),
+    "full": Profile(name="full"),
+    # the same code on a GPU: bigger batch, longer training, more FID samples
+    "gpu": Profile(
+        name="gpu",
+        device="cuda",
+        batch=256,
+        steps=4000,
+        converged_steps=4000,
+        converged_splits=("random", "by-class"),
+        n_fid=5000,
+        router_steps=2000,
+    ),
+}
+
+
+def environment() -> dict[str, Any]:
+    """What produced the numbers: command, commit, versions, device."""
+    import diffusers
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {
+        "command": " ".join([Path(sys.executable).name, "-m", "tests.bench.run", *sys.argv[1:]]),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+@dataclass
+class Result:
+    """One benchmark's output: rows of a table plus free-form facts; written as JSON and Markdown."""
+
+    name: str
+    title: str
+    profile: Profile
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, *row: Any) -> None:
+        self.rows.append(list(row))
+        print("  " + " | ".join(_fmt(v) for v in row), flush=True)
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        if self.rows:
+            lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+            lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in self.rows]
+            lines.append("")
+        for k, v in self.facts.items():
+            lines.append(f"- **{k}**: {_fmt(v)}")
+        for n in self.notes:
+            lines.append(f"- {n}")
+        for p in self.plots:
+            lines.append(f"\n![{Path(p).stem}](results/{Path(p).name})")
+        lines.append(f"\n_{self.seconds:.0f} s of wall time in this run._\n")
+        return "\n".join(lines)
+
+    def write(self, out: Path, env: dict[str, Any]) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "name": self.name,
+            "title": self.title,
+            "profile": self.profile.to_dict(),
+            "environment": env,
+            "columns": self.columns,
+            "rows": self.rows,
+            "facts": self.facts,
+            "notes": self.notes,
+            "plots": self.plots,
+            "seconds": self.seconds,
+        }
+        (out / f"{self.name}.json").write_text(json.dumps(doc, indent=2, default=str))
+        (out / f"{self.name}.md").write_text(self.markdown())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "n/a"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return str(v)
+
+
+@contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    box = {"s": 0.0}
+    t = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["s"] = time.perf_counter() - t
+
+
+def generate(
+    den: Any,
+    model_cfg: Any,
+    n: int,
+    *,
+    steps: int,
+    seed: int,
+    batch: int = 250,
+    sources: Sequence[str] | None = None,
+    top_k: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """n images (uint8) and their attribution from a composed denoiser, DPM-Solver++, fixed seed."""
+    from cdm.pipeline import CompartmentalPipeline, make_scheduler
+
+    pipe = CompartmentalPipeline(den, make_scheduler("dpm", model_cfg))
+    g = torch.Generator().manual_seed(seed)
+    imgs, atts = [], []
+    for start in range(0, n, batch):
+        out = pipe(
+            batch_size=min(batch, n - start),
+            sources=sources,
+            top_k=top_k,
+            num_inference_steps=steps,
+            generator=g,
+            progress=False,
+        )
+        imgs.append(out.images)
+        atts.append(out.attribution)
+    return np.concatenate(imgs), np.concatenate(atts)
+
+
+class UniformRouter(torch.nn.Module):
+    """The naive baseline: equal weights for every compartment (no router)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__()
+        self.source_names = list(names)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.zeros((x_t.shape[0], len(self.source_names)), device=x_t.device)

@@ -1,0 +1,44 @@
+"""Assemble tests/bench/RESULTS.md from the JSON results of the last run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ORDER = ["quality", "budget", "forgetting", "continual", "memorisation", "sampling", "service"]
+HEADER = """# cdm benchmark results
+
+Produced by `make bench` (`python -m tests.bench.run --profile full`); every figure below comes from the run
+described in "Environment". Ratios are computed within this one run. Regenerate with `make bench`
+(`make bench-quick` for a smoke run; `--device cuda` for the GPU profile).
+
+"""
+
+
+def write(out: Path) -> Path:
+    docs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    parts = [HEADER]
+    summary = out.parent / "SUMMARY.md"
+    if summary.exists():
+        parts.append(summary.read_text() + "\n")
+    env = next(iter(docs.values()))["environment"] if docs else {}
+    prof = next(iter(docs.values()))["profile"] if docs else {}
+    for name in ORDER:
+        md = out / f"{name}.md"
+        if md.exists():
+            parts.append(md.read_text() + "\n")
+    acc = out / "extractor.txt"
+    if acc.exists():
+        parts.append(
+            f"Feature classifier (trained here, cached): Fashion-MNIST test accuracy {acc.read_text().strip()}.\n"
+        )
+    parts.append(
+        "## Environment\n\n```\n"
+        + json.dumps(env, indent=2)
+        + "\n```\n\nProfile:\n\n```\n"
+        + json.dumps(prof, indent=2)
+        + "\n```\n"
+    )
+    path = out.parent / "RESULTS.md"
+    path.write_text("\n".join(parts))
+    return path

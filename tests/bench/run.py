@@ -1,0 +1,73 @@
+"""Run the benchmarks: ``python -m tests.bench.run --profile quick|full|gpu [--only quality,sampling,service]``.
+
+Each benchmark prints its figures and writes JSON + Markdown to tests/bench/results/; the report step assembles
+tests/bench/RESULTS.md from them (ratios are from one run, next to absolute times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.bench import report
+from tests.bench.common import PROFILES, RESULTS, environment
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
+    ap.add_argument("--only", default="quality,sampling,service", help="comma-separated benchmark groups")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    p = PROFILES[args.profile]
+    if args.device:
+        p = dataclasses.replace(p, device=args.device)
+    if p.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    torch.manual_seed(p.seed)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    only = set(args.only.split(","))
+    print(f"profile {p.name} on {p.device}: {p}", flush=True)
+    if "quality" in only:
+        from cdm.metrics import get_feature_extractor
+        from tests.bench import quality
+
+        t = time.perf_counter()
+        ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
+        print(f"feature classifier: test accuracy {ext.test_accuracy:.4f} ({time.perf_counter() - t:.0f}s)")
+        (out / "extractor.txt").write_text(f"{ext.test_accuracy:.4f}\n")
+        started = time.perf_counter()
+        for res in quality.run(p, out, ext):
+            res.seconds = time.perf_counter() - started
+            res.write(out, env)
+            started = time.perf_counter()
+    if "sampling" in only:
+        from tests.bench import sampling
+
+        t = time.perf_counter()
+        res = sampling.run(p, out)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "service" in only:
+        from tests.bench import service
+
+        t = time.perf_counter()
+        res = service.run(p, out)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    path = report.write(out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
