@@ -88,6 +88,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if args.log_level != "DEBUG":
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     cfg = app_config(args)
     return Service(cfg, progress=args.progress).run()
 
