@@ -115,8 +115,10 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
 
     den, model = load_live_composition(redis_url, cfg)
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
+    # one class per grid column (0 T-shirt ... 9 boot): the router's P(source | x_t, t, c) picks the compartment
     out = pipe(
         batch_size=n,
+        class_labels=[i % 10 for i in range(n)],
         num_inference_steps=cfg.library.sample.num_inference_steps,
         generator=torch.Generator().manual_seed(seed),
         progress=True,

@@ -30,8 +30,8 @@ class Profile:
     sample_size: int = 16  # Fashion-MNIST is downsampled to this side
     channels: tuple[int, ...] = (32, 64)  # UNet widths (~0.65M parameters at (32, 64))
     batch: int = 32  # monolith batch B; each of K compartments gets B / K under equal compute
-    steps: int = 1200  # monolith optimizer steps (and every compartment's, under equal compute)
-    converged_steps: int = 1200  # steps of each compartment at batch B (the paper's K x compute setting)
+    steps: int = 1000  # monolith optimizer steps (and every compartment's, under equal compute)
+    converged_steps: int = 1000  # steps of each compartment at batch B (the paper's K x compute setting)
     converged_splits: tuple[str, ...] = ("by-class",)  # splits trained in the converged budget
     k: int = 8  # sources
     router_steps: int = 400
