@@ -347,7 +347,7 @@ class Ingestor:
             else:
                 self._consumer.resume(*assigned)
             self._paused = want
-            log.info("%s fetching from %s", "paused" if want else "resumed", sorted(assigned))
+            log.debug("%s fetching from %s", "paused" if want else "resumed", sorted(assigned))
 
     def _handle(self, record: RecordLike, report: PollReport) -> None:
         origin = Origin.of(record)
