@@ -168,7 +168,7 @@ def test_bad_messages_go_to_the_dlq_and_the_daemon_stays_healthy(env: DaemonEnv)
 
 
 def test_sigkill_mid_training_resumes_and_trains_exactly_once(env: DaemonEnv) -> None:
-    env.steps, env.checkpoint_every = 400, 10
+    env.steps, env.checkpoint_every = 200, 10
     env.write_config()
     daemon = env.start_daemon("first")
     env.push({"d0": digit_sources(2)["d0"]})
@@ -182,7 +182,7 @@ def test_sigkill_mid_training_resumes_and_trains_exactly_once(env: DaemonEnv) ->
     history = env.registry().history("d0")
     assert [r.version for r in history] == [1], f"trained more than once: {history}"
     metrics = snap.by_source()["d0"].train_metrics
-    assert metrics["resumed_from"] > 0 and metrics["steps"] == 400
+    assert metrics["resumed_from"] > 0 and metrics["steps"] == 200
     # offsets: everything of d0 committed once it is registered
     consumer = KafkaConsumer(bootstrap_servers=env.bootstrap, group_id=f"{env.prefix}.group-probe")
     parts = consumer.partitions_for_topic(f"{env.prefix}.sources") or set()
@@ -218,7 +218,7 @@ def test_two_daemons_in_one_group_split_sources_and_train_each_once(env: DaemonE
 
 
 def test_sigterm_is_a_warm_shutdown_that_commits_nothing_unregistered(env: DaemonEnv) -> None:
-    env.steps, env.checkpoint_every = 400, 10
+    env.steps, env.checkpoint_every = 200, 10
     env.write_config()
     daemon = env.start_daemon("first")
     env.push({"d0": digit_sources(2)["d0"]})
