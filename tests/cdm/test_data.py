@@ -84,9 +84,9 @@ def test_pickled_and_corrupt_payloads_are_refused(tmp_path: Path) -> None:
     obj = np.array([{"evil": 1}, None], dtype=object)
     with pytest.raises(DataError):
         load_npz_bytes(npz(images=obj))
-    with pytest.raises(DataError, match="npz|zip"):
+    with pytest.raises(DataError, match=r"npz|zip"):
         load_npz_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(DataError, match="npz|zip"):
+    with pytest.raises(DataError, match=r"npz|zip"):
         load_npz_bytes(b"hello")
     with pytest.raises(DataError, match="no such"):
         load_npz(tmp_path / "missing.npz")
