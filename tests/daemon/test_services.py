@@ -159,3 +159,33 @@ def test_session_fixture_services_work(
         values = [r.value for recs in consumer.poll(timeout_ms=200).values() for r in recs]
     consumer.close()
     assert values == [b"hello"]
+
+
+@pytest.mark.services
+def test_broker_behaviour_the_ingest_relies_on(services: ServiceAddresses, unique_topic: Callable[[str], str]) -> None:
+    """What deploy/local/README.md reports about Tansu: auto-creation, and lag from the fetch high watermark."""
+    bootstrap = services.kafka_bootstrap
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    auto = unique_topic("auto")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, allow_auto_create_topics=False, linger_ms=20)
+    producer.send(auto, b"x").get(timeout=10)  # created anyway (the flag is not honoured)
+    assert auto in admin.list_topics()
+    # five records in one batch: the fetch high watermark is right; ListOffsets(LATEST) may not be
+    topic = unique_topic("lag")
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    for i in range(5):
+        producer.send(topic, b"%d" % i, partition=0)
+    producer.flush()
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    end = consumer.end_offsets([tp])[tp]
+    deadline, n = time.monotonic() + 10, 0
+    while n < 5 and time.monotonic() < deadline:
+        n += sum(len(recs) for recs in consumer.poll(timeout_ms=200).values())
+    assert n == 5
+    assert consumer.highwater(tp) == 5 == consumer.position(tp)
+    assert 1 <= end <= 5  # 1 on Tansu 0.6.0 (base offset of the last batch + 1), 5 on Apache Kafka
+    consumer.close()
+    admin.close()
