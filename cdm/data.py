@@ -179,8 +179,7 @@ def validate_arrays(
         raise DataError(f"{where}: images have dtype {images.dtype}; only uint8 (values 0..255) is allowed")
     if images.ndim not in (3, 4):
         raise DataError(
-            f"{where}: images have {images.ndim} dimension(s) {images.shape}; "
-            "allowed are (N,H,W) or (N,H,W,C)"
+            f"{where}: images have {images.ndim} dimension(s) {images.shape}; allowed are (N,H,W) or (N,H,W,C)"
         )
     if images.ndim == 3:
         images = images[..., None]
@@ -190,9 +189,7 @@ def validate_arrays(
     if h == 0 or w == 0:
         raise DataError(f"{where}: images have an empty side {images.shape}; H and W must be >= 1")
     if c not in ALLOWED_CHANNELS:
-        raise DataError(
-            f"{where}: images have {c} channels {images.shape}; allowed are 1 (grayscale) or 3 (RGB)"
-        )
+        raise DataError(f"{where}: images have {c} channels {images.shape}; allowed are 1 (grayscale) or 3 (RGB)")
     images = np.ascontiguousarray(images)
 
     # 2. labels: integer (N,) in [0, num_classes)
@@ -341,9 +338,7 @@ def load_digits(split: Literal["all", "train", "test"] = "all") -> SourceData:
     return data.subset(test if split == "test" else ~test)
 
 
-def load_dataset(
-    name: Literal["fashion-mnist", "digits"], split: Literal["train", "test"] = "train"
-) -> SourceData:
+def load_dataset(name: Literal["fashion-mnist", "digits"], split: Literal["train", "test"] = "train") -> SourceData:
     """A built-in dataset by name: ``fashion-mnist`` or ``digits`` (split ``train`` or ``test``)."""
     if name == "fashion-mnist":
         return load_fashion_mnist(split)
@@ -365,16 +360,13 @@ def _read_npz(source: str | os.PathLike[str] | io.BytesIO, where: str, num_class
         raise DataError(f"{where}: not a readable .npz archive ({type(exc).__name__}: {exc})") from exc
     if isinstance(loaded, np.ndarray):
         raise DataError(
-            f"{where}: holds a single .npy array, not an .npz archive; "
-            "save with np.savez(images=..., labels=...)"
+            f"{where}: holds a single .npy array, not an .npz archive; save with np.savez(images=..., labels=...)"
         )
     with loaded as npz:
         keys = list(npz.files)
         unknown = sorted(set(keys) - set(NPZ_KEYS))
         if unknown:
-            raise DataError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(NPZ_KEYS)}"
-            )
+            raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(NPZ_KEYS)}")
         if "images" not in keys:
             raise DataError(
                 f"{where}: missing required key 'images' (found {', '.join(keys) or 'no keys'}); "
@@ -456,8 +448,7 @@ def _atomic_write(path: Path, raw: bytes) -> None:
 
 
 def fingerprint(data: SourceData) -> str:
-    """sha256 hex over a canonical encoding (name, dtype, shape, little-endian C-order bytes) of each array.
-    """
+    """sha256 hex over a canonical encoding (name, dtype, shape, little-endian C-order bytes) of each array."""
     h = hashlib.sha256(b"cdm-source-v1\n")
     arrays: list[tuple[str, np.ndarray | None]] = [
         ("images", data.images),
@@ -475,8 +466,7 @@ def fingerprint(data: SourceData) -> str:
 
 
 def concat(parts: Sequence[SourceData], *, renumber: bool = False) -> SourceData:
-    """All parts' samples in order; ids are kept (DataError if they collide) or, with ``renumber``, arange(N).
-    """
+    """All parts' samples in order; ids are kept (DataError if they collide) or, with ``renumber``, arange(N)."""
     if not parts:
         raise DataError("concat needs at least one source")
     shapes = {p.image_shape for p in parts}
@@ -502,9 +492,7 @@ def _classes(data: SourceData, scheme: str) -> np.ndarray:
     return data.labels
 
 
-def split_sources(
-    data: SourceData, scheme: Scheme, n: int, *, seed: int, alpha: float = 0.5
-) -> list[SourceData]:
+def split_sources(data: SourceData, scheme: Scheme, n: int, *, seed: int, alpha: float = 0.5) -> list[SourceData]:
     """Partition ``data`` into ``n`` non-empty sources (each sample in exactly one); seeded.
 
     ``random``: a shuffled equal-size split. ``by-class``: the sorted classes cut into ``n`` contiguous groups
@@ -526,9 +514,7 @@ def split_sources(
         labels = _classes(data, scheme)
         classes = np.unique(labels)
         if n > classes.size:
-            raise DataError(
-                f"by-class split into {n} sources needs at least {n} classes; the data has {classes.size}"
-            )
+            raise DataError(f"by-class split into {n} sources needs at least {n} classes; the data has {classes.size}")
         for k, group in enumerate(np.array_split(classes, n)):
             assign[np.isin(labels, group)] = k
     elif scheme == "dirichlet":
@@ -575,9 +561,7 @@ def to_model_tensor(images: np.ndarray, sample_size: int) -> torch.Tensor:
         if sample_size <= h and sample_size <= w:
             x = F.interpolate(x, size=(sample_size, sample_size), mode="area")
         else:
-            x = F.interpolate(
-                x, size=(sample_size, sample_size), mode="bilinear", antialias=True, align_corners=False
-            )
+            x = F.interpolate(x, size=(sample_size, sample_size), mode="bilinear", antialias=True, align_corners=False)
     elif (h, w) != (sample_size, sample_size):
         x = x.new_zeros((0, x.shape[1], sample_size, sample_size))
     return x.mul_(2.0).sub_(1.0).clamp_(-1.0, 1.0).contiguous()

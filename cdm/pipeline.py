@@ -39,8 +39,13 @@ def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=False)
     if name == "dpm":
         return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="leading", steps_offset=1,
-            thresholding=True, sample_max_value=1.0,
+            **common,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            timestep_spacing="leading",
+            steps_offset=1,
+            thresholding=True,
+            sample_max_value=1.0,
         )
     raise ConfigError(f"unknown scheduler {name!r}; choose one of ddpm, ddim, dpm")
 

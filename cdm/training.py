@@ -126,7 +126,8 @@ class TrainLoop:
         self.desc = desc
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.ema = [p.detach().clone() for p in self.params]
-        self.opt = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay)
+        # foreach: one kernel per op over all tensors (the per-tensor loop is the CPU default, ~10% slower here)
+        self.opt = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
         self.step = 0
         self.losses: list[float] = []
         self.autocast = train.precision == "bf16" and self.device.type == "cuda"
@@ -210,7 +211,7 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
         # 4. EMA of the weights (with the usual warm-up of the decay)
         decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema_decay

@@ -54,8 +54,11 @@ def save_grid(
     cw, ch = w * scale, h * scale
     bar = max(3, scale * 2) if att is not None else 0
     pad = 2
-    names = list(source_names) if source_names is not None else ([f"source {i}" for i in range(att.shape[1])]
-                                                                  if att is not None else [])
+    names = (
+        list(source_names)
+        if source_names is not None
+        else ([f"source {i}" for i in range(att.shape[1])] if att is not None else [])
+    )
     font = ImageFont.load_default()
     legend_h = (12 * math.ceil(len(names) / 4) + 6) if att is not None else 0
     width = cols * (cw + pad) + pad

@@ -133,9 +133,7 @@ def _is_executable(path: Path) -> bool:
 # --------------------------------------------------------------------------------------------- public API
 
 
-def start(
-    state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY_TIMEOUT_S
-) -> ServiceAddresses:
+def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY_TIMEOUT_S) -> ServiceAddresses:
     """Start redis-server and Tansu on free loopback ports (or reuse the ones already running there).
 
     Args:

@@ -32,15 +32,15 @@ class Profile:
     batch: int = 32  # monolith batch B; each of K compartments gets B / K under equal compute
     steps: int = 500  # monolith optimizer steps (and every compartment's, under equal compute)
     converged_steps: int = 500  # steps of each compartment at batch B (the paper's K x compute setting)
-    converged_splits: tuple[str, ...] = ("by-class",)  # splits trained in the converged budget
+    converged_splits: tuple[str, ...] = ("random", "by-class")  # splits trained in the converged budget
     k: int = 8  # sources
     router_steps: int = 300
     router_batch: int = 256
     n_fid: int = 400  # generated images per FID/KID (the same for every method)
     sample_steps: int = 20  # DPM-Solver++ steps
     train_limit: int | None = None  # use only the first N training images (None: all 60k)
-    memo_n: int = 200  # training images in the small-data memorisation regime
-    memo_steps: int = 600
+    memo_n: int = 16  # training images in the small-data memorisation regime (visible at 16 x 1,000+ steps)
+    memo_steps: int = 1000
     sampling_batch: int = 64  # images per timed sampling call
     sampling_ks: tuple[int, ...] = (1, 2, 4, 8)
     service_steps: int = 100  # compartment steps in the service benchmark
@@ -59,7 +59,7 @@ PROFILES = {
         n_fid=100,
         sample_steps=8,
         train_limit=8000,
-        memo_n=64,
+        memo_n=16,
         memo_steps=60,
         sampling_batch=16,
         sampling_ks=(1, 2, 4),
@@ -74,7 +74,6 @@ PROFILES = {
         batch=256,
         steps=4000,
         converged_steps=4000,
-        converged_splits=("random", "by-class"),
         n_fid=5000,
         router_steps=2000,
     ),
@@ -215,3 +214,44 @@ class UniformRouter(torch.nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return torch.zeros((x_t.shape[0], len(self.source_names)), device=x_t.device)
+
+
+def train_step_flops(net: torch.nn.Module, *inputs: Any) -> int:
+    """FLOPs of one forward + backward pass of ``net`` on ``inputs`` (torch's FlopCounterMode; optimizer excluded).
+
+    Device-independent: the ratio of two training budgets in FLOPs is what a saturated accelerator's wall time
+    approaches, while a CPU at tiny batches is dominated by per-step overhead.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = net.train()
+    with FlopCounterMode(display=False) as counter:
+        out = net(*inputs)
+        out = out.sample if hasattr(out, "sample") else out
+        out.float().square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def unet_step_flops(model_cfg: Any, batch: int) -> int:
+    from cdm.compartment import build_unet
+
+    s = model_cfg.sample_size
+    unet = build_unet(model_cfg, 10)
+    x = torch.randn(batch, model_cfg.in_channels, s, s)
+    return train_step_flops(unet, x, torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,)))
+
+
+def router_step_flops(model_cfg: Any, router_cfg: Any, batch: int, k: int) -> int:
+    from cdm.router import Router
+
+    s = model_cfg.sample_size
+    net = Router(
+        source_names=[f"s{i}" for i in range(k)],
+        in_channels=model_cfg.in_channels,
+        sample_size=s,
+        channels=router_cfg.channels,
+        num_classes=10,
+    )
+    x = torch.randn(batch, model_cfg.in_channels, s, s)
+    return train_step_flops(net, x, torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,)))
