@@ -1,5 +1,5 @@
 # cdm: every target sets itself up (venv, pip and apt packages, local services) on a fresh machine.
-.PHONY: help setup dev demo test lint typecheck unit bench bench-quick services-start services-stop clean
+.PHONY: help setup dev demo test lint typecheck unit bench bench-gpu bench-quick services-start services-stop clean
 
 PY := .venv/bin/python
 
@@ -25,6 +25,9 @@ unit: dev  ## tests that need no services
 
 bench: dev  ## full benchmark run (~40 min on 2 CPU cores); writes tests/bench/results and RESULTS.md
 	@$(PY) -m tests.bench.run --profile full
+
+bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,000 steps, 5,000 FID samples)
+	@$(PY) -m tests.bench.run --profile gpu
 
 bench-quick: dev  ## minutes-long benchmark smoke run
 	@$(PY) -m tests.bench.run --profile quick

@@ -20,12 +20,17 @@ from tests.bench.common import PROFILES, RESULTS, environment
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    ap.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=None,
+        help="sizes of the run (default: quick on cpu, gpu with --device cuda)",
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
     ap.add_argument("--only", default="quality,sampling,service", help="comma-separated benchmark groups")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    p = PROFILES[args.profile]
+    p = PROFILES[args.profile or ("gpu" if args.device == "cuda" else "quick")]
     if args.device:
         p = dataclasses.replace(p, device=args.device)
     if p.device == "cuda" and not torch.cuda.is_available():

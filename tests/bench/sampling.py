@@ -14,12 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from tests.bench.common import REPO, Profile, Result
+from tests.bench.common import REPO, Profile, Result, UniformRouter
 
 
-def measure(k: int, mode: str, n: int, steps: int, sample_size: int, channels: tuple[int, ...], device: str) -> dict:
+def measure(
+    k: int, mode: str, n: int, steps: int, sample_size: int, channels: tuple[int, ...], device: str, repeats: int = 3
+) -> dict:
     from cdm.compartment import Compartment, build_unet, new_manifest
     from cdm.compose import ComposedDenoiser
     from cdm.config import ModelConfig, TrainConfig
@@ -38,24 +41,33 @@ def measure(k: int, mode: str, n: int, steps: int, sample_size: int, channels: t
         )
         for n_ in names
     ]
-    router = Router(source_names=names, sample_size=sample_size, num_classes=10).eval()
+    # "single": one bare model (no router), the baseline every composed configuration is compared with
+    router = (
+        UniformRouter(names)
+        if mode == "single"
+        else Router(source_names=names, sample_size=sample_size, num_classes=10)
+    )
     vectorize = "vmap" if mode == "full-vmap" else "loop"
     den = ComposedDenoiser(comps, router, names, vectorize=vectorize).to(device)
     pipe = CompartmentalPipeline(den, make_scheduler("dpm", model))
     top_k = 1 if mode == "top-1" else None
     kw = dict(batch_size=n, top_k=top_k, num_inference_steps=steps, progress=False)
-    pipe(**{**kw, "batch_size": 4, "num_inference_steps": 2})  # warm-up
+    pipe(**{**kw, "num_inference_steps": 2})  # warm-up at the timed batch size (allocator, thread pool)
     base = _rss_kb("VmRSS")
     reset = _reset_peak()
-    t = time.perf_counter()
-    with torch.no_grad():
-        pipe(generator=torch.Generator().manual_seed(0), **kw)
-    secs = time.perf_counter() - t
+    times = []
+    for r in range(repeats):  # the median of a few runs: one 2-second run is at the mercy of the machine
+        t = time.perf_counter()
+        with torch.no_grad():
+            pipe(generator=torch.Generator().manual_seed(r), **kw)
+        times.append(time.perf_counter() - t)
+    secs = float(np.median(times))
     peak = _rss_kb("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "k": k,
         "mode": mode,
         "s_per_image": secs / n,
+        "repeats": repeats,
         "peak_rss_mb": peak / 1024,
         "sampling_mb": (peak - base) / 1024,
     }
@@ -81,7 +93,8 @@ def run(p: Profile, out: Path) -> Result:
     r = Result(
         "sampling",
         f"5. Sampling cost ({p.sampling_batch} images, {p.sample_steps} DPM-Solver++ steps, "
-        f"{p.sample_size}x{p.sample_size}, device {p.device})",
+        f"{p.sample_size}x{p.sample_size}, device {p.device}; median of 3 runs; 'single' is one bare model, "
+        "no router)",
         p,
         ["K", "mode", "s / image", "x single model", "overhead beyond K x", "peak RSS MB", "MB above idle"],
     )
