@@ -23,7 +23,7 @@ test: dev  ## lint, type-check and the whole test suite (starts Redis + Kafka br
 unit: dev  ## tests that need no services
 	@$(PY) -m pytest -m "not services"
 
-bench: dev  ## full benchmark run (~40 min on 2 CPU cores); writes tests/bench/results and RESULTS.md
+bench: dev  ## full benchmark run (~45 min on 2 CPU cores); writes tests/bench/results and RESULTS.md
 	@$(PY) -m tests.bench.run --profile full
 
 bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,000 steps, 5,000 FID samples)

@@ -21,8 +21,22 @@ def write(out: Path) -> Path:
     summary = out.parent / "SUMMARY.md"
     if summary.exists():
         parts.append(summary.read_text() + "\n")
-    env = next(iter(docs.values()))["environment"] if docs else {}
-    prof = next(iter(docs.values()))["profile"] if docs else {}
+    first = docs.get("quality") or (next(iter(docs.values())) if docs else {})
+    env = dict(first.get("environment", {}))
+    prof = first.get("profile", {})
+    # a benchmark re-run on its own (--only) records its own command and commit: list them all
+    runs = sorted(
+        {(d["environment"].get("git_commit", "?"), d["environment"].get("command", "?")) for d in docs.values()}
+    )
+    if len(runs) > 1:
+        env["runs"] = {
+            f"{commit[:10]} {command}": sorted(
+                n
+                for n, d in docs.items()
+                if d["environment"].get("git_commit") == commit and d["environment"].get("command") == command
+            )
+            for commit, command in runs
+        }
     for name in ORDER:
         md = out / f"{name}.md"
         if md.exists():
