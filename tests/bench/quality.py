@@ -302,7 +302,7 @@ def forgetting(p: Profile, b: Bench, shared: dict[str, Any]) -> Result:
         ),
         (
             f"1% of one source ({len(drop)} images)",
-            "CDM: the compartment alone (router retrain deferred)",
+            "CDM: its compartment retrain alone (a part, not a complete forget)",
             comp_s,
             fl_comp,
             float("nan"),
