@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -233,25 +234,28 @@ def train_step_flops(net: torch.nn.Module, *inputs: Any) -> int:
     return int(counter.get_total_flops())
 
 
+def _step_inputs(model_cfg: Any, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    s = model_cfg.sample_size
+    x = torch.randn(batch, model_cfg.in_channels, s, s)
+    return x, torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,))
+
+
+@functools.cache
 def unet_step_flops(model_cfg: Any, batch: int) -> int:
     from cdm.compartment import build_unet
 
-    s = model_cfg.sample_size
-    unet = build_unet(model_cfg, 10)
-    x = torch.randn(batch, model_cfg.in_channels, s, s)
-    return train_step_flops(unet, x, torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,)))
+    return train_step_flops(build_unet(model_cfg, 10), *_step_inputs(model_cfg, batch))
 
 
+@functools.cache
 def router_step_flops(model_cfg: Any, router_cfg: Any, batch: int, k: int) -> int:
     from cdm.router import Router
 
-    s = model_cfg.sample_size
     net = Router(
         source_names=[f"s{i}" for i in range(k)],
         in_channels=model_cfg.in_channels,
-        sample_size=s,
+        sample_size=model_cfg.sample_size,
         channels=router_cfg.channels,
         num_classes=10,
     )
-    x = torch.randn(batch, model_cfg.in_channels, s, s)
-    return train_step_flops(net, x, torch.randint(0, 1000, (batch,)), torch.randint(0, 11, (batch,)))
+    return train_step_flops(net, *_step_inputs(model_cfg, batch))

@@ -222,15 +222,11 @@ def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
     quality.seconds = time.perf_counter() - started
     budget.seconds = sum(r[3] for r in budget.rows)
     results = [quality, budget]
-    for bench in (forgetting, continual):
+    for bench in (lambda: forgetting(p, b, shared), lambda: continual(p, b, shared), lambda: memorisation_bench(p, b)):
         t = time.perf_counter()
-        res = bench(p, b, shared)
+        res = bench()
         res.seconds = time.perf_counter() - t
         results.append(res)
-    t = time.perf_counter()
-    res = memorisation_bench(p, b)
-    res.seconds = time.perf_counter() - t
-    results.append(res)
     return results
 
 

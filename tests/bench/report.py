@@ -25,18 +25,12 @@ def write(out: Path) -> Path:
     env = dict(first.get("environment", {}))
     prof = first.get("profile", {})
     # a benchmark re-run on its own (--only) records its own command and commit: list them all
-    runs = sorted(
-        {(d["environment"].get("git_commit", "?"), d["environment"].get("command", "?")) for d in docs.values()}
-    )
+    runs: dict[str, list[str]] = {}
+    for name, d in sorted(docs.items()):
+        e = d["environment"]
+        runs.setdefault(f"{e.get('git_commit', '?')[:10]} {e.get('command', '?')}", []).append(name)
     if len(runs) > 1:
-        env["runs"] = {
-            f"{commit[:10]} {command}": sorted(
-                n
-                for n, d in docs.items()
-                if d["environment"].get("git_commit") == commit and d["environment"].get("command") == command
-            )
-            for commit, command in runs
-        }
+        env["runs"] = runs
     for name in ORDER:
         md = out / f"{name}.md"
         if md.exists():

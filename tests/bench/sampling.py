@@ -19,9 +19,18 @@ import torch
 
 from tests.bench.common import REPO, Profile, Result, UniformRouter
 
+REPEATS = 3  # timed runs per configuration; the median is reported
+
 
 def measure(
-    k: int, mode: str, n: int, steps: int, sample_size: int, channels: tuple[int, ...], device: str, repeats: int = 3
+    k: int,
+    mode: str,
+    n: int,
+    steps: int,
+    sample_size: int,
+    channels: tuple[int, ...],
+    device: str,
+    repeats: int = REPEATS,
 ) -> dict:
     from cdm.compartment import Compartment, build_unet, new_manifest
     from cdm.compose import ComposedDenoiser
@@ -93,7 +102,7 @@ def run(p: Profile, out: Path) -> Result:
     r = Result(
         "sampling",
         f"5. Sampling cost ({p.sampling_batch} images, {p.sample_steps} DPM-Solver++ steps, "
-        f"{p.sample_size}x{p.sample_size}, device {p.device}; median of 3 runs; 'single' is one bare model, "
+        f"{p.sample_size}x{p.sample_size}, device {p.device}; median of {REPEATS} runs; 'single' is one bare model, "
         "no router)",
         p,
         ["K", "mode", "s / image", "x single model", "overhead beyond K x", "peak RSS MB", "MB above idle"],
