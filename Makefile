@@ -15,7 +15,7 @@ dev:
 demo: setup  ## the main job end to end: services + daemon + push sources + sample + forget
 	@$(PY) -m daemon.demo
 
-test: dev  ## lint, type-check and the whole test suite (starts Redis + Kafka broker on free ports itself)
+test: dev  ## lint, type-check and the whole test suite (starts Redis, Kafka broker and S3 on free ports itself)
 	@$(PY) -m ruff check cdm daemon tests deploy
 	@$(PY) -m mypy cdm daemon
 	@$(PY) -m pytest
@@ -32,7 +32,7 @@ bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,0
 bench-quick: dev  ## minutes-long benchmark smoke run
 	@$(PY) -m tests.bench.run --profile quick
 
-services-start: setup  ## start Redis + Kafka-protocol broker on free loopback ports (state in .services/)
+services-start: setup  ## start Redis + Kafka-protocol broker + S3 server on free loopback ports (state in .services/)
 	@$(PY) -m deploy.local.services start
 
 services-stop:

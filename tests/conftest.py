@@ -1,4 +1,5 @@
-"""Shared fixtures. Service tests run against the real redis-server and Tansu broker of deploy/local/services.py.
+"""Shared fixtures. Service tests run against the real redis-server, Tansu broker and moto S3 server of
+deploy/local/services.py.
 
 * ``services`` (session): started on first use in a temporary state dir and stopped at the end of the session,
   so a run that selects no service test starts nothing. Set ``CDM_TEST_SERVICES_DIR=DIR`` to reuse services
@@ -6,9 +7,11 @@
 * ``redis_client`` gives each test its own logical database (leased from 1..15, flushed before and after), and
   ``redis_namespace`` a unique key prefix for pub/sub channels, which Redis does not separate per database.
 * ``unique_topic(prefix)`` makes topic names no other test uses (Tansu keeps every topic until it stops).
+* ``s3_endpoint`` is the S3 server's endpoint_url (path-style, any credentials: use ``S3_TEST_ACCESS_KEY`` /
+  ``S3_TEST_SECRET_KEY``); ``s3_bucket`` is a bucket of this test alone, created empty, emptied and deleted after.
 
 Any test that requests ``services`` (directly or through these fixtures) is marked ``services`` automatically,
-so ``pytest -m "not services"`` runs without Redis or Kafka. This file does not import torch on purpose.
+so ``pytest -m "not services"`` runs without Redis, Kafka or S3. This file does not import torch on purpose.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -29,6 +33,9 @@ REUSE_ENV = "CDM_TEST_SERVICES_DIR"
 _LEASE_KEY = "cdm-test:db-lease:{}"  # in database 0: which test holds database n
 _LEASE_TTL_S = 3600  # a crashed session's leases expire eventually
 _DATABASES = range(1, 16)  # redis-server's default 16 databases, 0 kept for the leases
+S3_TEST_ACCESS_KEY = "testing"  # moto accepts any key pair; these make the signed requests real anyway
+S3_TEST_SECRET_KEY = "testing"
+S3_TEST_REGION = "us-east-1"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -121,3 +128,40 @@ def unique_topic(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{prefix}.{base}.{uuid.uuid4().hex[:8]}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(services: ServiceAddresses) -> str:
+    """endpoint_url of the test S3 server (http://127.0.0.1:PORT)."""
+    return services.s3_endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_admin(s3_endpoint: str) -> Any:
+    """A boto3 S3 client on the test server, for bucket set-up and for tampering with objects behind a store."""
+    import boto3  # imported here: a run that selects no S3 test does not pay for it
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name=S3_TEST_REGION,
+        aws_access_key_id=S3_TEST_ACCESS_KEY,
+        aws_secret_access_key=S3_TEST_SECRET_KEY,
+    )
+
+
+@pytest.fixture
+def s3_bucket(s3_admin: Any) -> Iterator[str]:
+    """A bucket no other test uses: created empty, then emptied (objects and unfinished uploads) and deleted."""
+    name = f"cdm-test-{uuid.uuid4().hex[:20]}"
+    s3_admin.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        for page in s3_admin.get_paginator("list_objects_v2").paginate(Bucket=name):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                s3_admin.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+        for upload in s3_admin.list_multipart_uploads(Bucket=name).get("Uploads", []):
+            s3_admin.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+        s3_admin.delete_bucket(Bucket=name)

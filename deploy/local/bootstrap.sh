@@ -15,8 +15,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-extras="bench"
-[ "${1:-}" = "--dev" ] && extras="dev,bench"
+extras="services,bench"
+[ "${1:-}" = "--dev" ] && extras="dev,services,bench"
 stamp=".venv/.installed-$extras-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   [ -x .venv/bin/python ] || { echo ">> creating .venv"; $PY -m venv .venv; }

