@@ -7,22 +7,27 @@ array, the bad value and what is allowed.
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import io
+import math
 import os
+import re
+import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, BinaryIO, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdm.errors import DataError
+from cdm.errors import DataError, DataTooLarge, MalformedArchive
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -349,64 +354,252 @@ def load_dataset(name: Literal["fashion-mnist", "digits"], split: Literal["train
 
 # ----------------------------------------------------------------------------------------------------
 # .npz source format
+#
+# Archives are read by the checked reader below, not by ``np.load``: every size is taken from the zip's
+# declared sizes and each .npy header and checked (against each other and against a limit) BEFORE anything is
+# decompressed or allocated, and only the zip features that numpy itself writes are accepted. Every refusal
+# is a ``MalformedArchive`` or ``DataTooLarge`` (both ``DataError``), never another exception.
+
+# Compression methods accepted: what np.savez (stored) and np.savez_compressed (deflated) write. bzip2 and
+# lzma are refused: their decoders expand a whole block before zipfile can cut at the declared size (a
+# 554-byte bzip2 member grew to 400 MB), and no numpy writer produces them.
+NPZ_COMPRESSION: dict[int, str] = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+# General-purpose flag bits accepted, the ones numpy's writer (zipfile) sets itself: 0x0008 (sizes in a data
+# descriptor; zipfile sets it when writing to an unseekable stream) and 0x0800 (UTF-8 member names). All
+# others are refused: 0x0001/0x0040 encryption, 0x0020 patched data, 0x2000 encrypted directory, and the
+# deflate level hints 0x0002/0x0004 that zipfile never writes.
+NPZ_ZIP_FLAGS = 0x0008 | 0x0800
+_NPZ_MAX_DIRECTORY = 64 * 1024  # central directory bytes; three members need a few hundred
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than 1032:1 (a 258-byte match per 2 bits)
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_MAX_HEADER = 10_000  # characters of an .npy header dict (numpy's own limit in np.load)
+_NPY_MAX_DIMS = 32
+_NPY_INT = r"(?:0|[1-9][0-9]{0,18})"  # below 10**19, no leading zeros (literal_eval refuses those)
+_NPY_WS = r"[ \n]*"  # what numpy writes; other "whitespace" (form feed, unicode spaces) is a Python syntax error
+_NPY_STR = r"'[\x20-\x26\x28-\x5b\x5d-\x7e]*'"  # printable ASCII without quote and backslash
+_NPY_TUPLE = rf"\({_NPY_WS}(?:{_NPY_INT}{_NPY_WS},{_NPY_WS})*(?:{_NPY_INT}{_NPY_WS})?\)"
+_NPY_ITEM = rf"'(?:descr|fortran_order|shape)'{_NPY_WS}:{_NPY_WS}(?:{_NPY_STR}|True|False|{_NPY_TUPLE})"
+_NPY_HEADER_RE = re.compile(
+    rf"\{{{_NPY_WS}(?:{_NPY_ITEM}{_NPY_WS}(?:,{_NPY_WS}|(?=\}})))+\}}{_NPY_WS}"
+)  # a flat dict of short strings, booleans and tuples of integers: checked before literal_eval sees it
+# a plain dtype as numpy writes it (kind, size, datetime unit), no fields, no deprecated aliases such as 'a'
+_NPY_DESCR_RE = re.compile(r"[<>|=]?[biufcSUVOMm][0-9]*(?:\[[0-9]*[a-zA-Z]+\])?")
+_READ_BLOCK = 1 << 20
+# How zipfile reports corrupt or truncated input (UnicodeDecodeError of a member name is a ValueError;
+# NotImplementedError: a zip "version needed to extract" above what zipfile reads).
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, struct.error, NotImplementedError)
 
 
-def _read_npz(source: str | os.PathLike[str] | io.BytesIO, where: str, num_classes: int | None) -> SourceData:
-    try:
-        loaded = np.load(source, allow_pickle=False)
-    except DataError:
-        raise
-    except Exception as exc:  # corrupt zip, truncated file, not numpy at all: all are bad input
-        raise DataError(f"{where}: not a readable .npz archive ({type(exc).__name__}: {exc})") from exc
-    if isinstance(loaded, np.ndarray):
-        raise DataError(
-            f"{where}: holds a single .npy array, not an .npz archive; save with np.savez(images=..., labels=...)"
+def _zip_directory_size(fp: BinaryIO) -> int | None:
+    """Size of the central directory that ``zipfile`` will read, located the way zipfile locates it.
+
+    zipfile turns every 46 bytes of that directory into a ZipInfo object before anything can be checked, so
+    its size is bounded first. Mirrors ``zipfile._EndRecData``: the end record is either the last 22 bytes
+    (no archive comment) or the last signature in the final 64 KiB + 22 bytes; a zip64 end record right
+    before its locator overrides the size. None when there is no end record (zipfile refuses the file).
+    """
+    fp.seek(0, os.SEEK_END)
+    size = fp.tell()
+    end = None
+    if size >= 22:
+        fp.seek(size - 22)
+        tail = fp.read(22)
+        if tail[:4] == b"PK\x05\x06" and tail[-2:] == b"\x00\x00":
+            end = size - 22
+    if end is None:
+        start = max(size - (1 << 16) - 22, 0)
+        fp.seek(start)
+        at = fp.read().rfind(b"PK\x05\x06")
+        if at < 0 or start + at + 22 > size:
+            return None
+        end = start + at
+    fp.seek(end)
+    directory = struct.unpack("<4s4H2LH", fp.read(22))[5]
+    if end >= 20 + 56:
+        fp.seek(end - 20 - 56)
+        zip64 = fp.read(76)
+        if zip64[56:60] == b"PK\x06\x07" and zip64[:4] == b"PK\x06\x06":
+            directory = struct.unpack("<4sQ2H2L4Q", zip64[:56])[8]
+    return int(directory)
+
+
+def _npy_header(member: IO[bytes], where: str, name: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """Parse an .npy header (format versions 1-3) without evaluating anything but flat literals."""
+    magic = member.read(8)
+    if len(magic) != 8 or magic[:6] != _NPY_MAGIC:
+        raise MalformedArchive(f"{where}: '{name}' is not an .npy array (bad magic {magic[:8]!r})")
+    version = (magic[6], magic[7])
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise MalformedArchive(f"{where}: '{name}' has .npy format version {version}; 1.0, 2.0 and 3.0 are read")
+    length_format = "<H" if version == (1, 0) else "<I"
+    raw_length = member.read(struct.calcsize(length_format))
+    if len(raw_length) != struct.calcsize(length_format):
+        raise MalformedArchive(f"{where}: '{name}' ends inside its .npy header")
+    (length,) = struct.unpack(length_format, raw_length)
+    if length > _NPY_MAX_HEADER:
+        raise MalformedArchive(f"{where}: '{name}' has a {length}-byte .npy header; at most {_NPY_MAX_HEADER}")
+    raw = member.read(length)
+    if len(raw) != length:
+        raise MalformedArchive(f"{where}: '{name}' ends inside its .npy header")
+    text = raw.decode("utf-8" if version == (3, 0) else "latin1")
+    if not _NPY_HEADER_RE.fullmatch(text):
+        raise MalformedArchive(
+            f"{where}: '{name}' has an .npy header that is not a plain array's ({text[:200]!r}); "
+            "structured and object arrays are not read"
         )
-    with loaded as npz:
-        keys = list(npz.files)
-        unknown = sorted(set(keys) - set(NPZ_KEYS))
+    try:
+        header = ast.literal_eval(text)  # bounded: the regex admits only a flat dict of short literals
+    except (SyntaxError, ValueError, TypeError) as exc:  # literal_eval's own refusals
+        raise MalformedArchive(f"{where}: '{name}' has an unreadable .npy header ({exc})") from exc
+    if set(header) != {"descr", "fortran_order", "shape"}:
+        raise MalformedArchive(f"{where}: '{name}' .npy header has keys {sorted(header)}")
+    descr, fortran, shape = header["descr"], header["fortran_order"], header["shape"]
+    if not isinstance(descr, str) or not _NPY_DESCR_RE.fullmatch(descr):
+        raise MalformedArchive(f"{where}: '{name}' has dtype {descr!r:.100}; only plain numeric dtypes are read")
+    if not isinstance(fortran, bool) or not isinstance(shape, tuple) or len(shape) > _NPY_MAX_DIMS:
+        raise MalformedArchive(f"{where}: '{name}' .npy header has fortran_order {fortran!r}, shape {shape!r:.100}")
+    try:
+        dtype = np.dtype(descr)
+    except (TypeError, ValueError) as exc:
+        raise MalformedArchive(f"{where}: '{name}' has dtype {descr!r}, which numpy does not know ({exc})") from exc
+    if dtype.hasobject:
+        raise MalformedArchive(
+            f"{where}: '{name}' is an object (pickled) array, which is never loaded; store plain numeric arrays"
+        )
+    if dtype.itemsize == 0 or dtype.fields is not None or dtype.subdtype is not None:
+        raise MalformedArchive(f"{where}: '{name}' has dtype {dtype}; only plain numeric dtypes are read")
+    return dtype, shape, fortran
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> np.ndarray:
+    """One member's array: header checked against the member's declared size, then read into place."""
+    name = info.filename[: -len(".npy")]
+    with archive.open(info) as member:
+        dtype, shape, fortran = _npy_header(member, where, name)
+        count = math.prod(shape)  # Python ints: no overflow, unlike np.prod
+        header_bytes = member.tell()
+        if header_bytes + count * dtype.itemsize != info.file_size:
+            raise MalformedArchive(
+                f"{where}: '{name}' declares shape {shape} of {dtype} ({count * dtype.itemsize} bytes after a "
+                f"{header_bytes}-byte header), but the archive member holds {info.file_size} bytes"
+            )
+        flat = np.empty(count, dtype=dtype)  # at most the member's declared size, which was checked
+        view = flat.view(np.uint8).data  # a writable memoryview of the array's bytes
+        done = 0
+        while done < view.nbytes:
+            block = member.read(min(_READ_BLOCK, view.nbytes - done))
+            if not block:
+                raise MalformedArchive(f"{where}: '{name}' ends after {done} of {view.nbytes} data bytes")
+            view[done : done + len(block)] = block
+            done += len(block)
+        if member.read(1):  # also makes zipfile verify the member's CRC-32
+            raise MalformedArchive(f"{where}: '{name}' holds bytes after its array data")
+    return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
+
+
+def read_npz_arrays(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview, *, where: str, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    """The arrays of an .npz source (``images`` [, ``labels``, ``ids``]), read with every size checked first.
+
+    Accepts what ``np.savez`` / ``np.savez_compressed`` write (see NPZ_COMPRESSION and NPZ_ZIP_FLAGS); never
+    unpickles. The arrays are not validated (``validate_arrays`` does that).
+
+    Args:
+        source: a path or the archive's bytes.
+        where: names the input in error messages.
+        max_bytes: largest total uncompressed size of the members; None = no limit beyond the declared sizes.
+
+    Raises:
+        MalformedArchive: not an .npz archive of the source format, or one using refused zip features.
+        DataTooLarge: the members' declared uncompressed size exceeds ``max_bytes``.
+    """
+    fp: BinaryIO
+    try:
+        fp = io.BytesIO(source) if isinstance(source, bytes | bytearray | memoryview) else open(source, "rb")  # noqa: SIM115
+    except OSError as exc:
+        raise DataError(f"{where}: cannot open .npz file: {exc.strerror}") from exc
+    with fp:
+        try:
+            return _read_npz_archive(fp, where, max_bytes)
+        except _ZIP_ERRORS as exc:
+            raise MalformedArchive(f"{where}: not a readable .npz archive ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_npz_archive(fp: BinaryIO, where: str, max_bytes: int | None) -> dict[str, np.ndarray]:
+    directory = _zip_directory_size(fp)
+    if directory is None:
+        raise MalformedArchive(f"{where}: not an .npz (zip) archive; save with np.savez(images=..., labels=...)")
+    if directory > _NPZ_MAX_DIRECTORY:
+        raise MalformedArchive(
+            f"{where}: zip central directory of {directory} bytes; an .npz source of at most {len(NPZ_KEYS)} "
+            f"arrays needs far less than {_NPZ_MAX_DIRECTORY}"
+        )
+    fp.seek(0, os.SEEK_END)
+    archive_bytes = fp.tell()
+    fp.seek(0)
+    with zipfile.ZipFile(fp) as archive:
+        infos = archive.infolist()
+        names = [info.filename for info in infos]
+        if len(set(names)) != len(names):
+            raise MalformedArchive(f"{where}: archive members repeat a name ({[n[:80] for n in names[:10]]})")
+        keys = [n[: -len(".npy")] if n.endswith(".npy") else n for n in names]
+        unknown = sorted(k for k, n in zip(keys, names, strict=True) if k not in NPZ_KEYS or not n.endswith(".npy"))
         if unknown:
-            raise DataError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(NPZ_KEYS)}")
+            shown = ", ".join(repr(k)[:80] for k in unknown[:5])
+            raise MalformedArchive(f"{where}: unknown key(s) {shown}; allowed keys: {', '.join(NPZ_KEYS)}")
         if "images" not in keys:
-            raise DataError(
+            raise MalformedArchive(
                 f"{where}: missing required key 'images' (found {', '.join(keys) or 'no keys'}); "
                 f"allowed keys: {', '.join(NPZ_KEYS)}"
             )
-        arrays: dict[str, np.ndarray] = {}
-        for key in keys:
-            try:
-                arrays[key] = npz[key]
-            except ValueError as exc:
-                if "pickle" in str(exc).lower() or "object" in str(exc).lower():
-                    raise DataError(
-                        f"{where}: '{key}' is an object (pickled) array, which is never loaded; "
-                        "store plain numeric arrays"
-                    ) from exc
-                raise DataError(f"{where}: '{key}' cannot be read ({exc})") from exc
-            except Exception as exc:
-                raise DataError(f"{where}: '{key}' cannot be read ({type(exc).__name__}: {exc})") from exc
-    return validate_arrays(
-        arrays["images"], arrays.get("labels"), arrays.get("ids"), num_classes=num_classes, where=where
-    )
+        for info in infos:
+            if info.compress_type not in NPZ_COMPRESSION:
+                raise MalformedArchive(
+                    f"{where}: member {info.filename} uses zip compression method {info.compress_type}; only "
+                    "stored (0) and deflated (8) are read (write with np.savez or np.savez_compressed)"
+                )
+            if info.flag_bits & ~NPZ_ZIP_FLAGS:
+                raise MalformedArchive(
+                    f"{where}: member {info.filename} has zip flags 0x{info.flag_bits:04x}; only 0x0008 (data "
+                    "descriptor) and 0x0800 (UTF-8 name) are read, never encryption or patched data"
+                )
+            ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+            if info.compress_size > archive_bytes or info.file_size > ratio * info.compress_size + 1024:
+                raise MalformedArchive(
+                    f"{where}: member {info.filename} declares {info.compress_size} compressed and "
+                    f"{info.file_size} uncompressed bytes, impossible in a {archive_bytes}-byte archive"
+                )
+        total = sum(info.file_size for info in infos)
+        if max_bytes is not None and total > max_bytes:
+            raise DataTooLarge(f"{where}: .npz expands to {total} bytes, the limit is {max_bytes}")
+        return {key: _read_member(archive, info, where) for key, info in zip(keys, infos, strict=True)}
 
 
-def load_npz(path: str | os.PathLike[str], *, num_classes: int | None = None) -> SourceData:
+def load_npz(
+    path: str | os.PathLike[str], *, num_classes: int | None = None, max_bytes: int | None = None
+) -> SourceData:
     """Load and validate an .npz source (keys ``images`` [, ``labels``, ``ids``]); never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such .npz file")
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not an .npz (zip) archive; save with np.savez(images=..., labels=...)")
-    return _read_npz(path, str(path), num_classes)
+    arrays = read_npz_arrays(path, where=str(path), max_bytes=max_bytes)
+    return _validate_npz(arrays, str(path), num_classes)
 
 
-def load_npz_bytes(raw: bytes, *, where: str = "message", num_classes: int | None = None) -> SourceData:
-    """Load and validate an .npz source from bytes (e.g. a Kafka message value)."""
+def load_npz_bytes(
+    raw: bytes, *, where: str = "message", num_classes: int | None = None, max_bytes: int | None = None
+) -> SourceData:
+    """Load and validate an .npz source from bytes (e.g. a Kafka message value); see ``read_npz_arrays``."""
     if not isinstance(raw, bytes | bytearray | memoryview):
         raise DataError(f"{where}: expected .npz bytes, got {type(raw).__name__}")
-    if not zipfile.is_zipfile(io.BytesIO(raw)):
-        raise DataError(f"{where}: {len(raw)} bytes are not an .npz (zip) archive")
-    return _read_npz(io.BytesIO(bytes(raw)), where, num_classes)
+    return _validate_npz(read_npz_arrays(raw, where=where, max_bytes=max_bytes), where, num_classes)
+
+
+def _validate_npz(arrays: dict[str, np.ndarray], where: str, num_classes: int | None) -> SourceData:
+    return validate_arrays(
+        arrays["images"], arrays.get("labels"), arrays.get("ids"), num_classes=num_classes, where=where
+    )
 
 
 def npz_bytes(data: SourceData, *, compress: bool = True) -> bytes:

@@ -19,3 +19,13 @@ class IntegrityError(CdmError):
 
 class StoreError(CdmError):
     """The local artifact store is inconsistent or an entry is missing."""
+
+
+class MalformedArchive(DataError):
+    """An .npz archive is not one the library reads: not a zip, corrupt, zip features it refuses (compression
+    methods other than stored/deflated, encryption and other flags), a bare .npy, pickled or unknown arrays."""
+
+
+class DataTooLarge(DataError):
+    """Input data would exceed a configured size limit; detected from declared sizes, before it is decompressed
+    or allocated."""

@@ -31,6 +31,8 @@ SslCertReqs = Literal["required", "optional", "none"]
 LIBRARY_SECTIONS = ("model", "train", "router", "sample", "eval")
 DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler")
 _SECRET_FIELDS = frozenset({"sasl_plain_password", "password"})
+MIN_MESSAGE_BYTES = 16 * 1024  # = daemon.wire.DLQ_MIN_RECORD_BYTES (not imported: config stays free of numpy)
+MAX_CHUNKS_PER_SOURCE = 1_000_000_000  # = daemon.wire.MAX_SEQ + 1
 
 
 def _positive(section: str, **values: float) -> None:
@@ -59,7 +61,7 @@ class KafkaConfig:
     session_timeout_ms: int = 10_000  # a member silent this long is dropped from the group
     heartbeat_interval_ms: int = 3_000  # must be below session_timeout_ms (Kafka advises a third)
     max_poll_interval_ms: int = 300_000  # longest gap between polls before the member is dropped
-    max_message_bytes: int = 4 * 1024 * 1024  # largest record produced or accepted (bigger ones -> DLQ)
+    max_message_bytes: int = 4 * 1024 * 1024  # largest record produced or accepted (bigger ones -> DLQ), >= 16 KiB
     create_topics: bool = True  # create the three topics at start-up if missing (off where ACLs forbid it)
     partitions: int = 4  # partitions of created topics: the most daemons one consumer group can spread over
     replication_factor: int = 1  # replicas of created topics (3 on a production Apache Kafka cluster)
@@ -76,6 +78,11 @@ class KafkaConfig:
             partitions=self.partitions,
             replication_factor=self.replication_factor,
         )
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(
+                f"kafka.max_message_bytes = {self.max_message_bytes} must be at least {MIN_MESSAGE_BYTES} "
+                "(a dead-letter copy reduced to its cdm-dlq-* headers must still fit)"
+            )
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ConfigError(
                 f"kafka.heartbeat_interval_ms = {self.heartbeat_interval_ms} must be below "
@@ -235,6 +242,9 @@ class DaemonConfig:
     poll_timeout_ms: int = 500  # Kafka poll timeout of the ingest loop (bounds shutdown latency)
     device: Device = "cpu"  # training / sampling device
     claim_check_dir: str | None = None  # claim-check (chunk-ref) files must lie under it; unset refuses them
+    max_claim_check_bytes: int = 1 << 30  # largest claim-check file read; a pointer to a bigger one -> DLQ oversized
+    max_decoded_bytes: int = 1 << 30  # largest uncompressed size of one chunk's arrays; bigger -> DLQ oversized
+    max_chunks_per_source: int = 10_000  # a seal with more chunks, or a chunk with cdm-seq >= it -> too-many-chunks
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -248,6 +258,12 @@ class DaemonConfig:
         )
         if self.router_debounce_s < 0 or self.gc_grace_s < 0:
             raise ConfigError("daemon.router_debounce_s and daemon.gc_grace_s must be >= 0")
+        _positive("daemon", max_claim_check_bytes=self.max_claim_check_bytes, max_decoded_bytes=self.max_decoded_bytes)
+        if not 1 <= self.max_chunks_per_source <= MAX_CHUNKS_PER_SOURCE:
+            raise ConfigError(
+                f"daemon.max_chunks_per_source = {self.max_chunks_per_source} must be in 1..{MAX_CHUNKS_PER_SOURCE} "
+                "(cdm-seq has at most 9 digits)"
+            )
 
 
 @dataclass(frozen=True)

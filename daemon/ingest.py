@@ -35,6 +35,7 @@ from daemon.errors import DaemonError
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import (
+    DEFAULT_MAX_CHUNKS,
     DEFAULT_MAX_DECODED_BYTES,
     Chunk,
     ControlCommand,
@@ -204,6 +205,7 @@ class Ingestor:
         claim_check_root: directory claim-check files must live in; None refuses chunk-ref records.
         max_ref_bytes: largest claim-check file read.
         max_decoded_bytes: largest uncompressed size of one chunk's arrays (a bigger one is ``oversized``).
+        max_chunks_per_source: a seal announcing more chunks, or a cdm-seq not below it, is ``too-many-chunks``.
         lag_interval_s: at most one consumer-lag measurement per this many seconds.
         dlq_timeout_s: how long to wait for the dead-letter topic to acknowledge.
     """
@@ -222,6 +224,7 @@ class Ingestor:
         claim_check_root: Path | None = None,
         max_ref_bytes: int = 1 << 30,
         max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+        max_chunks_per_source: int = DEFAULT_MAX_CHUNKS,
         lag_interval_s: float = 15.0,
         dlq_timeout_s: float = 30.0,
     ) -> None:
@@ -240,6 +243,7 @@ class Ingestor:
         self._claim_check_root = claim_check_root
         self._max_ref_bytes = max_ref_bytes
         self._max_decoded_bytes = max_decoded_bytes
+        self._max_chunks_per_source = max_chunks_per_source
         self._lag_interval_s = lag_interval_s
         self._dlq_timeout_s = dlq_timeout_s
 
@@ -389,6 +393,7 @@ class Ingestor:
             claim_check_root=self._claim_check_root,
             max_ref_bytes=self._max_ref_bytes,
             max_decoded_bytes=self._max_decoded_bytes,
+            max_chunks=self._max_chunks_per_source,
         )
         source = message.source
         if self._spool.forgotten(source, origin):

@@ -86,7 +86,7 @@ def push_source(
     Args:
         producer: a KafkaProducer without serializers (bytes key/value).
         topic: the sources topic (``KafkaConfig.sources_topic``).
-        source: source id, 1-64 characters of ``[A-Za-z0-9._-]``.
+        source: source id, 1-64 characters of ``[A-Za-z0-9._-]``, not starting with ``.``.
         data: the source; its ``ids`` travel with every chunk, so the daemon reassembles them exactly.
         chunk_size: samples per chunk.
         claim_check_dir: where chunks larger than ``inline_limit`` are written, to be referenced by a

@@ -157,6 +157,9 @@ class Service:
             on_sealed=lambda source: self.worker.submit(Job("train", source)),
             on_control=self._on_control,
             claim_check_root=Path(cfg.daemon.claim_check_dir).resolve() if cfg.daemon.claim_check_dir else None,
+            max_ref_bytes=cfg.daemon.max_claim_check_bytes,
+            max_decoded_bytes=cfg.daemon.max_decoded_bytes,
+            max_chunks_per_source=cfg.daemon.max_chunks_per_source,
             lag_interval_s=cfg.scheduler.lag_s,
         )
 

@@ -10,13 +10,11 @@ Nothing here performs network I/O; a claim-check pointer is resolved only inside
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
 import stat
 import urllib.parse
-import zipfile
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -25,8 +23,8 @@ from typing import Any, Final, Literal, NamedTuple, Protocol, get_args
 
 import numpy as np
 
-from cdm.data import NPZ_KEYS, SourceData, load_npz_bytes, npz_bytes
-from cdm.errors import DataError
+from cdm.data import SourceData, npz_bytes, read_npz_arrays, validate_arrays
+from cdm.errors import DataError, DataTooLarge
 from daemon.errors import MessageError
 
 WIRE_VERSION: Final = 1
@@ -42,6 +40,8 @@ H_DLQ_TOPIC: Final = "cdm-dlq-topic"
 H_DLQ_PARTITION: Final = "cdm-dlq-partition"
 H_DLQ_OFFSET: Final = "cdm-dlq-offset"
 H_DLQ_VALUE_OMITTED: Final = "cdm-dlq-value-omitted"
+H_DLQ_HEADERS_OMITTED: Final = "cdm-dlq-headers-omitted"
+H_DLQ_KEY_OMITTED: Final = "cdm-dlq-key-omitted"
 
 Kind = Literal["chunk", "chunk-ref", "seal", "control"]
 Op = Literal["forget-source", "forget-samples", "retrain-router"]
@@ -53,7 +53,8 @@ Reason = Literal[
     "bad-kind",  # cdm-kind missing, unknown, or not allowed on this topic
     "bad-key",  # record key / control "source" is not a valid source id
     "bad-header",  # cdm-seq or cdm-sha256 missing, malformed or repeated
-    "oversized",  # record value larger than the daemon's max_message_bytes
+    "oversized",  # value over max_message_bytes, .npz over max_decoded_bytes, claim-check file over its limit
+    "too-many-chunks",  # seal chunks > daemon.max_chunks_per_source, or cdm-seq >= it
     "bad-npz",  # value (or referenced file) is not a readable, pickle-free .npz with an `images` array
     "bad-shape",  # arrays have the wrong dtype, rank, length or range (cdm.data.validate_arrays refused them)
     "nan",  # a floating array holds NaN or infinity
@@ -69,11 +70,20 @@ Reason = Literal[
 ]
 REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
-SOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# 1-64 of [A-Za-z0-9._-], not starting with "." (no hidden or temporary file names, no "." or "..").
+SOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _REQUEST_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces
-_DETAIL_MAX: Final = 1000  # characters of cdm-dlq-detail kept
+_DETAIL_MAX: Final = 1000  # characters of a WireError's detail (and so of cdm-dlq-detail and log lines)
+_JSON_MAX_DEPTH: Final = 2  # every v1 JSON value is an object of scalars and lists of scalars
+# Defaults of the daemon.* limits (daemon/config.py) for callers that pass none.
 DEFAULT_MAX_DECODED_BYTES: Final = 1 << 30  # uncompressed size of one chunk's arrays
+DEFAULT_MAX_REF_BYTES: Final = 1 << 30  # size of one claim-check file
+DEFAULT_MAX_CHUNKS: Final = 10_000  # chunks of one source (a seal's `chunks`; cdm-seq is below it)
+MAX_SEQ: Final = 999_999_999  # largest cdm-seq the wire can carry (9 digits)
+# A dead-letter copy reduced to its cdm-dlq-* headers fits in this (detail <= 6000 bytes, topic <= 249);
+# kafka.max_message_bytes may not be smaller, so that dead-lettering never fails on size.
+DLQ_MIN_RECORD_BYTES: Final = 16 * 1024
 
 
 class WireError(MessageError):
@@ -81,6 +91,8 @@ class WireError(MessageError):
 
     def __init__(self, reason: Reason, detail: str) -> None:
         assert reason in REASONS, reason
+        if len(detail) > _DETAIL_MAX:  # details quote record content: keep log lines and dead letters bounded
+            detail = detail[: _DETAIL_MAX - 1] + "…"
         super().__init__(reason, detail)
         self.reason: Reason = reason
 
@@ -168,11 +180,11 @@ class WireMessage:
 
 
 def validate_source_id(source: object, *, where: str = "key") -> str:
-    """Return ``source`` if it is 1-64 chars of ``[A-Za-z0-9._-]`` and not ``.``/``..``; else bad-key."""
-    if not isinstance(source, str) or not SOURCE_ID_RE.fullmatch(source) or source in (".", ".."):
+    """Return ``source`` if it is 1-64 chars of ``[A-Za-z0-9._-]`` not starting with ``.``; else bad-key."""
+    if not isinstance(source, str) or not SOURCE_ID_RE.fullmatch(source):
         raise WireError(
             "bad-key",
-            f"{where} {source!r} is not a source id (1-64 characters of [A-Za-z0-9._-], not . or ..)",
+            f"{where} {source!r:.100} is not a source id (1-64 characters of [A-Za-z0-9._-], not starting with .)",
         )
     return source
 
@@ -210,11 +222,18 @@ def _check_version(headers: dict[str, bytes]) -> None:
         raise WireError("bad-version", f"header {H_VERSION} is {got}; this daemon reads version {WIRE_VERSION}")
 
 
-def _seq(headers: dict[str, bytes]) -> int:
+def _seq(headers: dict[str, bytes], max_chunks: int) -> int:
     text = _ascii(headers, H_SEQ)
-    if text is None or not text.isdigit() or len(text) > 9:
-        raise WireError("bad-header", f"header {H_SEQ} must be a chunk number 0..999999999, got {text!r}")
-    return int(text)
+    if text is None or not text.isdigit() or len(text) > len(str(MAX_SEQ)):
+        raise WireError("bad-header", f"header {H_SEQ} must be a chunk number 0..{MAX_SEQ}, got {text!r:.100}")
+    seq = int(text)
+    if seq >= max_chunks:
+        raise WireError(
+            "too-many-chunks",
+            f"header {H_SEQ} is {seq}; a source has at most {max_chunks} chunks (0..{max_chunks - 1}, "
+            "daemon.max_chunks_per_source): send fewer, larger chunks or raise the limit",
+        )
+    return seq
 
 
 def _check_sha256(headers: dict[str, bytes], value: bytes, *, required: bool) -> str:
@@ -226,7 +245,7 @@ def _check_sha256(headers: dict[str, bytes], value: bytes, *, required: bool) ->
             raise WireError("bad-header", f"header {H_SHA256} (sha256 of the value) is required on chunks")
         return got
     if not _SHA256_RE.fullmatch(want.lower()):
-        raise WireError("bad-header", f"header {H_SHA256} must be 64 hex digits, got {want[:80]!r}")
+        raise WireError("bad-header", f"header {H_SHA256} must be 64 hex digits, got {want!r:.100}")
     if want.lower() != got:
         raise WireError("hash-mismatch", f"value sha256 is {got}, header {H_SHA256} says {want.lower()}")
     return got
@@ -241,11 +260,31 @@ def _json_object(value: bytes | None, what: str) -> dict[str, Any]:
         raise WireError("bad-json", f"{what} value is empty (null record value)")
     try:
         obj = json.loads(value.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over 4300 digits
         raise WireError("bad-json", f"{what} value is not UTF-8 JSON: {exc}") from exc
+    except RecursionError:  # json's documented refusal of nesting deeper than the interpreter's stack
+        raise WireError("bad-json", f"{what} value nests too deeply to parse") from None
     if not isinstance(obj, dict):
         raise WireError("bad-json", f"{what} value must be a JSON object, got {type(obj).__name__}")
+    if _json_depth(obj) > _JSON_MAX_DEPTH:  # before any repr() of a field could recurse through it
+        raise WireError(
+            "bad-json", f"{what} value nests deeper than {_JSON_MAX_DEPTH} levels; fields are scalars or flat lists"
+        )
     return obj
+
+
+def _json_depth(obj: object) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, a flat object 1), computed without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if deepest > _JSON_MAX_DEPTH:
+                break
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _fields(
@@ -262,50 +301,37 @@ def _fields(
 def _int(obj: dict[str, Any], name: str, what: str, *, minimum: int) -> int:
     v = obj[name]
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise WireError("bad-json", f"{what}: {name} must be an integer >= {minimum}, got {v!r}")
+        raise WireError("bad-json", f"{what}: {name} must be an integer >= {minimum}, got {v!r:.100}")
     return v
 
 
 def _sha(obj: dict[str, Any], name: str, what: str) -> str:
     v = obj[name]
     if not isinstance(v, str) or not _SHA256_RE.fullmatch(v.lower()):
-        raise WireError("bad-json", f"{what}: {name} must be 64 hex digits (sha256), got {v!r}")
+        raise WireError("bad-json", f"{what}: {name} must be 64 hex digits (sha256), got {v!r:.100}")
     return v.lower()
-
-
-def _npz_reason(raw: bytes) -> Reason:
-    """Classify why cdm.data refused ``raw``: unreadable archive, non-finite values, or bad arrays."""
-    try:
-        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:
-            if "images" not in archive.files or set(archive.files) - set(NPZ_KEYS):
-                return "bad-npz"
-            for name in archive.files:
-                arr = archive[name]
-                if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-                    return "nan"
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, AttributeError, TypeError):
-        # AttributeError/TypeError: a bare .npy (np.load returns an ndarray, not an NpzFile)
-        return "bad-npz"
-    return "bad-shape"
 
 
 def decode_npz(raw: bytes, *, where: str, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> SourceData:
     """Parse and validate a chunk's .npz bytes with cdm.data; map its refusal to a reason code.
 
-    The archive's declared uncompressed size is checked first, so a small compressed value cannot expand
-    into more than ``max_decoded_bytes`` of memory (zipfile never reads past a member's declared size).
+    ``cdm.data.read_npz_arrays`` checks the archive's declared sizes (and every .npy header against its
+    member) before anything is decompressed or allocated, so a small value cannot expand into more than
+    ``max_decoded_bytes`` of memory, and it refuses every zip feature numpy does not write.
     """
     try:
-        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
-            decoded = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise WireError("bad-npz", f"{where}: value is not an .npz (zip) archive ({exc})") from exc
-    if decoded > max_decoded_bytes:
-        raise WireError("oversized", f"{where}: .npz expands to {decoded} bytes, the limit is {max_decoded_bytes}")
+        arrays = read_npz_arrays(raw, where=where, max_bytes=max_decoded_bytes)
+    except DataTooLarge as exc:
+        raise WireError("oversized", str(exc)) from exc
+    except DataError as exc:  # MalformedArchive, and anything else the reader refuses
+        raise WireError("bad-npz", str(exc)) from exc
+    for name, arr in arrays.items():
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise WireError("nan", f"{where}: '{name}' holds NaN or infinity (and floats are never accepted)")
     try:
-        return load_npz_bytes(raw, where=where)
+        return validate_arrays(arrays["images"], arrays.get("labels"), arrays.get("ids"), where=where)
     except DataError as exc:
-        raise WireError(_npz_reason(raw), str(exc)) from exc
+        raise WireError("bad-shape", str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -316,8 +342,9 @@ def decode_source_message(
     *,
     max_value_bytes: int | None = None,
     claim_check_root: Path | None = None,
-    max_ref_bytes: int = 1 << 30,
+    max_ref_bytes: int = DEFAULT_MAX_REF_BYTES,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    max_chunks: int = DEFAULT_MAX_CHUNKS,
 ) -> Chunk | Seal:
     """Decode one ``cdm.sources`` record.
 
@@ -327,6 +354,8 @@ def decode_source_message(
         claim_check_root: directory under which ``chunk-ref`` files may live; None refuses every chunk-ref.
         max_ref_bytes: largest claim-check file that is read.
         max_decoded_bytes: largest uncompressed size of a chunk's arrays (guards against zip bombs).
+        max_chunks: most chunks of one source: a seal announcing more, or a cdm-seq not below it, is
+            ``too-many-chunks``.
 
     Raises:
         WireError: with the dead-letter reason code.
@@ -351,14 +380,21 @@ def decode_source_message(
         what = f"seal of {source}"
         obj = _json_object(value, what)
         _fields(obj, what, required={"chunks", "fingerprint", "n_samples"})
+        chunks = _int(obj, "chunks", what, minimum=1)
+        if chunks > max_chunks:
+            raise WireError(
+                "too-many-chunks",
+                f"{what} announces {chunks} chunks; a source has at most {max_chunks} "
+                "(daemon.max_chunks_per_source): send fewer, larger chunks or raise the limit",
+            )
         return Seal(
             source=source,
-            chunks=_int(obj, "chunks", what, minimum=1),
+            chunks=chunks,
             fingerprint=_sha(obj, "fingerprint", what),
             n_samples=_int(obj, "n_samples", what, minimum=1),
         )
 
-    seq = _seq(headers)
+    seq = _seq(headers, max_chunks)
     if value is None:
         raise WireError("bad-npz" if kind == "chunk" else "bad-json", f"{kind} {source}#{seq} has a null value")
     value_sha = _check_sha256(headers, value, required=True)
@@ -370,7 +406,7 @@ def decode_source_message(
     obj = _json_object(value, what)
     _fields(obj, what, required={"uri", "sha256", "size", "seq"})
     if not isinstance(obj["uri"], str):
-        raise WireError("bad-json", f"{what}: uri must be a string, got {obj['uri']!r}")
+        raise WireError("bad-json", f"{what}: uri must be a string, got {obj['uri']!r:.100}")
     ref = ClaimCheck(
         uri=obj["uri"],
         sha256=_sha(obj, "sha256", what),
@@ -388,18 +424,25 @@ def claim_check_path(uri: str, *, root: Path | None) -> Path:
     """The local path a claim-check URI names, if it is a file:// URI resolving inside ``root``."""
     if root is None:
         raise WireError("bad-ref", f"claim checks are disabled on this daemon (no claim-check root); got {uri!r}")
-    parts = urllib.parse.urlsplit(uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError as exc:  # e.g. an unbalanced "[" in the host part
+        raise WireError("bad-ref", f"claim-check URI {uri!r:.200} is not a URI ({exc})") from exc
     if parts.scheme.lower() != "file":
-        raise WireError("bad-ref", f"only file:// claim-check URIs are accepted, got scheme {parts.scheme!r}")
+        raise WireError("bad-ref", f"only file:// claim-check URIs are accepted, got scheme {parts.scheme!r:.100}")
     if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
-        raise WireError("bad-ref", f"claim-check URI {uri!r} must be file:///absolute/path (no host/query)")
+        raise WireError("bad-ref", f"claim-check URI {uri!r:.200} must be file:///absolute/path (no host/query)")
     path = urllib.parse.unquote(parts.path)
     if not path.startswith("/") or "\x00" in path:
-        raise WireError("bad-ref", f"claim-check URI {uri!r} must name an absolute path")
+        raise WireError("bad-ref", f"claim-check URI {uri!r:.200} must name an absolute path")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\ud800" escape
+        raise WireError("bad-ref", f"claim-check path {path!r:.200} is not a file name on this system") from exc
     real_root = Path(os.path.realpath(root))
     real = Path(os.path.realpath(path))  # symlinks resolved: no escaping the root through a link
     if not real.is_relative_to(real_root) or real == real_root:
-        raise WireError("bad-ref", f"claim-check path {path} is outside the allowed root {real_root}")
+        raise WireError("bad-ref", f"claim-check path {path!r:.200} is outside the allowed root {real_root}")
     return real
 
 
@@ -540,24 +583,38 @@ def record_size_bound(key: bytes | None, value: bytes | None, headers: Sequence[
 def encode_dlq(record: RecordLike, error: WireError, *, max_record_bytes: int | None = None) -> WireMessage:
     """The dead-letter copy of ``record``: original key, value and headers plus cdm-dlq-* headers.
 
-    When the copy would exceed ``max_record_bytes`` (the dead-letter producer's ``max_request_size``) the
-    value is left out and header cdm-dlq-value-omitted gives its size, so that dead-lettering a large record
-    cannot itself fail; the original stays in its topic until retention deletes it.
+    When the copy would exceed ``max_record_bytes`` (the dead-letter producer's ``max_request_size``), parts
+    of the original are left out, as few as needed, in this order: the headers not starting with ``cdm-``
+    (cdm-dlq-headers-omitted gives their count), the value (cdm-dlq-value-omitted gives its size), then the
+    remaining original headers and the key (cdm-dlq-key-omitted gives its size). The cdm-dlq-* headers alone
+    are at most DLQ_MIN_RECORD_BYTES, so with a limit at least that large dead-lettering cannot fail on size;
+    the original stays in its topic until retention deletes it.
     """
     original = [(k, v) for k, v in (record.headers or ()) if not k.startswith("cdm-dlq-")]
-    detail = error.detail if len(error.detail) <= _DETAIL_MAX else error.detail[: _DETAIL_MAX - 1] + "…"
-    headers = [
-        *original,
+    foreign = [(k, v) for k, v in original if not k.startswith("cdm-")]
+    ours = [(k, v) for k, v in original if k.startswith("cdm-")]
+    dlq = [
         (H_DLQ_REASON, error.reason.encode()),
-        (H_DLQ_DETAIL, detail.encode("utf-8")),
+        # at most _DETAIL_MAX characters (WireError cuts it); a lone surrogate quoted from a record is escaped
+        (H_DLQ_DETAIL, error.detail[:_DETAIL_MAX].encode("utf-8", "backslashreplace")),
         (H_DLQ_TOPIC, record.topic.encode()),
         (H_DLQ_PARTITION, str(record.partition).encode()),
         (H_DLQ_OFFSET, str(record.offset).encode()),
     ]
-    value = record.value
-    if value is not None and max_record_bytes is not None:
-        omitted = (H_DLQ_VALUE_OMITTED, str(len(value)).encode())
-        if record_size_bound(record.key, value, [*headers, omitted]) > max_record_bytes:
-            headers.append(omitted)
-            value = None
-    return WireMessage(key=record.key, value=value, headers=headers)
+    key, value = record.key, record.value
+    # (drop foreign headers, drop value, drop all original headers and the key), least loss first
+    plans = [(False, False, False), (True, False, False), (False, True, False), (True, True, False), (True, True, True)]
+    for drop_foreign, drop_value, drop_rest in plans:
+        kept = [] if drop_rest else [*(() if drop_foreign else foreign), *ours]
+        headers = [*kept, *dlq]
+        dropped = len(original) - len(kept)
+        if dropped:
+            headers.append((H_DLQ_HEADERS_OMITTED, str(dropped).encode()))
+        if drop_value and value is not None:
+            headers.append((H_DLQ_VALUE_OMITTED, str(len(value)).encode()))
+        if drop_rest and key is not None:
+            headers.append((H_DLQ_KEY_OMITTED, str(len(key)).encode()))
+        copy = WireMessage(key=None if drop_rest else key, value=None if drop_value else value, headers=headers)
+        if max_record_bytes is None or record_size_bound(copy.key, copy.value, copy.headers) <= max_record_bytes:
+            break
+    return copy

@@ -5,6 +5,9 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import tracemalloc
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from cdm.data import (
     validate_arrays,
     write_idx,
 )
-from cdm.errors import DataError
+from cdm.errors import DataError, DataTooLarge, MalformedArchive
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8)
 LABELS = np.array([0, 1, 2, 0, 1, 2])
@@ -103,6 +106,74 @@ def test_npz_round_trip_and_fingerprint(tmp_path: Path) -> None:
     assert fingerprint(changed) != fingerprint(d)
     reordered = d.subset(np.array([1, 0, 2, 3, 4, 5]))
     assert fingerprint(reordered) != fingerprint(d)
+
+
+def _member_npz(npy: bytes, method: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=method) as archive:
+        archive.writestr("images.npy", npy)
+    return out.getvalue()
+
+
+def _npy(arr: np.ndarray, *, shape: tuple[int, ...] | None = None) -> bytes:
+    """``arr`` as .npy, its header then claiming ``shape`` (header length unchanged)."""
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    raw = buf.getvalue()
+    if shape is None:
+        return raw
+    length = struct.unpack("<H", raw[8:10])[0]
+    header = raw[10 : 10 + length].decode("latin1").replace(repr(arr.shape), repr(shape)).rstrip()
+    return raw[:10] + (header + " " * (length - 1 - len(header)) + "\n").encode("latin1") + raw[10 + length :]
+
+
+def _peak(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def _refuses(kind: type[DataError], raw: bytes, match: str, **kwargs: int) -> None:
+    with pytest.raises(kind, match=match):
+        load_npz_bytes(raw, **kwargs)  # type: ignore[arg-type]
+
+
+def test_npy_header_shapes_are_checked_before_allocating() -> None:
+    # main allocated the declared shape (1 GiB here, traced by tracemalloc) before finding the data short
+    raw = _member_npz(_npy(np.zeros((2, 4, 4), np.uint8), shape=(2**26, 4, 4)))
+    assert _peak(lambda: _refuses(MalformedArchive, raw, "declares shape")) < 1 << 20
+    _refuses(MalformedArchive, _member_npz(_npy(np.zeros((2, 4, 4), np.uint8), shape=(2**40, 4, 4))), "declares")
+    _refuses(MalformedArchive, _member_npz(_npy(np.zeros((2, 4, 4), np.uint8))[:-3]), "declares")  # data short
+
+
+def test_bzip2_members_are_never_decompressed() -> None:
+    # main decompressed the whole bzip2 block (32 MiB here) before zipfile cut it at the declared size
+    npy = _npy(np.zeros((2, 4, 4), np.uint8))
+    bomb = bytearray(_member_npz(npy + b"\0" * (32 << 20), zipfile.ZIP_BZIP2))
+    cd = bomb.find(b"PK\x01\x02")
+    struct.pack_into("<I", bomb, cd + 24, len(npy))  # declare the honest-looking size
+    assert _peak(lambda: _refuses(MalformedArchive, bytes(bomb), "compression method 12")) < 1 << 20
+
+
+def test_size_limit_and_archive_refusals_are_data_errors(tmp_path: Path) -> None:
+    raw = npz(images=IMAGES, labels=LABELS)
+    _refuses(DataTooLarge, raw, "limit is 100", max_bytes=100)
+    assert len(load_npz_bytes(raw, max_bytes=len(raw) * 2)) == 6
+    encrypted = bytearray(raw)
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = encrypted.find(signature)
+        while at >= 0:
+            struct.pack_into("<H", encrypted, at + offset, 1)
+            at = encrypted.find(signature, at + 4)
+    path = tmp_path / "encrypted.npz"
+    path.write_bytes(bytes(encrypted))
+    with pytest.raises(MalformedArchive, match="zip flags 0x0001"):
+        load_npz(path)  # main: DataError only by a blanket `except Exception` around np.load
+    _refuses(MalformedArchive, _npy(IMAGES), "not an .npz")  # a bare .npy
 
 
 @pytest.mark.parametrize("scheme", ["random", "by-class", "dirichlet"])

@@ -352,6 +352,7 @@ def bad_messages(digits: SourceData) -> list[tuple[str, str, WireMessage]]:
         ("bad-ref", "sources", WireMessage(b"bad", ref, [*ref_headers, ("cdm-sha256", sha256_hex(ref).encode())])),
         ("bad-json", "sources", WireMessage(b"bad", b"{not json", [("cdm-version", b"1"), ("cdm-kind", b"seal")])),
         ("missing-chunks", "sources", encode_seal(Seal("never-staged", 2, "0" * 64, 5))),
+        ("too-many-chunks", "sources", encode_seal(Seal("bad", 10**9, "0" * 64, 1))),
         ("bad-json", "control", WireMessage(None, b'{"version": 1, "op": "forget-source"}')),
         ("bad-op", "control", WireMessage(None, b'{"version": 1, "op": "drop-table"}')),
         ("bad-version", "control", WireMessage(None, b'{"version": 2, "op": "retrain-router"}')),

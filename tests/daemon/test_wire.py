@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -14,7 +16,13 @@ import pytest
 from kafka.consumer.fetcher import ConsumerRecord
 
 from cdm.data import SourceData, fingerprint, load_digits, npz_bytes, validate_arrays
+from daemon.config import MAX_CHUNKS_PER_SOURCE, MIN_MESSAGE_BYTES, DaemonConfig
 from daemon.wire import (
+    DEFAULT_MAX_CHUNKS,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_REF_BYTES,
+    DLQ_MIN_RECORD_BYTES,
+    MAX_SEQ,
     REASONS,
     Chunk,
     ClaimCheck,
@@ -136,9 +144,9 @@ def test_chunk_ref_round_trip(tmp_path: Path, digits: SourceData) -> None:
 
 
 def test_source_id_validation() -> None:
-    for good in ["a", "A-z_0.9", "x" * 64, ".hidden"]:
+    for good in ["a", "A-z_0.9", "x" * 64, "a.", "_x", "-x"]:
         assert validate_source_id(good) == good
-    for bad in ["", "x" * 65, ".", "..", "a/b", "a b", "ü", None, 3]:
+    for bad in ["", "x" * 65, ".", "..", ".hidden", ".tmp-x", "a/b", "a b", "ü", None, 3]:
         with pytest.raises(WireError) as info:
             validate_source_id(bad)
         assert info.value.reason == "bad-key"
@@ -390,3 +398,238 @@ def test_zip_bomb_guard_reads_declared_sizes() -> None:
     assert isinstance(
         decode_source_message(record(encode_chunk_bytes("s", 0, bomb)), max_decoded_bytes=declared), Chunk
     )
+
+
+# ------------------------------------------------------------------------------------------------ issue 8
+# Each of these records made the decoder raise something other than WireError (which stopped ingestion for
+# good), or cost unbounded memory or time, on main before the fix; the comment names what happened.
+
+CENTRAL_DIR, LOCAL_HEADER = b"PK\x01\x02", b"PK\x03\x04"
+
+
+def patch_zip(raw: bytes, *, method: int | None = None, flags: int | None = None, size: int | None = None) -> bytes:
+    """Rewrite the compression method, flag bits or uncompressed size in every local and central header."""
+    out = bytearray(raw)
+    fields = {LOCAL_HEADER: {"flags": 6, "method": 8, "size": 22}, CENTRAL_DIR: {"flags": 8, "method": 10, "size": 24}}
+    for signature, offsets in fields.items():
+        at = out.find(signature)
+        while at >= 0:
+            for name, value in (("flags", flags), ("method", method), ("size", size)):
+                if value is not None:
+                    struct.pack_into("<I" if name == "size" else "<H", out, at + offsets[name], value)
+            at = out.find(signature, at + 4)
+    return bytes(out)
+
+
+def npz_with_npy_header(shape: tuple[int, ...], *, compression: int = zipfile.ZIP_STORED) -> bytes:
+    """A valid 2x4x4 uint8 archive whose .npy header then claims ``shape`` (header length kept)."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 4, 4), np.uint8))
+    npy = buf.getvalue()
+    length = struct.unpack("<H", npy[8:10])[0]
+    header = npy[10 : 10 + length].decode("latin1").replace("(2, 4, 4)", repr(shape)).rstrip()
+    npy = npy[:10] + (header + " " * (length - 1 - len(header)) + "\n").encode("latin1") + npy[10 + length :]
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=compression) as archive:
+        archive.writestr("images.npy", npy)
+    return out.getvalue()
+
+
+def peak_traced_bytes(fn: object) -> int:
+    tracemalloc.start()
+    try:
+        fn()  # type: ignore[operator]
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def control_value(value: bytes) -> ConsumerRecord:
+    return record(WireMessage(None, value), topic="cdm.control")
+
+
+def seal_value(value: bytes) -> ConsumerRecord:
+    return record(WireMessage(b"s", value, [("cdm-version", b"1"), ("cdm-kind", b"seal")]))
+
+
+def test_deeply_nested_json_is_bad_json() -> None:
+    # main: RecursionError out of json.loads
+    deep = b"[" * 100_000 + b"]" * 100_000
+    rejects("bad-json", control_value(deep))
+    rejects("bad-json", control_value(b'{"version": 1, "op": "retrain-router", "request_id": ' + deep + b"}"))
+    rejects("bad-json", seal_value(b'{"chunks": ' + deep + b', "fingerprint": "' + b"0" * 64 + b'", "n_samples": 1}'))
+    value = b'{"uri": ' + deep + b', "sha256": "' + b"0" * 64 + b'", "size": 1, "seq": 0}'
+    headers = [("cdm-version", b"1"), ("cdm-kind", b"chunk-ref"), ("cdm-seq", b"0")]
+    rejects("bad-json", record(WireMessage(b"s", value, [*headers, ("cdm-sha256", sha256_hex(value).encode())])))
+    # nesting that json parses but no v1 value has (and whose repr in a detail could still recurse)
+    error = rejects(
+        "bad-json",
+        control_value(
+            b'{"version": 1, "op": "forget-samples", "source": "s", "sample_ids": ' + b"[" * 900 + b"]" * 900 + b"}"
+        ),
+    )
+    assert "nests deeper than 2" in error.detail
+    assert decode_control(control_value(b'{"version": 1, "op": "forget-samples", "source": "s", "sample_ids": [1]}'))
+
+
+@pytest.mark.parametrize("shape", [(2**40, 4, 4), (2**32, 2**32, 16), (2, 4, 5), (2, 4, 3)])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_npy_header_is_checked_against_the_member_size_before_allocating(
+    shape: tuple[int, ...], compression: int
+) -> None:
+    # main: MemoryError ("Unable to allocate 16.0 TiB") for (2**40, 4, 4), out of the second np.load in _npz_reason
+    raw = npz_with_npy_header(shape, compression=compression)
+    peak = peak_traced_bytes(lambda: rejects("bad-npz", record(encode_chunk_bytes("s", 0, raw))))
+    assert peak < 1 << 20
+    error = rejects("bad-npz", record(encode_chunk_bytes("s", 0, raw)))
+    assert f"declares shape {shape}" in error.detail
+
+
+@pytest.mark.parametrize("method", [1, 6, 9, 12, 14, 19, 93, 98, 99, 0xFFFF])
+def test_compression_methods_other_than_stored_and_deflated_are_bad_npz(method: int) -> None:
+    # main: NotImplementedError("That compression method is not supported") for e.g. 1, 6, 9, 99
+    raw = patch_zip(raw_npz(images=np.zeros((2, 4, 4), np.uint8)), method=method)
+    error = rejects("bad-npz", record(encode_chunk_bytes("s", 0, raw)))
+    assert f"compression method {method}" in error.detail
+
+
+@pytest.mark.parametrize("flag", [0x0001, 0x0020, 0x0040, 0x2000, 0x0002, 0x0004, 0x0010, 0x8000])
+def test_zip_flags_numpy_does_not_write_are_bad_npz(flag: int) -> None:
+    # main: RuntimeError ("is encrypted, password required") for 0x1, NotImplementedError for 0x20 and 0x40
+    raw = patch_zip(raw_npz(images=np.zeros((2, 4, 4), np.uint8)), flags=flag)
+    error = rejects("bad-npz", record(encode_chunk_bytes("s", 0, raw)))
+    assert "zip flags" in error.detail
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_bzip2_and_lzma_bombs_are_refused_without_decompressing(method: int) -> None:
+    # main: a ~100-byte bzip2 member declaring 144 bytes was decompressed whole (32 MiB here; 400 MB in the issue)
+    npy = io.BytesIO()
+    np.save(npy, np.zeros((2, 4, 4), np.uint8))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=method) as archive:
+        archive.writestr("images.npy", npy.getvalue() + b"\0" * (32 << 20))
+    bomb = patch_zip(out.getvalue(), size=len(npy.getvalue()))  # the declared size is a lie
+    assert len(bomb) < 16 << 10
+    peak = peak_traced_bytes(
+        lambda: rejects("bad-npz", record(encode_chunk_bytes("s", 0, bomb)), max_decoded_bytes=1 << 20)
+    )
+    assert peak < 1 << 20
+
+
+def test_archives_numpy_writes_are_read(digits: SourceData) -> None:
+    # what np.savez writes to a pipe (flag 0x0008, sizes in a data descriptor), Fortran order, big-endian ids
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: object) -> int:
+            chunk = bytes(b)  # type: ignore[call-overload]
+            self.data += chunk
+            return len(chunk)
+
+    pipe = Pipe()
+    np.savez_compressed(pipe, images=digits.images, labels=digits.labels, ids=digits.ids)
+    with zipfile.ZipFile(io.BytesIO(bytes(pipe.data))) as archive:
+        assert all(info.flag_bits & 0x8 for info in archive.infolist())
+    got = decode_source_message(record(encode_chunk_bytes("s", 0, bytes(pipe.data))))
+    assert isinstance(got, Chunk) and fingerprint(got.data) == fingerprint(digits)
+    odd = raw_npz(images=np.asfortranarray(digits.images), labels=digits.labels, ids=digits.ids.astype(">i8"))
+    got = decode_source_message(record(encode_chunk_bytes("s", 0, odd)))
+    assert isinstance(got, Chunk) and fingerprint(got.data) == fingerprint(digits)
+
+
+def test_large_zip_directories_and_repeated_members_are_bad_npz() -> None:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(2000):  # each entry becomes a ZipInfo object before anything else can be checked
+            archive.writestr(f"m{i}.npy", b"")
+    error = rejects("bad-npz", record(encode_chunk_bytes("s", 0, out.getvalue())))
+    assert "central directory" in error.detail
+    twice = io.BytesIO()
+    with zipfile.ZipFile(twice, "w") as archive, pytest.warns(UserWarning, match="Duplicate name"):
+        archive.writestr("images.npy", b"")
+        archive.writestr("images.npy", b"")
+    assert "repeat" in rejects("bad-npz", record(encode_chunk_bytes("s", 0, twice.getvalue()))).detail
+
+
+@pytest.mark.parametrize("uri", ["file://[::1/x.npz", "file:///\ud800.npz", "file:///a%ED%A0%80"])
+def test_claim_check_uri_that_cannot_be_parsed_or_named_is_bad_ref(tmp_path: Path, uri: str) -> None:
+    # main: ValueError ("Invalid IPv6 URL") out of urlsplit; UnicodeEncodeError for a lone surrogate
+    rejects("bad-ref", record(encode_chunk_ref("s", ClaimCheck(uri, "0" * 64, 10, 0))), claim_check_root=tmp_path)
+
+
+def test_seal_chunks_and_seq_are_bounded() -> None:
+    # main: a seal of 10**9 chunks and a chunk at seq 999999999 were accepted (a billion-element list, an
+    # idle-seal job looping every 5 s under the spool lock)
+    fingerprint_hex = "0" * 64
+    huge = json.dumps({"chunks": 10**9, "fingerprint": fingerprint_hex, "n_samples": 1}).encode()
+    error = rejects("too-many-chunks", seal_value(huge))
+    assert str(DEFAULT_MAX_CHUNKS) in error.detail and "max_chunks_per_source" in error.detail
+    msg = encode_chunk_bytes("s", MAX_SEQ, b"not even read")
+    rejects("too-many-chunks", record(msg))
+    # configurable; checked before the value is parsed or a claim-check file is looked for
+    seal = encode_seal(Seal("s", 4, fingerprint_hex, 1))
+    assert isinstance(decode_source_message(record(seal), max_chunks=4), Seal)
+    rejects("too-many-chunks", record(encode_seal(Seal("s", 5, fingerprint_hex, 1))), max_chunks=4)
+    rejects("too-many-chunks", record(encode_chunk_bytes("s", 4, b"x")), max_chunks=4)
+    rejects("bad-npz", record(encode_chunk_bytes("s", 3, b"x")), max_chunks=4)
+    rejects("too-many-chunks", record(encode_chunk_ref("s", ClaimCheck("file:///x", "0" * 64, 1, 4))), max_chunks=4)
+
+
+def test_limits_default_to_the_config_defaults() -> None:
+    cfg = DaemonConfig()
+    assert (cfg.max_decoded_bytes, cfg.max_claim_check_bytes, cfg.max_chunks_per_source) == (
+        DEFAULT_MAX_DECODED_BYTES,
+        DEFAULT_MAX_REF_BYTES,
+        DEFAULT_MAX_CHUNKS,
+    )
+    assert MIN_MESSAGE_BYTES == DLQ_MIN_RECORD_BYTES and MAX_CHUNKS_PER_SOURCE == MAX_SEQ + 1
+
+
+def test_wire_error_details_are_bounded() -> None:
+    # main: a 1 MB key was quoted whole in the detail (and in every log line of it)
+    error = rejects(
+        "bad-key", record(WireMessage(b"k" * 1_000_000, b"", [("cdm-version", b"1"), ("cdm-kind", b"seal")]))
+    )
+    assert len(error.detail) <= 1000 and len(str(error)) <= 1100
+
+
+def dlq_size(message: WireMessage) -> int:
+    return record_size_bound(message.key, message.value, message.headers)
+
+
+def test_dlq_copy_drops_foreign_headers_before_the_value() -> None:
+    # main: 100 foreign headers of 1000 bytes made a ~100 KB copy that the dead-letter producer refused
+    value = b"v" * 1000
+    headers = [("cdm-version", b"1"), ("cdm-kind", b"chunk"), *((f"trace-{i}", b"y" * 1000) for i in range(100))]
+    rec = record(WireMessage(b"s", value, headers))
+    dlq = encode_dlq(rec, WireError("bad-npz", "x"), max_record_bytes=MIN_MESSAGE_BYTES)
+    assert dlq_size(dlq) <= MIN_MESSAGE_BYTES
+    got = dict(dlq.headers)
+    assert dlq.value == value and dlq.key == b"s" and got["cdm-kind"] == b"chunk"
+    assert got["cdm-dlq-headers-omitted"] == b"100" and not any(k.startswith("trace-") for k, _ in dlq.headers)
+    # a large value with a few small foreign headers: only the value goes
+    rec = record(WireMessage(b"s", b"v" * 100_000, [("trace-id", b"t1")]))
+    dlq = encode_dlq(rec, WireError("oversized", "x"), max_record_bytes=MIN_MESSAGE_BYTES)
+    assert dlq.value is None and dict(dlq.headers)["trace-id"] == b"t1"
+    assert "cdm-dlq-headers-omitted" not in dict(dlq.headers)
+
+
+def test_dlq_copy_of_huge_key_and_cdm_headers_still_fits() -> None:
+    headers = [(f"cdm-x-{i}", b"y" * 1000) for i in range(50)]
+    rec = record(WireMessage(b"k" * 50_000, b"v" * 50_000, headers))
+    dlq = encode_dlq(rec, WireError("bad-key", "d" * 5000), max_record_bytes=MIN_MESSAGE_BYTES)
+    assert dlq_size(dlq) <= MIN_MESSAGE_BYTES
+    got = dict(dlq.headers)
+    assert dlq.key is None and dlq.value is None
+    assert (got["cdm-dlq-key-omitted"], got["cdm-dlq-value-omitted"], got["cdm-dlq-headers-omitted"]) == (
+        b"50000",
+        b"50000",
+        b"50",
+    )
+    assert got["cdm-dlq-reason"] == b"bad-key" and len(got["cdm-dlq-detail"].decode()) <= 1000
