@@ -235,6 +235,15 @@ class DaemonConfig:
     poll_timeout_ms: int = 500  # Kafka poll timeout of the ingest loop (bounds shutdown latency)
     device: Device = "cpu"  # training / sampling device
     claim_check_dir: str | None = None  # claim-check (chunk-ref) files must lie under it; unset refuses them
+    # spool limits: a record over one is dead-lettered as limit-exceeded (docs/wire-format.md), checked before
+    # anything is allocated or written; a source that breaks one is dropped whole, never trained on a prefix
+    spool_max_sources: int = 1024  # sources staged or sealed (not yet registered) at once
+    spool_max_source_chunks: int = 100_000  # chunks per source (bounds cdm-seq and a seal's "chunks")
+    spool_max_source_samples: int = 10_000_000  # samples per source (bounds a seal's "n_samples")
+    spool_max_source_bytes: int = 4 * 1024**3  # decoded array bytes per source (what training holds in memory)
+    spool_max_bytes: int = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
+    ingest_retry_initial_s: float = 0.5  # first back-off after a broker / spool I/O failure in the ingest loop
+    ingest_retry_max_s: float = 30.0  # the back-off doubles per consecutive failure up to this
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -245,9 +254,26 @@ class DaemonConfig:
             lock_ttl_s=self.lock_ttl_s,
             source_idle_seal_s=self.source_idle_seal_s,
             poll_timeout_ms=self.poll_timeout_ms,
+            spool_max_sources=self.spool_max_sources,
+            spool_max_source_chunks=self.spool_max_source_chunks,
+            spool_max_source_samples=self.spool_max_source_samples,
+            spool_max_source_bytes=self.spool_max_source_bytes,
+            spool_max_bytes=self.spool_max_bytes,
+            ingest_retry_initial_s=self.ingest_retry_initial_s,
+            ingest_retry_max_s=self.ingest_retry_max_s,
         )
         if self.router_debounce_s < 0 or self.gc_grace_s < 0:
             raise ConfigError("daemon.router_debounce_s and daemon.gc_grace_s must be >= 0")
+        if self.spool_max_source_chunks > 1_000_000_000:
+            raise ConfigError(
+                f"daemon.spool_max_source_chunks = {self.spool_max_source_chunks} must be <= 1000000000 "
+                "(cdm-seq has at most 9 digits)"
+            )
+        if self.ingest_retry_initial_s > self.ingest_retry_max_s:
+            raise ConfigError(
+                f"daemon.ingest_retry_initial_s = {self.ingest_retry_initial_s} must be <= "
+                f"daemon.ingest_retry_max_s = {self.ingest_retry_max_s}"
+            )
 
 
 @dataclass(frozen=True)
