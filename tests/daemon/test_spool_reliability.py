@@ -16,7 +16,7 @@ import pytest
 from cdm.config import ModelConfig
 from cdm.data import SourceData, concat, fingerprint, load_digits, validate_arrays
 from cdm.training import check_trainable
-from daemon.spool import Spool, SpoolLimits, SpoolLocked, SpoolRejected, SpoolState
+from daemon.spool import Spool, SpoolLimits, SpoolLocked, SpoolRejected
 from daemon.wire import Origin, Seal
 
 CHUNK = 10
