@@ -44,6 +44,11 @@ from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import (
     DEFAULT_MAX_DECODED_BYTES,
+    H_DLQ_DETAIL,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_REASON,
+    H_DLQ_TOPIC,
     H_DLQ_VALUE_OMITTED,
     Chunk,
     ControlCommand,
@@ -423,7 +428,10 @@ class Ingestor:
         for tp in order[k:]:
             first = failed[1] if tp == failed[0] else 0
             offset = batches[tp][first].offset
-            self._consumer.seek(tp, offset)
+            try:
+                self._consumer.seek(tp, offset)
+            except KafkaError as exc:  # revoked meanwhile: its next owner reads from the committed offset
+                log.warning("cannot rewind %s to %d (%s)", tp, offset, exc)
             with self._lock:
                 self._tracker.truncate(tp, offset)  # they are tracked again when consumed again
 
@@ -452,7 +460,10 @@ class Ingestor:
             highwater = self._consumer.highwater(tp)
             if highwater is None:
                 continue  # not fetched yet
-            position = self._consumer.position(tp)
+            try:
+                position = self._consumer.position(tp)
+            except KafkaError:  # revoked meanwhile
+                continue
             if position is not None and position >= highwater:
                 live.add(tp)
         return live
@@ -585,24 +596,27 @@ class Ingestor:
         if rewait:
             with self._lock:
                 self._tracker.rewait(tp, origin.offset, ("dlq", origin))
-        message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
+        try:
+            message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
+        except Exception:  # never let one record's copy stop ingestion: send what says why and where
+            log.exception("encoding the dead-letter copy of %s failed; sending it without key, value, headers", origin)
+            message = _bare_dead_letter(record, error)
         report.rejected[error.reason] = report.rejected.get(error.reason, 0) + 1
         self._metrics.dlq_messages.labels(reason=error.reason).inc()
         self._send(origin, message, error.reason)
 
     def _send(self, origin: Origin, message: WireMessage, reason: str) -> None:
         """Hand a dead-letter copy to the producer; one it cannot take now is kept and sent again later."""
+        topic = self._config.dlq_topic
         try:
             try:
-                future = self._dlq.send(
-                    self._config.dlq_topic, key=message.key, value=message.value, headers=message.headers
-                )
-            except MessageSizeTooLargeError:
-                # the copy's foreign headers (or key) make it too large: keep only what says why and where
+                future = self._dlq.send(topic, key=message.key, value=message.value, headers=message.headers)
+            except (MessageSizeTooLargeError, TypeError, ValueError) as exc:
+                # the copy itself cannot be sent (foreign headers too large, a null header value): keep only
+                # the cdm-dlq-* headers, which say why and where the original is
+                log.warning("the dead-letter copy of %s cannot be sent (%s); sending it reduced", origin, exc)
                 message = _minimal_dead_letter(message)
-                future = self._dlq.send(
-                    self._config.dlq_topic, key=message.key, value=message.value, headers=message.headers
-                )
+                future = self._dlq.send(topic, key=message.key, value=message.value, headers=message.headers)
         except KafkaError as exc:
             future = _Failed(exc)
         self._dlq_inflight.append((origin, future, message, reason))
@@ -663,7 +677,10 @@ class Ingestor:
         lag = 0
         for tp in sorted(self._consumer.assignment()):
             highwater = self._consumer.highwater(tp)
-            position = self._consumer.position(tp) if highwater is not None else None
+            try:
+                position = self._consumer.position(tp) if highwater is not None else None
+            except KafkaError:  # revoked meanwhile
+                continue
             if highwater is not None and position is not None:
                 lag += max(0, highwater - position)
         self._metrics.consumer_lag.set(lag)
@@ -688,10 +705,23 @@ class _Failed:
         raise self._exc
 
 
+def _bare_dead_letter(record: RecordLike, error: WireError) -> WireMessage:
+    """A dead-letter copy built without the record's key, value and headers (when encode_dlq itself failed)."""
+    headers = [
+        (H_DLQ_REASON, error.reason.encode()),
+        (H_DLQ_DETAIL, error.detail[:1000].encode("utf-8", "replace")),
+        (H_DLQ_TOPIC, record.topic.encode()),
+        (H_DLQ_PARTITION, str(record.partition).encode()),
+        (H_DLQ_OFFSET, str(record.offset).encode()),
+        (H_DLQ_VALUE_OMITTED, str(len(record.value or b"")).encode()),
+    ]
+    return WireMessage(key=b"", value=None, headers=headers)  # a record needs a key or a value
+
+
 def _minimal_dead_letter(message: WireMessage) -> WireMessage:
     """The dead-letter copy reduced to its cdm-dlq-* headers (no value, no foreign headers, a short key)."""
-    headers = [(k, v) for k, v in message.headers if k.startswith("cdm-dlq-")]
+    headers = [(k, v) for k, v in message.headers if k.startswith("cdm-dlq-") and isinstance(v, bytes)]
     if message.value is not None and not any(k == H_DLQ_VALUE_OMITTED for k, _ in headers):
         headers.append((H_DLQ_VALUE_OMITTED, str(len(message.value)).encode()))
-    key = message.key if message.key is None or len(message.key) <= 256 else message.key[:256]
+    key = b"" if message.key is None else message.key[:256]  # a record needs a key or a value
     return WireMessage(key=key, value=None, headers=headers)

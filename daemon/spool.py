@@ -331,6 +331,7 @@ class Spool:
         self._idle = IdleClock(monotonic)
         self._index: dict[str, _Entry] = {}
         self._tombs: dict[str, dict[str, int]] = {}
+        self._bytes = 0  # payload bytes of the index (staged_bytes)
         self._drop_listeners: list[Callable[[str], None]] = []
         self._dropped: list[str] = []  # drops not yet told to the listeners (told outside the lock)
         self.quarantined: list[Quarantined] = []  # what the last open moved aside
@@ -451,7 +452,7 @@ class Spool:
     def staged_bytes(self) -> int:
         """Bytes of chunk payloads currently on disk (registered sources hold none)."""
         with self._lock:
-            return sum(e.size for e in self._index.values())
+            return self._bytes
 
     # ------------------------------------------------------------------------------------------- writing
 
@@ -534,6 +535,7 @@ class Spool:
             }
             write_atomic(record_path, _json_bytes(record))
             self._index.setdefault(source, _Entry()).add(chunk)
+            self._bytes += chunk.size
             self._idle.touch(source)
             return True
 
@@ -568,9 +570,10 @@ class Spool:
 
     def _refuse(self, source: str, origin: Origin, detail: str, reason: Reason = "limit-exceeded") -> NoReturn:
         """Drop what is staged of ``source`` (it can no longer be completed) and refuse the record."""
-        dropped = self._drop_locked(source, also=[origin]) if source in self._index else None
-        if dropped is not None and dropped.files:
-            detail += f"; the {sum(1 for f in dropped.files if f.endswith('.json'))} staged records were dropped"
+        entry = self._index.get(source)
+        if entry is not None:
+            self._drop_locked(source, also=[origin])
+            detail += f"; {source} was dropped with its {len(entry.chunks)} staged chunk(s)"
         raise SpoolRejected(reason, detail)
 
     def seal(self, source: str, seal: Seal, origin: Origin | tuple[str, int, int]) -> bool:
@@ -647,8 +650,8 @@ class Spool:
                 self._check(source, data)
             except CdmError as exc:
                 self._refuse(
-                    source, origin, f"{source} can never train on this daemon: {exc}; it was dropped "
-                    "(fix the data or the [model] config, then push it again)", reason="incompatible",
+                    source, origin, f"{source} can never train on this daemon: {exc} (fix the data or the "
+                    "[model] config, then push it again)", reason="incompatible",
                 )  # fmt: skip
         state = {
             "format": FORMAT,
@@ -679,19 +682,19 @@ class Spool:
             if entry.refused_seal:
                 self._refuse(
                     source, newest, f"{source} went idle after its seal was refused ({entry.refused_seal}); "
-                    "dropped so that no prefix of it is trained: push it again", reason=entry.refused_reason,
+                    "no prefix of it is trained: push it again", reason=entry.refused_reason,
                 )  # fmt: skip
             gaps = _gaps(entry.chunks, max(entry.chunks) + 1)
             if gaps:
                 self._refuse(
-                    source, newest, f"{source} went idle with chunks #{_fmt_ranges(gaps)} missing; dropped: "
-                    "push it again", reason="missing-chunks",
+                    source, newest, f"{source} went idle with chunks #{_fmt_ranges(gaps)} missing; push it "
+                    "again", reason="missing-chunks",
                 )  # fmt: skip
             try:
                 data = self._concat(source, entry.chunks)
             except DataError as exc:
                 self._refuse(
-                    source, newest, f"{source} went idle and its chunks do not concatenate ({exc}); dropped",
+                    source, newest, f"{source} went idle and its chunks do not concatenate ({exc})",
                     reason="seal-mismatch",
                 )  # fmt: skip
             seal = Seal(source=source, chunks=len(entry.chunks), fingerprint=fingerprint(data), n_samples=len(data))
@@ -742,6 +745,7 @@ class Spool:
             fsync_dir(directory)
         entry = self._index.get(source)
         if entry is not None:
+            self._bytes -= entry.size
             entry.size = 0
         self._idle.forget(source)
 
@@ -767,6 +771,7 @@ class Spool:
         shutil.rmtree(directory, ignore_errors=True)
         fsync_dir(directory.parent)
         del self._index[source]
+        self._bytes -= entry.size
         self._idle.forget(source)
         self._dropped.append(source)
         return DropReceipt(source=source, files=files, through=through)
@@ -809,6 +814,7 @@ class Spool:
                 continue
             if entry.state == SpoolState.STAGED:
                 self._idle.touch(name)
+        self._bytes = sum(e.size for e in self._index.values())
 
     def _remove_temp_files(self) -> None:
         """Unlink this spool's own temp files (write_atomic's), never a directory: a source id may look like one."""

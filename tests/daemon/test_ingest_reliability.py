@@ -127,16 +127,21 @@ def test_a_dead_letter_copy_too_large_for_the_producer_is_still_sent(
     foreign = [(f"x-trace-{i}", b"v" * 1000) for i in range(80)]  # 80 kB of foreign headers > 64 KiB
     message = WireMessage(plain.key, plain.value, [*plain.headers, *foreign])
     bad = send(producer, config.sources_topic, message)
+    # a keyless control record whose value is over the limit: its copy would have neither key nor value
+    keyless = send(producer, config.control_topic, WireMessage(None, b"x" * 70_000))
     good = digits.subset(np.arange(10))
     send(producer, config.sources_topic, encode_chunk("good", 0, good))
     send(producer, config.sources_topic, encode_seal(Seal("good", 1, fingerprint(good), 10)))
     h = make_harness()
-    h.poll_until(lambda: h.sealed == ["good"])
-    assert h.rejected() == {"bad-npz": 1} and h.ingestor.problem() is None
-    dead = read_dlq(config, 1)
-    headers = dict(dead[0].headers)
-    assert headers["cdm-dlq-reason"] == b"bad-npz" and int(headers["cdm-dlq-offset"]) == bad.offset
-    assert dead[0].value is None and headers["cdm-dlq-value-omitted"] == b"10"
+    h.poll_until(lambda: h.sealed == ["good"] and h.rejected().total() == 2)
+    assert h.rejected() == {"bad-npz": 1, "oversized": 1} and h.ingestor.problem() is None
+    dead = {dict(r.headers)["cdm-dlq-reason"]: r for r in read_dlq(config, 2)}
+    headers = dict(dead[b"bad-npz"].headers)
+    assert int(headers["cdm-dlq-offset"]) == bad.offset
+    assert dead[b"bad-npz"].value is None and headers["cdm-dlq-value-omitted"] == b"10"
+    headers = dict(dead[b"oversized"].headers)
+    assert int(headers["cdm-dlq-offset"]) == keyless.offset and headers["cdm-dlq-value-omitted"] == b"70000"
+    h.poll_until(lambda: committed(h.consumer, keyless.topic, keyless.partition) == keyless.offset + 1)
 
 
 def test_a_half_fetched_source_is_not_idle_sealed_while_ingest_is_paused(
