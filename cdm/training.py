@@ -262,6 +262,30 @@ class TrainLoop:
         return state
 
 
+def check_trainable(name: str, data: SourceData, *, model: ModelConfig, num_classes: int) -> None:
+    """Raise ConfigError when ``data`` can never train under ``model`` (checked before any training starts).
+
+    The rule, in one place: images must have ``model.in_channels`` channels; a class-conditional model
+    (``num_classes > 0``) needs labels, all below ``num_classes``.
+    """
+    channels = data.images.shape[-1]
+    if channels != model.in_channels:
+        raise ConfigError(
+            f"source {name!r} has {channels} channel(s) but [model] in_channels = "
+            f"{model.in_channels}; convert the images or change the model config"
+        )
+    if num_classes > 0 and data.labels is None:
+        raise ConfigError(
+            f"source {name!r} is unlabelled but the model is class-conditional ([model] num_classes = "
+            f"{num_classes}); send labels or use an unconditional store (num_classes = 0)"
+        )
+    if num_classes > 0 and data.labels is not None and len(data.labels) and int(data.labels.max()) >= num_classes:
+        raise ConfigError(
+            f"source {name!r} has label {int(data.labels.max())} but [model] num_classes = {num_classes} "
+            f"allows only 0..{num_classes - 1}"
+        )
+
+
 def train_compartment(
     name: str,
     data: SourceData,
@@ -276,11 +300,7 @@ def train_compartment(
 ) -> TrainResult:
     """Train (or resume) one compartment on one source; deterministic given ``train.seed``."""
     started = time.perf_counter()
-    if data.images.shape[-1] != model.in_channels:
-        raise ConfigError(
-            f"source {name!r} has {data.images.shape[-1]} channel(s) but [model] in_channels = "
-            f"{model.in_channels}; convert the images or change the model config"
-        )
+    check_trainable(name, data, model=model, num_classes=num_classes)
     if train.threads > 0:
         torch.set_num_threads(train.threads)
     torch.manual_seed(train.seed)

@@ -245,6 +245,14 @@ class DaemonConfig:
     max_claim_check_bytes: int = 1 << 30  # largest claim-check file read; a pointer to a bigger one -> DLQ oversized
     max_decoded_bytes: int = 1 << 30  # largest uncompressed size of one chunk's arrays; bigger -> DLQ oversized
     max_chunks_per_source: int = 10_000  # a seal with more chunks, or a chunk with cdm-seq >= it -> too-many-chunks
+    # spool limits: a record over one is dead-lettered as limit-exceeded (docs/wire-format.md), checked before
+    # anything is allocated or written; a source that breaks one is dropped whole, never trained on a prefix
+    spool_max_sources: int = 1024  # sources staged or sealed (not yet registered) at once
+    spool_max_source_samples: int = 10_000_000  # samples per source (bounds a seal's "n_samples")
+    spool_max_source_bytes: int = 4 * 1024**3  # decoded array bytes per source (what training holds in memory)
+    spool_max_bytes: int = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
+    ingest_retry_initial_s: float = 0.5  # first back-off after a broker / spool I/O failure in the ingest loop
+    ingest_retry_max_s: float = 30.0  # the back-off doubles per consecutive failure up to this
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -255,6 +263,12 @@ class DaemonConfig:
             lock_ttl_s=self.lock_ttl_s,
             source_idle_seal_s=self.source_idle_seal_s,
             poll_timeout_ms=self.poll_timeout_ms,
+            spool_max_sources=self.spool_max_sources,
+            spool_max_source_samples=self.spool_max_source_samples,
+            spool_max_source_bytes=self.spool_max_source_bytes,
+            spool_max_bytes=self.spool_max_bytes,
+            ingest_retry_initial_s=self.ingest_retry_initial_s,
+            ingest_retry_max_s=self.ingest_retry_max_s,
         )
         if self.router_debounce_s < 0 or self.gc_grace_s < 0:
             raise ConfigError("daemon.router_debounce_s and daemon.gc_grace_s must be >= 0")
@@ -263,6 +277,11 @@ class DaemonConfig:
             raise ConfigError(
                 f"daemon.max_chunks_per_source = {self.max_chunks_per_source} must be in 1..{MAX_CHUNKS_PER_SOURCE} "
                 "(cdm-seq has at most 9 digits)"
+            )
+        if self.ingest_retry_initial_s > self.ingest_retry_max_s:
+            raise ConfigError(
+                f"daemon.ingest_retry_initial_s = {self.ingest_retry_initial_s} must be <= "
+                f"daemon.ingest_retry_max_s = {self.ingest_retry_max_s}"
             )
 
 

@@ -13,6 +13,15 @@ record whose effect is not durable yet:
 
 The commit per partition is the contiguous prefix of such records. Redeliveries (after a crash or a
 rebalance) are harmless because the spool stages idempotently.
+
+Failures never stop the loop. A record that cannot be decoded or accepted is dead-lettered with a reason
+(an unexpected exception from a decoder too: ``decode-failed``). Only infrastructure failures (the broker,
+spool I/O such as a full disk, a dead-letter copy the broker did not acknowledge, a failing callback) rewind
+the unhandled records and back off (exponentially, bounded); :meth:`Ingestor.problem` reports the failure
+while it lasts. Shutdown signals (``daemon.errors.ShutdownRequested``/``ColdShutdown``) propagate.
+
+After every poll the ingestor tells the spool which source partitions are live (fetching, caught up with the
+fetch high watermark): a source's idle-seal clock runs only then (see ``daemon.spool``).
 """
 
 from __future__ import annotations
@@ -28,24 +37,31 @@ from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from daemon.errors import DaemonError
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import (
     DEFAULT_MAX_CHUNKS,
     DEFAULT_MAX_DECODED_BYTES,
+    H_DLQ_DETAIL,
+    H_DLQ_OFFSET,
+    H_DLQ_PARTITION,
+    H_DLQ_REASON,
+    H_DLQ_TOPIC,
+    H_DLQ_VALUE_OMITTED,
     Chunk,
     ControlCommand,
     Origin,
     RecordLike,
+    Seal,
     WireError,
-    decode_control,
+    WireMessage,
     decode_source_message,
     encode_dlq,
 )
+from daemon.wire import decode_control as decode_control_default
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +77,6 @@ class IngestConfig(Protocol):
     def dlq_topic(self) -> str: ...
     @property
     def max_message_bytes(self) -> int: ...
-
-
-class DeadLetterError(DaemonError):
-    """The dead-letter topic did not acknowledge a rejected record; its offset stays uncommitted."""
 
 
 # What an uncommitted record waits for: ("source", name) | ("control", origin) | ("dlq", origin).
@@ -126,6 +138,12 @@ class OffsetTracker:
             if self._ready.get(tp) == om:
                 del self._ready[tp]
 
+    def truncate(self, tp: TopicPartition, offset: int) -> None:
+        """Drop the records of ``tp`` from ``offset`` on (they were rewound and will be consumed again)."""
+        entries = self._entries.get(tp)
+        while entries and entries[-1].offset >= offset:
+            entries.pop()
+
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop all state of partitions this consumer no longer owns."""
         for tp in partitions:
@@ -147,6 +165,8 @@ class PollReport:
     controls: int = 0  # control commands handed to on_control
     rejected: dict[str, int] = field(default_factory=dict)  # reason -> records dead-lettered
     committed: dict[TopicPartition, int] = field(default_factory=dict)  # next offset committed per partition
+    failure: str = ""  # an infrastructure failure in this poll (records rewound, backing off)
+    backing_off: bool = False  # this poll only waited out a back-off (nothing fetched)
 
 
 class _RebalanceListener(AsyncConsumerRebalanceListener):
@@ -201,13 +221,18 @@ class Ingestor:
         on_control: called (on the polling thread) with each valid control command and its origin; the
             daemon calls :meth:`mark_control_done` with that origin when the command completed. An exception
             dead-letters the record as ``control-failed``.
-        clock: monotonic seconds (lag reporting rate).
+        clock: monotonic seconds (lag reporting rate, back-off).
         claim_check_root: directory claim-check files must live in; None refuses chunk-ref records.
         max_ref_bytes: largest claim-check file read.
         max_decoded_bytes: largest uncompressed size of one chunk's arrays (a bigger one is ``oversized``).
         max_chunks_per_source: a seal announcing more chunks, or a cdm-seq not below it, is ``too-many-chunks``.
         lag_interval_s: at most one consumer-lag measurement per this many seconds.
         dlq_timeout_s: how long to wait for the dead-letter topic to acknowledge.
+        retry_initial_s, retry_max_s: back-off after an infrastructure failure: the first wait, doubled per
+            consecutive failure up to the second.
+        decode_source, decode_control: the record decoders (default: ``daemon.wire``'s with the limits above);
+            any exception they raise dead-letters the record (WireError with its reason, others as
+            ``decode-failed``).
     """
 
     def __init__(
@@ -227,6 +252,10 @@ class Ingestor:
         max_chunks_per_source: int = DEFAULT_MAX_CHUNKS,
         lag_interval_s: float = 15.0,
         dlq_timeout_s: float = 30.0,
+        retry_initial_s: float = 0.5,
+        retry_max_s: float = 30.0,
+        decode_source: Callable[[RecordLike], Chunk | Seal] | None = None,
+        decode_control: Callable[[RecordLike], ControlCommand] | None = None,
     ) -> None:
         if consumer.config.get("enable_auto_commit"):
             raise ValueError("the ingest consumer must have enable_auto_commit=False (it commits durable work only)")
@@ -251,11 +280,21 @@ class Ingestor:
         self._tracker = OffsetTracker()
         self._registered: set[str] = set()
         self._announced: set[str] = set()  # sources handed to on_sealed by this ingestor
-        self._dlq_inflight: list[tuple[Origin, Any]] = []
+        self._dlq_inflight: list[tuple[Origin, Any, WireMessage, str]] = []
         self._want_paused = False  # set by any thread, applied by the polling thread
         self._paused = False  # what is applied (read by the rebalance listener)
         self._started = False
         self._next_lag = 0.0
+        self._decode_source = decode_source or self._decode_source_default
+        self._decode_control = decode_control or decode_control_default
+        self._retry_initial_s = retry_initial_s
+        self._retry_max_s = retry_max_s
+        self._failures = 0  # consecutive infrastructure failures
+        self._retry_at = 0.0  # clock() before which nothing is fetched
+        self._problem: str | None = None  # the last infrastructure failure, until a poll succeeds
+        self._failure_kind = ""  # "record" | "poll" | "dlq"
+        self._dlq_retry: list[tuple[Origin, WireMessage, str]] = []  # copies to send again (origin, message, reason)
+        spool.add_drop_listener(self.mark_source_dropped)
 
     # ------------------------------------------------------------------------------------------- lifecycle
 
@@ -275,7 +314,7 @@ class Ingestor:
 
         Closing the consumer (which leaves the group) and the producer stays the caller's.
         """
-        self._await_dead_letters()
+        self._await_dead_letters(PollReport())
         self._commit()
 
     def pause_all(self) -> None:
@@ -313,26 +352,78 @@ class Ingestor:
 
     # ------------------------------------------------------------------------------------------- polling
 
+    def problem(self) -> str | None:
+        """The infrastructure failure the loop is backing off from (for readiness), or None when healthy."""
+        return self._problem
+
     def poll_once(self, timeout_ms: int = 1000) -> PollReport:
-        """Fetch and handle one batch, dead-letter rejects, commit what became committable, report lag."""
+        """Fetch and handle one batch, dead-letter rejects, commit what became committable, report lag.
+
+        Never raises for a bad record or an infrastructure failure (see the module docstring); only shutdown
+        signals and other BaseExceptions propagate (after rewinding the unhandled records).
+        """
         self.start()
-        self._apply_pause()
         report = PollReport()
-        batches = self._consumer.poll(timeout_ms=timeout_ms)
+        wait_s = self._retry_at - self._clock()
+        if wait_s > 0:  # backing off: keep the group membership, fetch nothing
+            report.backing_off = True
+            self._apply_pause(force=True)
+            self._poll(report, min(timeout_ms, max(1, int(wait_s * 1000))))
+            report.committed = self._commit()
+            self._spool.set_live_partitions(())
+            return report
+        if self._dlq_retry:
+            self._resend_dead_letters(report)
+        if not report.failure:
+            self._apply_pause()
+            batches = self._poll(report, timeout_ms)
+            self._handle_batches(batches, report)
+        self._await_dead_letters(report)
+        report.committed = self._commit()
+        self._report_lag()
+        self._spool.set_live_partitions(() if report.failure else self._live_partitions())
+        if not report.failure and (report.records or self._failure_kind != "record"):
+            if self._problem is not None:
+                log.info("ingest recovered from: %s", self._problem)
+            self._failures, self._problem, self._failure_kind = 0, None, ""
+        return report
+
+    def _poll(self, report: PollReport, timeout_ms: int) -> dict[TopicPartition, list[Any]]:
+        try:
+            return self._consumer.poll(timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            self._infra_failure("poll", f"polling the broker failed: {type(exc).__name__}: {exc}", report)
+            return {}
+
+    def _handle_batches(self, batches: dict[TopicPartition, list[Any]], report: PollReport) -> None:
         for tp, records in batches.items():
             for i, record in enumerate(records):
                 report.records += 1
                 try:
                     self._handle(record, report)
+                except Exception as exc:
+                    # Not a bad record (those are dead-lettered in _handle) but a failure here: spool I/O (disk
+                    # full), a callback. Rewind the unhandled records so they are fetched again, never skipped
+                    # by a later commit, and back off before fetching them again.
+                    log.exception("handling %s failed; rewinding and backing off", Origin.of(record))
+                    self._rewind(batches, failed=(tp, i))
+                    self._infra_failure(
+                        "record", f"handling {Origin.of(record)} failed: {type(exc).__name__}: {exc}", report
+                    )
+                    return
                 except BaseException:
-                    # Not a bad record but a failure here (disk full, a callback's bug, shutdown): rewind the
-                    # unhandled records so they are fetched again, never skipped by a later commit.
                     self._rewind(batches, failed=(tp, i))
                     raise
-        self._await_dead_letters()
-        report.committed = self._commit()
-        self._report_lag()
-        return report
+
+    def _infra_failure(self, kind: str, what: str, report: PollReport) -> None:
+        self._failures += 1
+        delay = min(self._retry_max_s, self._retry_initial_s * 2 ** min(self._failures - 1, 30))
+        self._retry_at = self._clock() + delay
+        self._problem = f"{what} (failure {self._failures} in a row; retrying in {delay:.1f}s)"
+        self._failure_kind = kind
+        report.failure = self._problem
+        self._metrics.ingest_failures.labels(kind=kind).inc()
+        log.warning("ingest: %s", self._problem)
 
     def _rewind(self, batches: dict[TopicPartition, list[Any]], *, failed: tuple[TopicPartition, int]) -> None:
         """Seek back to the failed record and to every record after it in the batch (handled in dict order)."""
@@ -340,10 +431,16 @@ class Ingestor:
         k = order.index(failed[0])
         for tp in order[k:]:
             first = failed[1] if tp == failed[0] else 0
-            self._consumer.seek(tp, batches[tp][first].offset)
+            offset = batches[tp][first].offset
+            try:
+                self._consumer.seek(tp, offset)
+            except KafkaError as exc:  # revoked meanwhile: its next owner reads from the committed offset
+                log.warning("cannot rewind %s to %d (%s)", tp, offset, exc)
+            with self._lock:
+                self._tracker.truncate(tp, offset)  # they are tracked again when consumed again
 
-    def _apply_pause(self) -> None:
-        want = self._want_paused
+    def _apply_pause(self, *, force: bool = False) -> None:
+        want = self._want_paused or force
         if want != self._paused:
             assigned = list(self._consumer.assignment())
             if want:
@@ -352,6 +449,28 @@ class Ingestor:
                 self._consumer.resume(*assigned)
             self._paused = want
             log.debug("%s fetching from %s", "paused" if want else "resumed", sorted(assigned))
+
+    def _live_partitions(self) -> set[TopicPartition]:
+        """Source partitions fetched now and caught up with the high watermark of the last fetch response.
+
+        (``consumer.highwater``, not ``end_offsets``: see deploy/local/README.md.)
+        """
+        if self._paused:
+            return set()
+        live = set()
+        for tp in self._consumer.assignment():
+            if tp.topic != self._config.sources_topic:
+                continue
+            highwater = self._consumer.highwater(tp)
+            if highwater is None:
+                continue  # not fetched yet
+            try:
+                position = self._consumer.position(tp)
+            except KafkaError:  # revoked meanwhile
+                continue
+            if position is not None and position >= highwater:
+                live.add(tp)
+        return live
 
     def _handle(self, record: RecordLike, report: PollReport) -> None:
         origin = Origin.of(record)
@@ -366,12 +485,33 @@ class Ingestor:
         except WireError as exc:
             self._dead_letter(record, tp, origin, epoch, exc, report)
 
+    def _decode(self, decoder: Callable[[RecordLike], Any], record: RecordLike) -> Any:
+        """Run a decoder; any exception but a WireError (a decoder bug, RecursionError, MemoryError, ...) is this
+        record's fault too: ``decode-failed``, logged with its traceback."""
+        try:
+            return decoder(record)
+        except WireError:
+            raise
+        except Exception as exc:
+            log.exception("decoding %s raised %s", Origin.of(record), type(exc).__name__)
+            raise WireError("decode-failed", f"the decoder raised {type(exc).__name__}: {exc}"[:500]) from exc
+
+    def _decode_source_default(self, record: RecordLike) -> Chunk | Seal:
+        return decode_source_message(
+            record,
+            max_value_bytes=self._config.max_message_bytes,
+            claim_check_root=self._claim_check_root,
+            max_ref_bytes=self._max_ref_bytes,
+            max_decoded_bytes=self._max_decoded_bytes,
+            max_chunks=self._max_chunks_per_source,
+        )
+
     def _handle_control(
         self, record: RecordLike, tp: TopicPartition, origin: Origin, epoch: int, report: PollReport
     ) -> None:
         if record.value is not None and len(record.value) > self._config.max_message_bytes:
             raise WireError("oversized", f"value is {len(record.value)} bytes, limit {self._config.max_message_bytes}")
-        command = decode_control(record)
+        command = self._decode(self._decode_control, record)
         with self._lock:
             self._tracker.add(tp, origin.offset, epoch, ("control", origin))
         try:
@@ -387,14 +527,7 @@ class Ingestor:
     def _handle_source(
         self, record: RecordLike, tp: TopicPartition, origin: Origin, epoch: int, report: PollReport
     ) -> None:
-        message = decode_source_message(
-            record,
-            max_value_bytes=self._config.max_message_bytes,
-            claim_check_root=self._claim_check_root,
-            max_ref_bytes=self._max_ref_bytes,
-            max_decoded_bytes=self._max_decoded_bytes,
-            max_chunks=self._max_chunks_per_source,
-        )
+        message = self._decode(self._decode_source, record)
         source = message.source
         if self._spool.forgotten(source, origin):
             with self._lock:
@@ -410,14 +543,18 @@ class Ingestor:
         report.staged += outcome == "staged"
         report.duplicates += outcome == "duplicate"
         with self._lock:
-            registered = source in self._registered or self._spool.state(source) == SpoolState.REGISTERED
+            # Under our lock: a drop that happens after this read releases the entry added below (the spool
+            # tells its drop listeners without holding its own lock), one before it leaves nothing to wait for.
+            state = self._spool.state(source)
+            registered = source in self._registered or state == SpoolState.REGISTERED
             if registered:
                 self._registered.add(source)
-            self._tracker.add(tp, origin.offset, epoch, None if registered else ("source", source))
+            done = registered or state is None
+            self._tracker.add(tp, origin.offset, epoch, None if done else ("source", source))
         self._accepted(record)
         if outcome == "sealed":
             self._metrics.sources_sealed.inc()
-        sealed = not isinstance(message, Chunk) and self._spool.state(source) == SpoolState.SEALED
+        sealed = not isinstance(message, Chunk) and state == SpoolState.SEALED
         if sealed and self._announce(source):
             report.sealed.append(source)
 
@@ -460,29 +597,63 @@ class Ingestor:
         *,
         rewait: bool,
     ) -> None:
-        log.warning("dead-lettering %s: %s: %s", origin, error.reason, error.detail)
+        log.warning("dead-lettering %s: %s: %s", origin, error.reason, error.detail[:1000])
         if rewait:
             with self._lock:
                 self._tracker.rewait(tp, origin.offset, ("dlq", origin))
-        message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
-        future = self._dlq.send(self._config.dlq_topic, key=message.key, value=message.value, headers=message.headers)
-        self._dlq_inflight.append((origin, future))
+        try:
+            message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
+        except Exception:  # never let one record's copy stop ingestion: send what says why and where
+            log.exception("encoding the dead-letter copy of %s failed; sending it without key, value, headers", origin)
+            message = _bare_dead_letter(record, error)
         report.rejected[error.reason] = report.rejected.get(error.reason, 0) + 1
         self._metrics.dlq_messages.labels(reason=error.reason).inc()
+        self._send(origin, message, error.reason)
 
-    def _await_dead_letters(self) -> None:
+    def _send(self, origin: Origin, message: WireMessage, reason: str) -> None:
+        """Hand a dead-letter copy to the producer; one it cannot take now is kept and sent again later."""
+        topic = self._config.dlq_topic
+        try:
+            try:
+                future = self._dlq.send(topic, key=message.key, value=message.value, headers=message.headers)
+            except (MessageSizeTooLargeError, TypeError, ValueError) as exc:
+                # the copy itself cannot be sent (foreign headers too large, a null header value): keep only
+                # the cdm-dlq-* headers, which say why and where the original is
+                log.warning("the dead-letter copy of %s cannot be sent (%s); sending it reduced", origin, exc)
+                message = _minimal_dead_letter(message)
+                future = self._dlq.send(topic, key=message.key, value=message.value, headers=message.headers)
+        except KafkaError as exc:
+            future = _Failed(exc)
+        self._dlq_inflight.append((origin, future, message, reason))
+
+    def _resend_dead_letters(self, report: PollReport) -> None:
+        pending, self._dlq_retry = self._dlq_retry, []
+        log.info("sending %d dead-letter copies again", len(pending))
+        for origin, message, reason in pending:
+            self._send(origin, message, reason)
+        self._await_dead_letters(report)
+
+    def _await_dead_letters(self, report: PollReport) -> None:
         inflight, self._dlq_inflight = self._dlq_inflight, []
-        for origin, future in inflight:
+        failed: list[str] = []
+        for origin, future, message, reason in inflight:
             try:
                 future.get(timeout=self._dlq_timeout_s)
             except Exception as exc:
-                # The record stays uncommitted (so does everything after it in its partition): the daemon
-                # should stop; after a restart the record is read and dead-lettered again.
-                raise DeadLetterError(
-                    f"the dead-letter topic {self._config.dlq_topic} did not acknowledge the copy of {origin}: {exc}"
-                ) from exc
+                # The record stays uncommitted (so does everything after it in its partition); the copy is sent
+                # again after a back-off.
+                self._dlq_retry.append((origin, message, reason))
+                failed.append(f"{origin}: {type(exc).__name__}: {exc}")
+                continue
             with self._lock:
                 self._tracker.release(("dlq", origin))
+        if failed:
+            self._infra_failure(
+                "dlq",
+                f"the dead-letter topic {self._config.dlq_topic} did not acknowledge {len(failed)} copies "
+                f"(first: {failed[0]})",
+                report,
+            )
 
     # ------------------------------------------------------------------------------------------- offsets
 
@@ -511,7 +682,10 @@ class Ingestor:
         lag = 0
         for tp in sorted(self._consumer.assignment()):
             highwater = self._consumer.highwater(tp)
-            position = self._consumer.position(tp) if highwater is not None else None
+            try:
+                position = self._consumer.position(tp) if highwater is not None else None
+            except KafkaError:  # revoked meanwhile
+                continue
             if highwater is not None and position is not None:
                 lag += max(0, highwater - position)
         self._metrics.consumer_lag.set(lag)
@@ -524,3 +698,35 @@ class Ingestor:
         """Records consumed whose offsets wait (for a registration, a command or the dead-letter topic)."""
         with self._lock:
             return self._tracker.pending()
+
+
+class _Failed:
+    """A send the producer refused at once, as a future that raises."""
+
+    def __init__(self, exc: Exception) -> None:
+        self._exc = exc
+
+    def get(self, timeout: float | None = None) -> None:
+        raise self._exc
+
+
+def _bare_dead_letter(record: RecordLike, error: WireError) -> WireMessage:
+    """A dead-letter copy built without the record's key, value and headers (when encode_dlq itself failed)."""
+    headers = [
+        (H_DLQ_REASON, error.reason.encode()),
+        (H_DLQ_DETAIL, error.detail[:1000].encode("utf-8", "replace")),
+        (H_DLQ_TOPIC, record.topic.encode()),
+        (H_DLQ_PARTITION, str(record.partition).encode()),
+        (H_DLQ_OFFSET, str(record.offset).encode()),
+        (H_DLQ_VALUE_OMITTED, str(len(record.value or b"")).encode()),
+    ]
+    return WireMessage(key=b"", value=None, headers=headers)  # a record needs a key or a value
+
+
+def _minimal_dead_letter(message: WireMessage) -> WireMessage:
+    """The dead-letter copy reduced to its cdm-dlq-* headers (no value, no foreign headers, a short key)."""
+    headers = [(k, v) for k, v in message.headers if k.startswith("cdm-dlq-") and isinstance(v, bytes)]
+    if message.value is not None and not any(k == H_DLQ_VALUE_OMITTED for k, _ in headers):
+        headers.append((H_DLQ_VALUE_OMITTED, str(len(message.value)).encode()))
+    key = b"" if message.key is None else message.key[:256]  # a record needs a key or a value
+    return WireMessage(key=key, value=None, headers=headers)

@@ -50,6 +50,19 @@ class Metrics:
         self.sources_sealed = Counter(
             "cdm_sources_sealed", "Sources sealed (complete) and queued for training.", registry=registry
         )
+        self.ingest_failures = Counter(
+            "cdm_ingest_failures",
+            "Infrastructure failures of the ingest loop (records rewound, then retried after a back-off), by kind "
+            "(record: spool I/O or a callback while handling one; poll: the broker; dlq: a dead-letter copy not "
+            "acknowledged).",
+            ["kind"],
+            registry=registry,
+        )
+        self.spool_quarantined = Counter(
+            "cdm_spool_quarantined",
+            "Damaged spool sources or tombstones moved aside (ROOT/quarantine) when the spool was opened.",
+            registry=registry,
+        )
         # -- training
         self.training_seconds = Histogram(
             "cdm_training_seconds",

@@ -10,6 +10,7 @@ next step, nothing unregistered is committed. A second signal exits at once (col
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from daemon.errors import ColdShutdown, ShutdownRequested
 from daemon.hotswap import Composition, CompositionLoader, LiveComposition
 from daemon.keys import Keys
 from daemon.registry import Registry, RegistryClient
-from daemon.spool import Spool
+from daemon.spool import Spool, SpoolLimits
 from daemon.training_worker import ArtifactLayout, Job, Notices, TrainingWorker
 from daemon.wire import ControlCommand, Origin
 
@@ -116,7 +117,9 @@ class Service:
         self.http.start()
         self._push("http", self.http.stop)
         # 3. spool + worker
-        self.spool = Spool(Path(cfg.daemon.spool_dir))
+        self.spool = open_spool(cfg)
+        self._push("spool", self.spool.close)
+        self.metrics.spool_quarantined.inc(len(self.spool.quarantined))
         layout = ArtifactLayout(Path(cfg.daemon.artifact_dir))
         self.worker = TrainingWorker(
             registry=self.registry,
@@ -161,6 +164,8 @@ class Service:
             max_decoded_bytes=cfg.daemon.max_decoded_bytes,
             max_chunks_per_source=cfg.daemon.max_chunks_per_source,
             lag_interval_s=cfg.scheduler.lag_s,
+            retry_initial_s=cfg.daemon.ingest_retry_initial_s,
+            retry_max_s=cfg.daemon.ingest_retry_max_s,
         )
 
         def close_kafka() -> None:
@@ -272,6 +277,9 @@ class Service:
             self.redis.ping()
         except redis.RedisError as exc:
             return False, f"redis unreachable: {exc}"
+        ingestor = getattr(self, "ingestor", None)
+        if ingestor is not None and (problem := ingestor.problem()) is not None:
+            return False, f"ingest is backing off: {problem}"
         if self.live.current() is None:
             return False, "no composition loaded yet (no compartment and router registered)"
         return True, f"serving epoch {self.live.current().epoch}"  # type: ignore[union-attr]
@@ -302,6 +310,26 @@ class Service:
 
     def heartbeat(self) -> None:
         self.registry.heartbeat(self.daemon_id, self.cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
+
+
+def open_spool(cfg: AppConfig) -> Spool:
+    """The daemon's spool: locked to this process, with the configured limits and the model's compatibility
+    check (a source that can never train is refused at its seal, not after a training run)."""
+    from cdm.training import check_trainable
+
+    d, model = cfg.daemon, cfg.library.model
+    limits = SpoolLimits(
+        max_sources=d.spool_max_sources,
+        max_source_chunks=d.max_chunks_per_source,
+        max_source_samples=d.spool_max_source_samples,
+        max_source_bytes=d.spool_max_source_bytes,
+        max_bytes=d.spool_max_bytes,
+    )
+    return Spool(
+        Path(d.spool_dir),
+        limits=limits,
+        check=functools.partial(check_trainable, model=model, num_classes=model.num_classes),
+    )
 
 
 def ensure_topics(kafka: Any) -> list[str]:

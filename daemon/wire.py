@@ -67,6 +67,7 @@ Reason = Literal[
     "missing-chunks",  # seal arrived but chunks 0..N-1 are not all staged
     "seal-mismatch",  # staged chunks do not match the seal's n_samples/fingerprint, or extra chunks staged
     "control-failed",  # the daemon could not execute a valid control command
+    "decode-failed", "limit-exceeded", "incompatible",  # decoder crashed; over a spool limit; can never train
 ]
 REASONS: Final[tuple[str, ...]] = get_args(Reason)
 

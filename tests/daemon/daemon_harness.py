@@ -55,7 +55,7 @@ url = "{redis_url}"
 namespace = "{namespace}"
 [daemon]
 artifact_dir = "{root}/artifacts"
-spool_dir = "{root}/spool"
+spool_dir = "{spool}"
 http_port = 0
 router_debounce_s = 0.5
 gc_grace_s = 3600
@@ -108,14 +108,17 @@ class DaemonEnv:
     checkpoint_every: int = 10
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[Any] = field(default_factory=list)
+    _spools: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # spool slot -> its daemon
 
     @property
     def config_path(self) -> Path:
         return self.root / "config.toml"
 
-    def write_config(self) -> Path:
+    def write_config(self, path: Path | None = None, spool: Path | None = None) -> Path:
+        """The shared config (for CLI commands), or one daemon's (``path``) with its own spool directory."""
+        path = path or self.config_path
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(
+        path.write_text(
             TINY.format(
                 steps=self.steps,
                 checkpoint_every=self.checkpoint_every,
@@ -124,24 +127,31 @@ class DaemonEnv:
                 redis_url=self.redis_url,
                 namespace=self.namespace,
                 root=self.root,
+                spool=spool or self.root / "spool-0",
             )
         )
-        return self.config_path
+        return path
 
     # -- processes ----------------------------------------------------------------------------------
     def start_daemon(self, name: str = "a") -> subprocess.Popen[bytes]:
+        """Start a daemon; each running daemon has its own spool directory (a spool takes an exclusive lock),
+        and a daemon started after one exited (a restart) takes over the spool it left."""
         self.write_config()
+        free = [i for i, p in self._spools.items() if p.poll() is not None]
+        slot = min(free) if free else len(self._spools)
+        config = self.write_config(self.root / f"config-{name}.toml", self.root / f"spool-{slot}")
         log = open(self.root / f"daemon-{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
         self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(self.config_path), "daemon", "--log-level", "INFO"],
+            [sys.executable, "-m", "daemon", "--config", str(config), "daemon", "--log-level", "INFO"],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
         )
         self.procs.append(proc)
+        self._spools[slot] = proc
         return proc
 
     def logs(self) -> str:

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,18 +19,22 @@ from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartitio
 from kafka.consumer.fetcher import ConsumerRecord
 from prometheus_client import CollectorRegistry
 
-from cdm.data import SourceData, fingerprint, load_digits
+from cdm.data import SourceData, fingerprint, load_digits, validate_arrays
+from cdm.errors import DataError
 from daemon.config import KafkaConfig
 from daemon.ingest import Ingestor, OffsetTracker, PollReport
 from daemon.metrics import Metrics
 from daemon.producer import push_source, send_control
-from daemon.spool import Spool, SpoolState
+from daemon.spool import Spool, SpoolLimits, SpoolState
 from daemon.wire import (
     REASONS,
+    Chunk,
     ControlCommand,
     Origin,
+    RecordLike,
     Seal,
     WireMessage,
+    decode_source_message,
     encode_chunk,
     encode_chunk_bytes,
     encode_control,
@@ -46,6 +51,7 @@ class Harness:
     """One daemon's ingest side: consumer + DLQ producer + Ingestor over a spool, with recorded callbacks."""
 
     ingestor: Ingestor
+    spool: Spool
     consumer: KafkaConsumer
     dlq_producer: KafkaProducer
     metrics: Metrics
@@ -73,6 +79,7 @@ class Harness:
         self.ingestor.close()
         self.consumer.close()
         self.dlq_producer.close()
+        self.spool.close()
 
 
 @pytest.fixture
@@ -101,7 +108,11 @@ def make_harness(config: KafkaConfig, tmp_path: Path) -> Iterator[Callable[..., 
     made: list[Harness] = []
 
     def make(
-        *, spool: str = "spool", on_control: Callable[[ControlCommand, Origin], None] | None = None, **kwargs: object
+        *,
+        spool: str = "spool",
+        on_control: Callable[[ControlCommand, Origin], None] | None = None,
+        spool_kwargs: dict[str, Any] | None = None,
+        **kwargs: object,
     ) -> Harness:
         metrics = Metrics(CollectorRegistry(), dlq_reasons=REASONS)
         sealed: list[str] = []
@@ -114,17 +125,18 @@ def make_harness(config: KafkaConfig, tmp_path: Path) -> Iterator[Callable[..., 
 
         consumer = KafkaConsumer(**config.consumer_kwargs())
         dlq_producer = KafkaProducer(**config.producer_kwargs())
+        the_spool = Spool(tmp_path / spool, **(spool_kwargs or {}))
         ingestor = Ingestor(
             consumer,
             dlq_producer,
-            Spool(tmp_path / spool),
+            the_spool,
             metrics,
             config,
             on_sealed=sealed.append,
             on_control=record_control,
             **kwargs,  # type: ignore[arg-type]
         )
-        harness = Harness(ingestor, consumer, dlq_producer, metrics, sealed, controls)
+        harness = Harness(ingestor, the_spool, consumer, dlq_producer, metrics, sealed, controls)
         made.append(harness)
         return harness
 
@@ -180,11 +192,14 @@ class FakeConsumer:
         self.batch = batch
         self.seeks: dict[TopicPartition, int] = {}
         self.commits: list[dict[TopicPartition, OffsetAndMetadata]] = []
+        self.paused: set[TopicPartition] = set()
 
     def subscribe(self, topics: list[str], listener: object) -> None:
         pass
 
     def poll(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        if self.paused:
+            return {}
         batch, self.batch = self.batch, {}
         return batch
 
@@ -194,6 +209,12 @@ class FakeConsumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks[tp] = offset
 
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused = set(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused = set()
+
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         self.commits.append(offsets)
 
@@ -201,7 +222,7 @@ class FakeConsumer:
         return None
 
 
-def test_a_failure_while_handling_rewinds_instead_of_skipping(tmp_path: Path, digits: SourceData) -> None:
+def test_a_failure_while_handling_rewinds_backs_off_and_retries(tmp_path: Path, digits: SourceData) -> None:
     config = KafkaConfig(sources_topic="s", control_topic="c", dlq_topic="d")
 
     def rec(partition: int, offset: int, message: WireMessage) -> ConsumerRecord:
@@ -223,6 +244,7 @@ def test_a_failure_while_handling_rewinds_instead_of_skipping(tmp_path: Path, di
         if len(calls) == 1:
             raise RuntimeError("queue full")
 
+    now = [0.0]
     spool = Spool(tmp_path)
     ingestor = Ingestor(
         consumer,  # type: ignore[arg-type]
@@ -232,14 +254,20 @@ def test_a_failure_while_handling_rewinds_instead_of_skipping(tmp_path: Path, di
         config,
         on_sealed=on_sealed,
         on_control=lambda c, o: None,
+        clock=lambda: now[0],
+        retry_initial_s=2.0,
+        retry_max_s=5.0,
     )
-    with pytest.raises(RuntimeError, match="queue full"):
-        ingestor.poll_once()
+    report = ingestor.poll_once()  # does not raise: rewinds and backs off
+    assert "queue full" in report.failure and "queue full" in (ingestor.problem() or "")
     assert consumer.seeks == {TP0: 6, TP1: 3}  # the failed seal and everything not handled after it
     assert spool.sources() == ["x"] and consumer.commits == []
-    # fetched again, the seal is announced (the spool already sealed it) and the rest is handled
-    consumer.batch = {TP0: batch[TP0][1:], TP1: batch[TP1]}
+    consumer.batch = {TP0: batch[TP0][1:], TP1: batch[TP1]}  # fetched again ...
+    assert ingestor.poll_once().backing_off  # ... but not before the back-off is over
+    assert consumer.paused and calls == ["x"]
+    now[0] += 2.0
     report = ingestor.poll_once()
+    assert not report.failure and ingestor.problem() is None
     assert calls == ["x", "x"] and report.sealed == ["x"] and spool.sources() == ["x", "y", "z"]
     ingestor.mark_source_registered("x")
     ingestor.poll_once()
@@ -272,7 +300,7 @@ def test_push_is_staged_sealed_and_committed_only_after_registration(
     h.ingestor.resume_all()
     reports = h.poll_until(lambda: len(h.sealed) == 2)
     assert sorted(h.sealed) == ["by-ref", "inline"]
-    spool = Spool(tmp_path / "spool")
+    spool = h.spool
     assert spool.sources(SpoolState.SEALED) == ["by-ref", "inline"]
     assert fingerprint(spool.assemble("inline")) == fingerprint(digits) == inline.fingerprint
     assert fingerprint(spool.assemble("by-ref")) == ref.fingerprint
@@ -399,9 +427,26 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
             raise RuntimeError("router training failed: no compartments")
         h.ingestor.mark_control_done(origin)
 
-    h = make_harness(on_control=on_control, claim_check_root=tmp_path / "claims")
+    def decode_source(record: RecordLike) -> Chunk | Seal:
+        if record.key == b"boom":  # a decoder bug on one record must not stop ingestion
+            raise RecursionError("maximum recursion depth exceeded")
+        return decode_source_message(
+            record, max_value_bytes=MAX_MESSAGE_BYTES, claim_check_root=tmp_path / "claims"
+        )
+
+    def check(source: str, data: SourceData) -> None:
+        if data.labels is None:
+            raise DataError(f"{source} is unlabelled and the model is class-conditional")
+
+    h = make_harness(
+        on_control=on_control,
+        claim_check_root=tmp_path / "claims",
+        decode_source=decode_source,
+        spool_kwargs={"limits": SpoolLimits(max_source_chunks=1000), "check": check},
+    )
     rejected: dict[Origin, str] = {}
     accepted: list[Origin] = []  # records that wait for their source's registration
+    released: list[Origin] = []  # records of a dropped source: committable at once
     for reason, kind, message in bad_messages(digits):
         topic = config.sources_topic if kind == "sources" else config.control_topic
         rejected[send(producer, topic, message)] = reason
@@ -412,6 +457,13 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
     rejected[send(producer, config.sources_topic, encode_seal(Seal("dup", 1, "0" * 64, 10)))] = "seal-mismatch"
     accepted.append(send(producer, config.sources_topic, encode_seal(Seal("dup", 1, fingerprint(a), 10))))
     rejected[send(producer, config.sources_topic, encode_chunk("dup", 1, b))] = "sealed"
+    # a decoder crash, a seq over the limit, a source that can never train (its chunk is released at its seal)
+    rejected[send(producer, config.sources_topic, encode_chunk("boom", 0, a))] = "decode-failed"
+    rejected[send(producer, config.sources_topic, encode_chunk("far", 5000, a))] = "limit-exceeded"
+    unlabelled = validate_arrays(a.images, None, a.ids)
+    released.append(send(producer, config.sources_topic, encode_chunk("nolabels", 0, unlabelled)))
+    nolabels_seal = encode_seal(Seal("nolabels", 1, fingerprint(unlabelled), 10))
+    rejected[send(producer, config.sources_topic, nolabels_seal)] = "incompatible"
     # and good traffic after all of it
     report = push_source(producer, config.sources_topic, "good", digits, chunk_size=60, progress=False)
     accepted += [
@@ -442,7 +494,8 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
     # commits: dead letters and done commands are committable at once, source records after registration
     h.ingestor.poll_once(200)
     for topic, extra in [(config.sources_topic, accepted), (config.control_topic, [done_control])]:
-        records = {o: True for o in rejected if o.topic == topic} | {o: False for o in extra if o.topic == topic}
+        done = [o for o in [*rejected, *released] if o.topic == topic]
+        records = {o: True for o in done} | {o: False for o in extra if o.topic == topic}
         if topic == config.control_topic:
             records[done_control] = True
         for partition, want in expected_commits(records).items():
@@ -450,7 +503,7 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
     h.ingestor.mark_source_registered("dup")
     h.ingestor.mark_source_registered("good")
     h.ingestor.poll_once(200)
-    records = {o: True for o in [*rejected, *accepted] if o.topic == config.sources_topic}
+    records = {o: True for o in [*rejected, *accepted, *released] if o.topic == config.sources_topic}
     for partition, want in expected_commits(records).items():
         assert committed(h.consumer, config.sources_topic, partition) == want
 
@@ -464,7 +517,7 @@ def test_revoked_partitions_commit_what_is_committable(
     first = make_harness()
     first.poll_until(lambda: first.sealed == ["shoes"])
     first.ingestor._commit = lambda: {}  # type: ignore[method-assign]  # only the revoke listener commits now
-    Spool(tmp_path / "spool").mark_registered("shoes", "c-1")
+    first.spool.mark_registered("shoes", "c-1")
     first.ingestor.mark_source_registered("shoes")
     first.ingestor.poll_once(200)
     assert committed(first.consumer, config.sources_topic, report.partition) is None

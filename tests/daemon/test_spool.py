@@ -137,6 +137,7 @@ def test_state_survives_a_new_spool(tmp_path: Path, digits: SourceData) -> None:
     n = stage_all(spool, "sealed-one", digits)
     spool.seal("sealed-one", seal_of("sealed-one", digits, n), origin(n))
     spool.stage_chunk("partial", 0, chunks_of(digits)[0], origin(0, partition=1))
+    spool.close()
     reopened = Spool(tmp_path)
     assert reopened.sources() == ["partial", "sealed-one"]
     assert reopened.sources(SpoolState.SEALED) == ["sealed-one"]
@@ -157,6 +158,7 @@ def test_crash_leftovers_are_ignored_on_restart(tmp_path: Path, digits: SourceDa
     (tmp_path / "sources" / "ghost" / "chunks").mkdir(parents=True)
     (tmp_path / "sources" / "ghost" / "chunks" / ".tmp-x-000000000.npz").write_bytes(b"x")
     size_before = (chunk_dir / "000000000.npz").stat().st_size
+    spool.close()
     reopened = Spool(tmp_path)
     assert reopened.sources() == ["shoes"]
     assert [c.seq for c in reopened.lineage("shoes").chunks] == [0]
@@ -165,17 +167,28 @@ def test_crash_leftovers_are_ignored_on_restart(tmp_path: Path, digits: SourceDa
     assert reopened.stage_chunk("shoes", 1, chunks_of(digits)[1], origin(1)) is True
 
 
-def test_idle_sources(tmp_path: Path, digits: SourceData) -> None:
+def test_idle_sources_count_only_live_fetching(tmp_path: Path, digits: SourceData) -> None:
     now = [1000.0]
-    spool = Spool(tmp_path, clock=lambda: now[0])
+    spool = Spool(tmp_path, monotonic=lambda: now[0])
     n = stage_all(spool, "sealed", digits)
     spool.seal("sealed", seal_of("sealed", digits, n), origin(n))
     spool.stage_chunk("abandoned", 0, chunks_of(digits)[0], origin(10))
+    spool.stage_chunk("other-partition", 0, chunks_of(digits)[0], origin(0, partition=1))
+    now[0] += 100
+    assert spool.idle_sources(10) == []  # no partition is live yet: nothing is idle, however long
+    spool.set_live_partitions([("cdm.sources", 0)])
     now[0] += 30
     spool.stage_chunk("active", 0, chunks_of(digits)[0], origin(11))
     now[0] += 30
-    assert spool.idle_sources(45) == ["abandoned"]
+    assert spool.idle_sources(45) == ["abandoned"]  # 60 s live and quiet
     assert spool.idle_sources(10) == ["abandoned", "active"]
+    spool.set_live_partitions([])  # paused or behind: the clocks stop and restart when live again
+    now[0] += 1000
+    assert spool.idle_sources(10) == []
+    spool.set_live_partitions([("cdm.sources", 0), ("cdm.sources", 1)])
+    now[0] += 20
+    assert spool.idle_sources(30) == []
+    assert spool.idle_sources(10) == ["abandoned", "active", "other-partition"]
 
 
 def test_registered_source_purges_payloads_and_stays_idempotent(tmp_path: Path, digits: SourceData) -> None:
@@ -191,7 +204,9 @@ def test_registered_source_purges_payloads_and_stays_idempotent(tmp_path: Path, 
     with pytest.raises(SpoolError, match="already registered"):
         spool.mark_registered("shoes", "c-2")
     assert spool.state("shoes") == SpoolState.REGISTERED and spool.staged_bytes() == 0
-    assert Spool(tmp_path).lineage("shoes").compartment_id == "c-1"
+    spool.close()
+    spool = Spool(tmp_path)
+    assert spool.lineage("shoes").compartment_id == "c-1"
     # redeliveries after registration are still recognised
     assert spool.stage_chunk("shoes", 0, chunks_of(digits)[0], origin(0)) is False
     assert spool.seal("shoes", seal_of("shoes", digits, n), origin(n)) is False
@@ -230,6 +245,7 @@ def test_interrupted_drop_is_finished_on_open(tmp_path: Path, digits: SourceData
     shutil.copytree(source_dir, backup)
     spool.drop("shoes")
     shutil.copytree(backup, source_dir)  # as if the crash came after the tombstone, before the delete
+    spool.close()
     reopened = Spool(tmp_path / "spool")
     assert reopened.sources() == ["keep"]
     assert not source_dir.exists()
