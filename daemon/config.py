@@ -1,14 +1,14 @@
 """The daemon's typed, frozen configuration: ``config.toml`` is read once with ``tomllib`` into ``AppConfig``.
 
-Sections: the library's ``[model] [train] [router] [sample] [eval]`` (``cdm.config.LibraryConfig``) plus
-``[kafka] [redis] [daemon] [scheduler]`` below. Unknown sections and keys raise ``cdm.errors.ConfigError``
-naming them. Sources are applied in an explicit order by the caller::
+Sections: the library's ``[model] [train] [router] [sample] [eval]`` (``cdm.config.LibraryConfig``), the
+registry's ``[redis]`` (``registry.config.RedisConfig``) and ``[kafka] [daemon] [scheduler]`` below. Unknown
+sections and keys raise ``cdm.errors.ConfigError`` naming them. Sources are applied in an explicit order by the caller::
 
     cfg = load_config(path)                       # defaults <- config.toml
     cfg = with_services(cfg, ".services/services.json")   # <- addresses of deploy/local services (optional)
 
-Nothing here opens a connection: ``KafkaConfig.*_kwargs()`` and ``RedisConfig.client_kwargs()`` produce the
-keyword arguments for kafka-python and redis-py, and the caller builds (and owns) the clients.
+Nothing here opens a connection: ``KafkaConfig.*_kwargs()`` produce the keyword arguments for kafka-python, and
+``registry.client.connect(cfg.redis)`` builds redis-py clients; the caller owns them.
 """
 
 from __future__ import annotations
@@ -16,17 +16,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from cdm.config import Device, LibraryConfig, parse_library, parse_section, to_dict
 from cdm.errors import ConfigError
+from registry.config import RedisConfig
+from registry.errors import RegistryConfigError
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
-SslCertReqs = Literal["required", "optional", "none"]
 
 LIBRARY_SECTIONS = ("model", "train", "router", "sample", "eval")
 DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler")
@@ -160,72 +161,6 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
-class RedisConfig:
-    """``[redis]``: the registry's Redis server."""
-
-    url: str = "redis://127.0.0.1:6379/0"  # redis://[user:pass@]host:port/db, rediss:// for TLS, unix://
-    username: str | None = None  # ACL user (overrides the url's)
-    password: str | None = field(default=None, repr=False)  # overrides the url's
-    tls: bool = False  # connect with TLS (same as a rediss:// url)
-    tls_ca_certs: str | None = None  # CA bundle (PEM) to verify the server
-    tls_certfile: str | None = None  # client certificate (PEM) for mutual TLS
-    tls_keyfile: str | None = None  # client private key (PEM)
-    tls_cert_reqs: SslCertReqs = "required"  # server certificate verification
-    namespace: str = "cdm"  # prefix of every key and channel (daemon/keys.py)
-    socket_timeout_s: float = 5.0  # per command
-    socket_connect_timeout_s: float = 5.0
-    health_check_interval_s: int = 30  # PING idle connections before reuse (0 = never)
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(f"redis.url = {self.url!r} must start with redis://, rediss:// or unix://")
-        if not self.namespace or any(c in self.namespace for c in " {}*?[]"):
-            raise ConfigError(
-                f"redis.namespace = {self.namespace!r} must be non-empty, without spaces, braces or glob characters"
-            )
-        _positive(
-            "redis",
-            socket_timeout_s=self.socket_timeout_s,
-            socket_connect_timeout_s=self.socket_connect_timeout_s,
-        )
-        if self.health_check_interval_s < 0:
-            raise ConfigError(f"redis.health_check_interval_s = {self.health_check_interval_s} must be >= 0")
-        tls_files = (self.tls_ca_certs, self.tls_certfile, self.tls_keyfile)
-        if any(f is not None for f in tls_files) and not self.uses_tls:
-            raise ConfigError("redis.tls_* files are set but TLS is off; set redis.tls = true or use rediss://")
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.tls or self.url.startswith("rediss://")
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """``redis.Redis.from_url(**cfg.client_kwargs())`` (the url is included; TLS keys only when on)."""
-        url = self.url
-        if self.tls and url.startswith("redis://"):
-            url = "rediss://" + url[len("redis://") :]
-        kwargs: dict[str, Any] = {
-            "url": url,
-            "socket_timeout": self.socket_timeout_s,
-            "socket_connect_timeout": self.socket_connect_timeout_s,
-            "health_check_interval": self.health_check_interval_s,
-        }
-        if self.username is not None:
-            kwargs["username"] = self.username
-        if self.password is not None:
-            kwargs["password"] = self.password
-        if self.uses_tls:
-            kwargs["ssl_cert_reqs"] = self.tls_cert_reqs
-            for key, value in (
-                ("ssl_ca_certs", self.tls_ca_certs),
-                ("ssl_certfile", self.tls_certfile),
-                ("ssl_keyfile", self.tls_keyfile),
-            ):
-                if value is not None:
-                    kwargs[key] = value
-        return kwargs
-
-
-@dataclass(frozen=True)
 class DaemonConfig:
     """``[daemon]``: where the daemon keeps files, its HTTP endpoint and its timing."""
 
@@ -344,7 +279,7 @@ def parse_config(doc: Mapping[str, Any], *, where: str = "config") -> AppConfig:
     return AppConfig(
         library=parse_library(doc),
         kafka=parse_section(KafkaConfig, doc.get("kafka"), "kafka"),
-        redis=parse_section(RedisConfig, doc.get("redis"), "redis"),
+        redis=_redis(lambda: parse_section(RedisConfig, doc.get("redis"), "redis")),
         daemon=parse_section(DaemonConfig, doc.get("daemon"), "daemon"),
         scheduler=parse_section(SchedulerConfig, doc.get("scheduler"), "scheduler"),
     )
@@ -385,5 +320,13 @@ def with_services(cfg: AppConfig, services_json_path: Path | str) -> AppConfig:
     return dataclasses.replace(
         cfg,
         kafka=dataclasses.replace(cfg.kafka, bootstrap_servers=bootstrap),
-        redis=dataclasses.replace(cfg.redis, url=redis_url),
+        redis=_redis(lambda: dataclasses.replace(cfg.redis, url=redis_url)),
     )
+
+
+def _redis(build: Callable[[], RedisConfig]) -> RedisConfig:
+    """``build()``, reporting an invalid ``[redis]`` value as ConfigError like every other section."""
+    try:
+        return build()
+    except RegistryConfigError as exc:
+        raise ConfigError(str(exc)) from None

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
 import torch
 from tqdm.auto import tqdm
 
@@ -80,7 +79,9 @@ def build_sources(per_source: int, seed: int) -> dict[str, Any]:
     return out
 
 
-def wait_serving(registry: Any, want: set[str], daemon: subprocess.Popen[bytes], log: Path, timeout: float) -> Any:
+def wait_serving(
+    registry: Any, coordinator: Any, want: set[str], daemon: subprocess.Popen[bytes], log: Path, timeout: float
+) -> Any:
     """Poll the registry until exactly ``want`` is active and routed; show the daemon's training progress."""
     bar = tqdm(total=len(want), desc="compartments serving", unit="source", dynamic_ncols=True, mininterval=2)
     last = ""
@@ -93,7 +94,7 @@ def wait_serving(registry: Any, want: set[str], daemon: subprocess.Popen[bytes],
             active = {c.source for c in snap.compartments}
             routed = set(snap.router.compartment_ids) if snap.router else set()
             bar.update(len(active & want) - bar.n)
-            work = [d.info for d in registry.live_daemons()]
+            work = [d.info for d in coordinator.live_daemons()]
             job = work[0] if work else {}
             status = f"epoch {snap.epoch} | {job.get('job', '?')} {job.get('source', '')} step {job.get('step', 0)}"
             if status != last:
@@ -147,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
 
     from daemon.config import load_config
-    from daemon.keys import Keys
     from daemon.producer import push_source, send_control
-    from daemon.registry import Registry
     from daemon.wire import ControlCommand
     from deploy.local import services
+    from registry.client import connect
+    from registry.coordination import Coordinator
+    from registry.keys import Keys
+    from registry.reader import RegistryClient
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )
-        client = redis.Redis.from_url(addrs.redis_url)
-        registry = Registry(client, Keys(cfg.redis.namespace))
+        client = connect(cfg.redis)
+        keys = Keys(cfg.redis.namespace)
+        registry, coordinator = RegistryClient(client, keys), Coordinator(client, keys)
         # 3. push sources
         _say(f"== 3. pushing {len(SOURCES)} Fashion-MNIST sources ({args.per_source} images each) to Kafka")
         sources = build_sources(args.per_source, args.seed)
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"   {name:9s} {rep.n_samples} images in {rep.chunks} chunks -> partition {rep.partition}")
         # 4. wait until served
         _say(f"== 4. the daemon trains one compartment per source ({args.steps} steps each), then the router")
-        snap = wait_serving(registry, set(SOURCES), daemon, log, args.timeout)
+        snap = wait_serving(registry, coordinator, set(SOURCES), daemon, log, args.timeout)
         acc = snap.router.metrics.get("accuracy") if snap.router else None
         _say(
             f"   serving epoch {snap.epoch}: {[c.compartment_id for c in snap.compartments]}, "
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         send_control(producer, cfg.kafka.control_topic, ControlCommand("forget-source", FORGET, request_id="demo"))
         producer.close()
-        after_snap = wait_serving(registry, set(SOURCES) - {FORGET}, daemon, log, args.timeout)
+        after_snap = wait_serving(registry, coordinator, set(SOURCES) - {FORGET}, daemon, log, args.timeout)
         receipt = next((a for a in registry.audit(20) if a.get("kind") == "forget-complete"), None)
         _say(f"   done in {time.perf_counter() - t0:.1f}s: epoch {snap.epoch} -> {after_snap.epoch}")
         if receipt:

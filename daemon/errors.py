@@ -1,6 +1,7 @@
 """Exceptions raised by the daemon. Every message names the bad value and what is allowed.
 
-Configuration problems raise ``cdm.errors.ConfigError`` (shared with the library), not a daemon class.
+Configuration problems raise ``cdm.errors.ConfigError`` (shared with the library), not a daemon class; the
+registry's own errors are in ``registry/errors.py``.
 """
 
 from __future__ import annotations
@@ -8,18 +9,6 @@ from __future__ import annotations
 
 class DaemonError(Exception):
     """Base class for every error the daemon raises on purpose."""
-
-
-class RegistryError(DaemonError):
-    """The Redis registry is inconsistent with the requested change."""
-
-
-class CompartmentNotFound(RegistryError):
-    """No compartment with this id is registered."""
-
-
-class InvalidTransition(RegistryError):
-    """A compartment status change that the lifecycle training -> active -> retired does not allow."""
 
 
 class LockLost(DaemonError):

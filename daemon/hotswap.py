@@ -26,7 +26,8 @@ from cdm.config import ModelConfig, SampleConfig
 from cdm.errors import CdmError
 from cdm.pipeline import CompartmentalPipeline, CompartmentalPipelineOutput, make_scheduler
 from cdm.router import Router, load_router
-from daemon.registry import RegistryClient, RegistrySnapshot
+from registry.reader import RegistryClient
+from registry.records import RegistrySnapshot
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +237,12 @@ def load_live_composition(
     redis_url: str | None, cfg: Any, *, device: str = "cpu"
 ) -> tuple[ComposedDenoiser, ModelConfig]:
     """One-shot: the registry's current composition (for ``cdm sample --redis``)."""
-    import redis
-
-    from daemon.keys import Keys
+    from registry.client import connect
+    from registry.keys import Keys
 
     rc = cfg.redis
-    kwargs = rc.client_kwargs()
-    if redis_url:
-        kwargs["url"] = redis_url
-    url = kwargs.pop("url")
-    client = redis.Redis.from_url(url, **kwargs)
+    url = redis_url or rc.url
+    client = connect(rc, url=redis_url)
     try:
         snap = RegistryClient(client, Keys(rc.namespace)).snapshot()
     finally:

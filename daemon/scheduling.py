@@ -61,20 +61,20 @@ class Jobs:
         if now - self._unrouted_since < self.s.cfg.daemon.router_debounce_s or not self.s.worker.idle():
             return
         ttl = max(600.0, 4 * self.s.cfg.daemon.lock_ttl_s)
-        if not self.s.registry.acquire_job_lock(ROUTER_LOCK, self.s.daemon_id, ttl):
+        if not self.s.coordinator.acquire_job_lock(ROUTER_LOCK, self.s.daemon_id, ttl):
             return  # another replica retrains it
         self._unrouted_since = None
         self.s.worker.submit(Job("retrain-router", release_lock=ROUTER_LOCK))
 
     def collect_garbage(self) -> None:
-        if not self.s.registry.acquire_job_lock(GC_LOCK, self.s.daemon_id, 300.0):
+        if not self.s.coordinator.acquire_job_lock(GC_LOCK, self.s.daemon_id, 300.0):
             return
         try:
             deleted = self.s.worker.collect_garbage(self.s.cfg.daemon.gc_grace_s)
             if deleted:
                 log.info("garbage collection deleted %d retired artifact files", len(deleted))
         finally:
-            self.s.registry.release_job_lock(GC_LOCK, self.s.daemon_id)
+            self.s.coordinator.release_job_lock(GC_LOCK, self.s.daemon_id)
 
     def export_gauges(self) -> None:
         self.s.metrics.staged_bytes.set(self.s.spool.staged_bytes())

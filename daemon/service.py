@@ -30,11 +30,14 @@ import cdm
 from daemon.config import AppConfig
 from daemon.errors import ColdShutdown, ShutdownRequested
 from daemon.hotswap import Composition, CompositionLoader, LiveComposition
-from daemon.keys import Keys
-from daemon.registry import Registry, RegistryClient
 from daemon.spool import Spool, SpoolLimits
 from daemon.training_worker import ArtifactLayout, Job, Notices, TrainingWorker
 from daemon.wire import ControlCommand, Origin
+from registry.client import connect
+from registry.coordination import Coordinator
+from registry.keys import Keys
+from registry.reader import RegistryClient
+from registry.writer import Registry
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Service:
         # set during bootstrap
         self.redis: redis.Redis
         self.registry: Registry
+        self.coordinator: Coordinator
         self.metrics: Any
         self.http: Any = None
         self.spool: Spool
@@ -96,14 +100,14 @@ class Service:
 
         cfg = self.cfg
         # 1. redis + registry
-        kw = cfg.redis.client_kwargs()
-        self.redis = redis.Redis.from_url(kw.pop("url"), **kw)
+        self.redis = connect(cfg.redis)
         self.redis.ping()
         keys = Keys(cfg.redis.namespace)
         self.registry = Registry(self.redis, keys)
+        self.coordinator = Coordinator(self.redis, keys)
         self._push("redis", self.redis.close)
-        self.registry.heartbeat(self.daemon_id, cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
-        self._push("heartbeat", lambda: self.registry.clear_heartbeat(self.daemon_id))
+        self.coordinator.heartbeat(self.daemon_id, cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
+        self._push("heartbeat", lambda: self.coordinator.clear_heartbeat(self.daemon_id))
         # 2. metrics + HTTP (/metrics, /healthz, /readyz)
         self.metrics = Metrics(registry=self.metrics_registry)
         self.http = HealthServer(
@@ -123,6 +127,7 @@ class Service:
         layout = ArtifactLayout(Path(cfg.daemon.artifact_dir))
         self.worker = TrainingWorker(
             registry=self.registry,
+            coordinator=self.coordinator,
             spool=self.spool,
             layout=layout,
             library=cfg.library,
@@ -309,7 +314,7 @@ class Service:
         return info
 
     def heartbeat(self) -> None:
-        self.registry.heartbeat(self.daemon_id, self.cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
+        self.coordinator.heartbeat(self.daemon_id, self.cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
 
 
 def open_spool(cfg: AppConfig) -> Spool:

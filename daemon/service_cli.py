@@ -159,24 +159,22 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 def cmd_ls_registry(args: argparse.Namespace, _cfg: Any) -> int:
     """``cdm ls`` over the live registry."""
-    import redis
-
-    from daemon.keys import Keys
-    from daemon.registry import Registry
+    from registry.client import connect
+    from registry.coordination import Coordinator
+    from registry.keys import Keys
+    from registry.reader import RegistryClient
 
     cfg = app_config(args)
-    kw = cfg.redis.client_kwargs()
-    url = args.redis or kw.pop("url")
-    kw.pop("url", None)
-    client = redis.Redis.from_url(url, **kw)
+    client = connect(cfg.redis, url=args.redis)
     try:
-        reg = Registry(client, Keys(cfg.redis.namespace))
+        keys = Keys(cfg.redis.namespace)
+        reg = RegistryClient(client, keys)
         snap = reg.snapshot()
         doc = {
             "epoch": snap.epoch,
             "compartments": [_record(c) for c in snap.compartments],
             "router": _record(snap.router) if snap.router else None,
-            "daemons": [{"daemon_id": d.daemon_id, "info": d.info} for d in reg.live_daemons()],
+            "daemons": [{"daemon_id": d.daemon_id, "info": d.info} for d in Coordinator(client, keys).live_daemons()],
             "audit": reg.audit(20),
         }
     finally:

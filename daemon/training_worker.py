@@ -33,9 +33,11 @@ from cdm.errors import CdmError
 from cdm.router import save_router, train_router
 from cdm.training import train_compartment
 from daemon.hotswap import artifact_path, artifact_uri
-from daemon.registry import CompartmentRecord, CompartmentStatus, Registry, RouterRecord
 from daemon.spool import Spool
 from daemon.wire import Origin
+from registry.coordination import Coordinator
+from registry.records import CompartmentRecord, CompartmentStatus, RouterRecord
+from registry.writer import Registry
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,7 @@ class TrainingWorker:
 
     Args:
         registry: the Redis registry (writes).
+        coordinator: source and job locks.
         spool: staged source chunks.
         layout: artifact directories.
         library: model/train/router config.
@@ -120,6 +123,7 @@ class TrainingWorker:
         self,
         *,
         registry: Registry,
+        coordinator: Coordinator,
         spool: Spool,
         layout: ArtifactLayout,
         library: LibraryConfig,
@@ -130,6 +134,7 @@ class TrainingWorker:
         progress: bool = False,
     ) -> None:
         self.registry = registry
+        self.coordinator = coordinator
         self.spool = spool
         self.layout = layout
         self.lib = library
@@ -200,7 +205,7 @@ class TrainingWorker:
                 self.retrain_router()
             finally:
                 if job.release_lock:
-                    self.registry.release_job_lock(job.release_lock, self.daemon_id)
+                    self.coordinator.release_job_lock(job.release_lock, self.daemon_id)
             if job.origin is not None:
                 self.notices.control_done(job.origin)
         elif job.kind == "forget-source":
@@ -219,7 +224,7 @@ class TrainingWorker:
             now = time.monotonic()
             if now - self._last_refresh > self.lock_ttl_s / 3:
                 self._last_refresh = now
-                if not self.registry.refresh_source_lock(source, self.daemon_id, self.lock_ttl_s):
+                if not self.coordinator.refresh_source_lock(source, self.daemon_id, self.lock_ttl_s):
                     log.warning("lost the training lock of %s; another replica may take over", source)
 
         return on_step
@@ -227,7 +232,7 @@ class TrainingWorker:
     def train_source(self, job: Job) -> CompartmentRecord | None:
         """Train the compartment of a sealed source and register it (idempotent; resumable)."""
         source = job.source
-        if not self.registry.acquire_source_lock(source, self.daemon_id, self.lock_ttl_s):
+        if not self.coordinator.acquire_source_lock(source, self.daemon_id, self.lock_ttl_s):
             log.info("%s is being trained by another replica; retrying later", source)
             self.submit(dataclasses.replace(job, not_before=time.monotonic() + self.lock_ttl_s / 4))
             return None
@@ -235,7 +240,7 @@ class TrainingWorker:
             data = self.spool.assemble(source)
             return self._train_and_register(source, data, lineage=self._lineage(source))
         finally:
-            self.registry.release_source_lock(source, self.daemon_id)
+            self.coordinator.release_source_lock(source, self.daemon_id)
 
     def _lineage(self, source: str) -> dict[str, Any]:
         lin = self.spool.lineage(source)

@@ -19,13 +19,13 @@ from cdm.data import load_fashion_mnist
 from daemon.config import KafkaConfig
 from daemon.hotswap import CompositionLoader, LiveComposition
 from daemon.ingest import Ingestor
-from daemon.keys import Keys
 from daemon.metrics import Metrics
 from daemon.producer import push_source, send_control
-from daemon.registry import RegistryClient
 from daemon.spool import Spool, SpoolState
 from daemon.wire import ControlCommand
 from deploy.local import services
+from registry.keys import Keys
+from registry.reader import RegistryClient
 from tests.bench.common import Profile, Result
 from tests.daemon.daemon_harness import DaemonEnv, digit_sources
 

@@ -19,9 +19,11 @@ import redis
 from kafka import KafkaProducer
 
 from cdm.data import SourceData, load_digits
-from daemon.keys import Keys
 from daemon.producer import push_source
-from daemon.registry import Registry, RegistrySnapshot
+from registry.coordination import Coordinator
+from registry.keys import Keys
+from registry.records import RegistrySnapshot
+from registry.writer import Registry
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -175,6 +177,9 @@ class DaemonEnv:
     def registry(self) -> Registry:
         return Registry(redis.Redis.from_url(self.redis_url), Keys(self.namespace))
 
+    def coordinator(self) -> Coordinator:
+        return Coordinator(redis.Redis.from_url(self.redis_url), Keys(self.namespace))
+
     def producer(self) -> KafkaProducer:
         return KafkaProducer(bootstrap_servers=self.bootstrap)
 
@@ -211,11 +216,11 @@ class DaemonEnv:
         return self.wait(f"serving {sorted(sources)}", check, timeout)
 
     def http_port(self, daemon_index: int = 0) -> int:
-        reg = self.registry()
+        coordinator = self.coordinator()
         pid = self.procs[daemon_index].pid
 
         def check() -> int | None:
-            for d in reg.live_daemons():
+            for d in coordinator.live_daemons():
                 if d.info.get("pid") == pid and d.info.get("http_port"):
                     return int(d.info["http_port"])
             return None

@@ -7,18 +7,17 @@ import json
 from pathlib import Path
 
 import pytest
-import redis
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from cdm.errors import ConfigError
 from daemon.config import (
     AppConfig,
     KafkaConfig,
-    RedisConfig,
     load_config,
     parse_config,
     with_services,
 )
+from registry.config import RedisConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,29 +196,14 @@ def test_kafka_kwargs_are_accepted_by_kafka_python() -> None:
     assert cfg.producer_kwargs(linger_ms=5)["linger_ms"] == 5
 
 
-def test_redis_client_kwargs_plain() -> None:
-    kw = RedisConfig(url="redis://127.0.0.1:1/3").client_kwargs()
-    assert kw["url"] == "redis://127.0.0.1:1/3"
-    assert not any(k.startswith("ssl") for k in kw) and "password" not in kw
-    client = redis.Redis.from_url(**kw)  # connects lazily: nothing is contacted here
-    conn = client.connection_pool.make_connection()
-    assert type(conn) is redis.Connection and conn.db == 3
-    client.close()
-
-
-def test_redis_client_kwargs_tls_and_password() -> None:
-    cfg = RedisConfig(url="redis://h:6379/0", tls=True, tls_ca_certs="/ca.pem", password="s3cret", username="u")
-    kw = cfg.client_kwargs()
-    assert kw["url"].startswith("rediss://")
-    assert kw["ssl_ca_certs"] == "/ca.pem" and kw["ssl_cert_reqs"] == "required"
-    assert (kw["username"], kw["password"]) == ("u", "s3cret")
-    client = redis.Redis.from_url(**kw)
-    conn = client.connection_pool.make_connection()
-    assert isinstance(conn, redis.SSLConnection)
-    client.close()
-    assert "s3cret" not in repr(cfg)
+def test_invalid_redis_section_is_a_config_error(tmp_path: Path) -> None:
+    """registry.config raises its own error; the daemon reports it like every other section."""
     with pytest.raises(ConfigError, match="TLS is off"):
-        RedisConfig(tls_ca_certs="/ca.pem")
+        load_config(write(tmp_path, "[redis]\ntls_ca_certs = '/ca.pem'\n"))
+    services = tmp_path / "services.json"
+    services.write_text(json.dumps({"redis_url": "http://x", "kafka_bootstrap": "127.0.0.1:6"}))
+    with pytest.raises(ConfigError, match="redis://"):
+        with_services(AppConfig(), services)
 
 
 def test_to_dict_redacts_secrets() -> None:

@@ -17,8 +17,9 @@ from kafka import KafkaConsumer, TopicPartition
 
 from daemon.cli import main
 from daemon.hotswap import CompositionLoader, LiveComposition, artifact_path
-from daemon.keys import Keys
-from daemon.registry import CompartmentStatus, RegistryClient
+from registry.keys import Keys
+from registry.reader import RegistryClient
+from registry.records import CompartmentStatus
 from tests.daemon.daemon_harness import DaemonEnv, digit_sources, http_get, metric, names_by_partition
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]
@@ -207,7 +208,7 @@ def test_two_daemons_in_one_group_split_sources_and_train_each_once(env: DaemonE
     # one source per partition of the 4-partition topic, so each member of the group owns some
     names = names_by_partition(4)
     sources = {names[i]: data for i, data in enumerate(digit_sources(4).values())}
-    env.wait("both daemons alive", lambda: len(env.registry().live_daemons()) == 2, 60)
+    env.wait("both daemons alive", lambda: len(env.coordinator().live_daemons()) == 2, 60)
     env.push(sources)
     snap = env.wait_serving(set(sources), timeout=240)
     reg = env.registry()

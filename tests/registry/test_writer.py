@@ -1,63 +1,21 @@
-"""daemon/registry.py against the real redis-server of deploy/local/services.py (no mocks)."""
+"""registry/writer.py against the real redis-server of deploy/local/services.py (no mocks)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
-from daemon.errors import CompartmentNotFound, InvalidTransition
-from daemon.keys import Keys, compartment_id, parse_compartment_id
-from daemon.registry import (
-    CompartmentRecord,
-    CompartmentStatus,
-    Registry,
-    RegistryClient,
-    RegistrySnapshot,
-    RouterRecord,
-)
+from registry.errors import CompartmentNotFound, InvalidTransition
+from registry.keys import Keys, compartment_id, parse_compartment_id
+from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord
+from registry.writer import Registry
+from tests.registry.conftest import SHA, train_and_activate
 
 pytestmark = pytest.mark.services
-
-SHA = {"unet/diffusion_pytorch_model.safetensors": "ab" * 32}
-
-
-class FakeClock:
-    """Deterministic wall clock for timestamps (Redis TTLs still run on Redis' own clock)."""
-
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
-@pytest.fixture
-def keys(redis_namespace: str) -> Keys:
-    return Keys(redis_namespace)
-
-
-@pytest.fixture
-def registry(redis_client: redis.Redis, keys: Keys) -> Registry:
-    return Registry(redis_client, keys, clock=FakeClock())
-
-
-def train_and_activate(registry: Registry, source: str, fingerprint: str, n: int = 10) -> CompartmentRecord:
-    record = registry.begin_training(source, fingerprint, {"topic": "cdm.sources", "offsets": {"0": n}})
-    return registry.activate(
-        record.compartment_id,
-        artifact_uri=f"/artifacts/{record.compartment_id}",
-        sha256=SHA,
-        prior=float(n),
-        class_counts=[n, 0],
-        n_samples=n,
-        train_metrics={"final_loss": 0.1},
-    )
 
 
 # --------------------------------------------------------------------------------------------- lifecycle
@@ -279,96 +237,6 @@ def test_concurrent_activations_each_bump_epoch_exactly_once(
     assert sorted(c.epoch for c in activations) == list(range(1, total + 1))  # no epoch used twice or skipped
 
 
-def test_snapshot_is_consistent_under_concurrent_writes(
-    redis_db_url: str, keys: Keys, redis_client: redis.Redis
-) -> None:
-    """With one source, the epoch after activating version k is k: every snapshot must show exactly that."""
-    stop = threading.Event()
-    n_versions = 40
-
-    def writer() -> None:
-        client = redis.Redis.from_url(redis_db_url)
-        try:
-            registry = Registry(client, keys)
-            for v in range(1, n_versions + 1):
-                train_and_activate(registry, "shoes", f"fp{v}")
-        finally:
-            stop.set()
-            client.close()
-
-    thread = threading.Thread(target=writer)
-    thread.start()
-    reader = RegistryClient(redis_client, keys)
-    seen = 0
-    while not stop.is_set() or seen == 0:
-        snap = reader.snapshot()
-        if snap.epoch:
-            assert len(snap.compartments) == 1
-            (only,) = snap.compartments
-            assert only.status is CompartmentStatus.ACTIVE
-            assert only.version == snap.epoch, snap
-        seen += 1
-    thread.join()
-    assert reader.snapshot().epoch == n_versions
-
-
-# --------------------------------------------------------------------------------------------- locks
-
-
-def test_source_lock_exclusive_owner_only(registry: Registry) -> None:
-    assert registry.acquire_source_lock("shoes", "daemon-a", ttl_s=10)
-    assert not registry.acquire_source_lock("shoes", "daemon-b", ttl_s=10)
-    assert registry.source_lock_owner("shoes") == "daemon-a"
-    assert not registry.release_source_lock("shoes", "daemon-b")  # not the owner
-    assert not registry.refresh_source_lock("shoes", "daemon-b", ttl_s=10)
-    assert registry.source_lock_owner("shoes") == "daemon-a"
-    assert registry.acquire_source_lock("bags", "daemon-b", ttl_s=10)  # other sources are independent
-    assert registry.release_source_lock("shoes", "daemon-a")
-    assert not registry.release_source_lock("shoes", "daemon-a")  # already released
-    assert registry.acquire_source_lock("shoes", "daemon-b", ttl_s=10)
-
-
-def test_source_lock_expires_and_refresh_extends(registry: Registry, redis_client: redis.Redis, keys: Keys) -> None:
-    assert registry.acquire_source_lock("shoes", "a", ttl_s=0.5)
-    assert 0 < redis_client.pttl(keys.source_lock("shoes")) <= 500
-    assert registry.refresh_source_lock("shoes", "a", ttl_s=30)
-    assert redis_client.pttl(keys.source_lock("shoes")) > 29_000  # extended from now
-    assert registry.release_source_lock("shoes", "a")
-    assert registry.acquire_source_lock("shoes", "a", ttl_s=0.2)
-    time.sleep(0.3)
-    assert registry.source_lock_owner("shoes") is None  # expired
-    assert not registry.refresh_source_lock("shoes", "a", ttl_s=1)  # lost: refresh must not resurrect it
-    assert registry.acquire_source_lock("shoes", "b", ttl_s=1)
-
-
-def test_job_lock(registry: Registry) -> None:
-    assert registry.acquire_job_lock("router", "a", ttl_s=5)
-    assert not registry.acquire_job_lock("router", "b", ttl_s=5)
-    assert registry.refresh_job_lock("router", "a", ttl_s=5)
-    assert registry.release_job_lock("router", "a")
-    assert registry.acquire_job_lock("router", "b", ttl_s=5)
-
-
-# --------------------------------------------------------------------------------------------- heartbeat
-
-
-def test_heartbeat_ttl(registry: Registry, redis_client: redis.Redis, keys: Keys) -> None:
-    registry.heartbeat("d1", ttl_s=0.5, info={"host": "h", "pid": 1})
-    registry.heartbeat("d2", ttl_s=10, info={"host": "h", "pid": 2})
-    live = registry.live_daemons()
-    assert [d.daemon_id for d in live] == ["d1", "d2"]
-    assert live[0].info == {"host": "h", "pid": 1}
-    assert 0 < live[0].ttl_s <= 0.5
-    assert 0 < redis_client.pttl(keys.daemon("d1")) <= 500
-    time.sleep(0.6)
-    assert [d.daemon_id for d in registry.live_daemons()] == ["d2"]
-    assert redis_client.zrange(keys.daemons, 0, -1) == [b"d2"]  # the expired one left the index
-    registry.heartbeat("d1", ttl_s=10, info={"pid": 1})  # back again
-    assert [d.daemon_id for d in registry.live_daemons()] == ["d1", "d2"]
-    registry.clear_heartbeat("d2")
-    assert [d.daemon_id for d in registry.live_daemons()] == ["d1"]
-
-
 # --------------------------------------------------------------------------------------------- change log
 
 
@@ -408,102 +276,3 @@ def test_events_are_published(registry: Registry, redis_client: redis.Redis, key
         assert [(m["kind"], m["epoch"]) for m in messages] == [("training", 0), ("activated", 1)]
     finally:
         pubsub.close()
-
-
-# --------------------------------------------------------------------------------------------- watch
-
-
-class Watcher:
-    """Runs RegistryClient.watch in a thread and records the epochs it delivers."""
-
-    def __init__(self, client: RegistryClient, **kwargs: float) -> None:
-        self.snapshots: list[RegistrySnapshot] = []
-        self.stop = threading.Event()
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=client.watch, args=(self._on, self.stop), kwargs=kwargs)
-
-    def _on(self, snap: RegistrySnapshot) -> None:
-        with self._cond:
-            self.snapshots.append(snap)
-            self._cond.notify_all()
-
-    @property
-    def epochs(self) -> list[int]:
-        with self._cond:
-            return [s.epoch for s in self.snapshots]
-
-    def wait_for(self, epoch: int, timeout: float = 5.0) -> float:
-        """Seconds until ``epoch`` was delivered (fails after ``timeout``)."""
-        t0 = time.monotonic()
-        with self._cond:
-            ok = self._cond.wait_for(lambda: any(s.epoch == epoch for s in self.snapshots), timeout)
-        assert ok, f"epoch {epoch} not delivered; got {self.epochs}"
-        return time.monotonic() - t0
-
-    def __enter__(self) -> Watcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self._thread.join(timeout=10)
-        assert not self._thread.is_alive()
-
-
-@pytest.fixture
-def watch_client(redis_db_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    clients: list[redis.Redis] = []
-
-    def make() -> redis.Redis:
-        clients.append(redis.Redis.from_url(redis_db_url))
-        return clients[-1]
-
-    yield make
-    for c in clients:
-        c.close()
-
-
-def test_watch_sees_every_epoch(registry: Registry, keys: Keys, watch_client: Callable[[], redis.Redis]) -> None:
-    train_and_activate(registry, "shoes", "fp1")  # before the watch starts: the first read catches it
-    with Watcher(RegistryClient(watch_client(), keys), resync_s=30, poll_s=0.05) as watcher:
-        watcher.wait_for(1)
-        for epoch, fp in enumerate(["fp2", "fp3", "fp4"], start=2):
-            train_and_activate(registry, "shoes", fp)
-            assert watcher.wait_for(epoch) < 2  # via pub/sub, long before the 30 s resync
-        registry.set_router(RouterRecord("r", "/r", {}, ("shoes@v4",), 4))
-        watcher.wait_for(5)
-    assert watcher.epochs == [1, 2, 3, 4, 5]
-    assert watcher.snapshots[-1].router is not None
-    assert watcher.snapshots[3].compartment_ids == ("shoes@v4",)
-
-
-def test_watch_catches_change_whose_event_was_lost(
-    registry: Registry, keys: Keys, redis_client: redis.Redis, watch_client: Callable[[], redis.Redis]
-) -> None:
-    """A change without (or with a missed) pub/sub message is still seen by the periodic re-read."""
-    with Watcher(RegistryClient(watch_client(), keys), resync_s=0.3, poll_s=0.05) as watcher:
-        watcher.wait_for(0)
-        # what a writer whose PUBLISH got lost looks like: the epoch moves, no message arrives
-        train_and_activate(Registry(redis_client, Keys(keys.namespace + "-elsewhere")), "x", "fp")
-        redis_client.hset(keys.router, mapping={"router_id": "r", "artifact_uri": "/r"})
-        redis_client.incr(keys.epoch)
-        watcher.wait_for(1, timeout=3)
-    assert watcher.epochs == [0, 1]
-    assert watcher.snapshots[-1].router is not None and watcher.snapshots[-1].router.router_id == "r"
-
-
-def test_watch_rereads_after_reconnect(
-    registry: Registry, keys: Keys, redis_client: redis.Redis, watch_client: Callable[[], redis.Redis]
-) -> None:
-    """Kill the watcher's pub/sub connection, change the registry while it is gone: the re-read catches it."""
-    watched = watch_client()
-    watched.client_setname("watcher")
-    with Watcher(RegistryClient(watched, keys), resync_s=30, poll_s=0.05, retry_s=0.1) as watcher:
-        watcher.wait_for(0)
-        killed = redis_client.client_kill_filter(_type="pubsub", skipme=True)
-        assert killed >= 1
-        redis_client.incr(keys.epoch)  # no event: only a re-read after reconnecting can see it
-        watcher.wait_for(1, timeout=5)
-        train_and_activate(registry, "shoes", "fp1")  # and events flow again afterwards
-        watcher.wait_for(2, timeout=5)
-    assert watcher.epochs == [0, 1, 2]

@@ -1,4 +1,4 @@
-"""Every Redis key, stream and channel name the daemon uses, in one place (like rq's and arq's constants).
+"""Every Redis key, stream and channel name of the registry, in one place (like rq's and arq's constants).
 
 All names start with the configured namespace (``[redis] namespace``, default ``cdm``), so several
 deployments (or tests) can share one Redis server. ``ns`` below stands for that prefix.

@@ -1,0 +1,3 @@
+-- KEYS[1]: lock; ARGV[1]: owner. Delete only if we own it.
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0

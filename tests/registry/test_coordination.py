@@ -1,0 +1,77 @@
+"""registry/coordination.py: owner-checked locks and heartbeats against the real redis-server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from registry.coordination import Coordinator
+from registry.keys import Keys
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def coordinator(redis_client: redis.Redis, keys: Keys) -> Coordinator:
+    return Coordinator(redis_client, keys)
+
+
+# --------------------------------------------------------------------------------------------- locks
+
+
+def test_source_lock_exclusive_owner_only(coordinator: Coordinator) -> None:
+    assert coordinator.acquire_source_lock("shoes", "daemon-a", ttl_s=10)
+    assert not coordinator.acquire_source_lock("shoes", "daemon-b", ttl_s=10)
+    assert coordinator.source_lock_owner("shoes") == "daemon-a"
+    assert not coordinator.release_source_lock("shoes", "daemon-b")  # not the owner
+    assert not coordinator.refresh_source_lock("shoes", "daemon-b", ttl_s=10)
+    assert coordinator.source_lock_owner("shoes") == "daemon-a"
+    assert coordinator.acquire_source_lock("bags", "daemon-b", ttl_s=10)  # other sources are independent
+    assert coordinator.release_source_lock("shoes", "daemon-a")
+    assert not coordinator.release_source_lock("shoes", "daemon-a")  # already released
+    assert coordinator.acquire_source_lock("shoes", "daemon-b", ttl_s=10)
+
+
+def test_source_lock_expires_and_refresh_extends(
+    coordinator: Coordinator, redis_client: redis.Redis, keys: Keys
+) -> None:
+    assert coordinator.acquire_source_lock("shoes", "a", ttl_s=0.5)
+    assert 0 < redis_client.pttl(keys.source_lock("shoes")) <= 500
+    assert coordinator.refresh_source_lock("shoes", "a", ttl_s=30)
+    assert redis_client.pttl(keys.source_lock("shoes")) > 29_000  # extended from now
+    assert coordinator.release_source_lock("shoes", "a")
+    assert coordinator.acquire_source_lock("shoes", "a", ttl_s=0.2)
+    time.sleep(0.3)
+    assert coordinator.source_lock_owner("shoes") is None  # expired
+    assert not coordinator.refresh_source_lock("shoes", "a", ttl_s=1)  # lost: refresh must not resurrect it
+    assert coordinator.acquire_source_lock("shoes", "b", ttl_s=1)
+
+
+def test_job_lock(coordinator: Coordinator) -> None:
+    assert coordinator.acquire_job_lock("router", "a", ttl_s=5)
+    assert not coordinator.acquire_job_lock("router", "b", ttl_s=5)
+    assert coordinator.refresh_job_lock("router", "a", ttl_s=5)
+    assert coordinator.release_job_lock("router", "a")
+    assert coordinator.acquire_job_lock("router", "b", ttl_s=5)
+
+
+# --------------------------------------------------------------------------------------------- heartbeat
+
+
+def test_heartbeat_ttl(coordinator: Coordinator, redis_client: redis.Redis, keys: Keys) -> None:
+    coordinator.heartbeat("d1", ttl_s=0.5, info={"host": "h", "pid": 1})
+    coordinator.heartbeat("d2", ttl_s=10, info={"host": "h", "pid": 2})
+    live = coordinator.live_daemons()
+    assert [d.daemon_id for d in live] == ["d1", "d2"]
+    assert live[0].info == {"host": "h", "pid": 1}
+    assert 0 < live[0].ttl_s <= 0.5
+    assert 0 < redis_client.pttl(keys.daemon("d1")) <= 500
+    time.sleep(0.6)
+    assert [d.daemon_id for d in coordinator.live_daemons()] == ["d2"]
+    assert redis_client.zrange(keys.daemons, 0, -1) == [b"d2"]  # the expired one left the index
+    coordinator.heartbeat("d1", ttl_s=10, info={"pid": 1})  # back again
+    assert [d.daemon_id for d in coordinator.live_daemons()] == ["d1", "d2"]
+    coordinator.clear_heartbeat("d2")
+    assert [d.daemon_id for d in coordinator.live_daemons()] == ["d1"]
