@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from cdm.errors import IntegrityError, StoreError
+from cdm.errors import CdmError, IntegrityError, StoreError
 
 MANIFEST = "manifest.json"
 
@@ -143,6 +144,19 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def artifact_uri(path: Path) -> str:
+    """The URI recorded for a local artifact directory (``file:///abs/dir``)."""
+    return path.resolve().as_uri()
+
+
+def artifact_path(uri: str) -> Path:
+    """A recorded artifact URI (``file:///abs/dir`` or a plain path) as a local path."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(urllib.parse.unquote(parsed.path if parsed.scheme else uri))
+    raise CdmError(f"artifact URI {uri!r} has scheme {parsed.scheme!r}; only file:// artifacts can be loaded")
 
 
 def remove_tree(path: Path) -> list[str]:

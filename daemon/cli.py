@@ -274,9 +274,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         den = store.composed(device=device, vectorize=sc.vectorize, mode=sc.mode, top_k=sc.top_k)
         model_cfg = store.model
     else:
-        from daemon.hotswap import load_live_composition
+        from sampler.loader import load_live_composition
 
-        den, model_cfg = load_live_composition(args.redis, cfg, device=device)
+        den, model_cfg = load_live_composition(cfg.redis, url=args.redis, device=device, vectorize=sc.vectorize)
     pipe = CompartmentalPipeline(den, make_scheduler(args.scheduler or sc.scheduler, model_cfg))
     out = pipe(
         batch_size=args.n,

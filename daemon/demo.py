@@ -112,9 +112,9 @@ def wait_serving(
 def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
     from cdm.viz import save_grid
-    from daemon.hotswap import load_live_composition
+    from sampler.loader import load_live_composition
 
-    den, model = load_live_composition(redis_url, cfg)
+    den, model = load_live_composition(cfg.redis, url=redis_url, vectorize=cfg.library.sample.vectorize)
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
     # one class per grid column (0 T-shirt ... 9 boot): the router's P(source | x_t, t, c) picks the compartment
     out = pipe(

@@ -29,7 +29,6 @@ from prometheus_client import CollectorRegistry
 import cdm
 from daemon.config import AppConfig
 from daemon.errors import ColdShutdown, ShutdownRequested
-from daemon.hotswap import Composition, CompositionLoader, LiveComposition
 from daemon.spool import Spool, SpoolLimits
 from daemon.training_worker import ArtifactLayout, Job, Notices, TrainingWorker
 from daemon.wire import ControlCommand, Origin
@@ -38,6 +37,8 @@ from registry.coordination import Coordinator
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.writer import Registry
+from sampler.live import Composition, LiveComposition
+from sampler.loader import CompositionLoader
 
 log = logging.getLogger(__name__)
 

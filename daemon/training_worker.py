@@ -26,13 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from cdm.artifacts import remove_tree
+from cdm.artifacts import artifact_path, artifact_uri, remove_tree
 from cdm.config import LibraryConfig
 from cdm.data import SourceData, fingerprint, load_npz, save_npz
 from cdm.errors import CdmError
 from cdm.router import save_router, train_router
 from cdm.training import train_compartment
-from daemon.hotswap import artifact_path, artifact_uri
 from daemon.spool import Spool
 from daemon.wire import Origin
 from registry.coordination import Coordinator

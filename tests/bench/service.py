@@ -17,7 +17,6 @@ from prometheus_client import CollectorRegistry
 
 from cdm.data import load_fashion_mnist
 from daemon.config import KafkaConfig
-from daemon.hotswap import CompositionLoader, LiveComposition
 from daemon.ingest import Ingestor
 from daemon.metrics import Metrics
 from daemon.producer import push_source, send_control
@@ -26,6 +25,8 @@ from daemon.wire import ControlCommand
 from deploy.local import services
 from registry.keys import Keys
 from registry.reader import RegistryClient
+from sampler.live import LiveComposition
+from sampler.loader import CompositionLoader
 from tests.bench.common import Profile, Result
 from tests.daemon.daemon_harness import DaemonEnv, digit_sources
 

@@ -15,11 +15,13 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
+from cdm.artifacts import artifact_path
 from daemon.cli import main
-from daemon.hotswap import CompositionLoader, LiveComposition, artifact_path
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.records import CompartmentStatus
+from sampler.live import LiveComposition
+from sampler.loader import CompositionLoader
 from tests.daemon.daemon_harness import DaemonEnv, digit_sources, http_get, metric, names_by_partition
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]

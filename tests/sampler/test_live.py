@@ -7,15 +7,17 @@ from pathlib import Path
 
 import redis
 
+from cdm.artifacts import artifact_path, artifact_uri
 from cdm.compartment import WEIGHTS
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.router import save_router, train_router
 from cdm.training import train_compartment
-from daemon.hotswap import CompositionLoader, LiveComposition, artifact_path, artifact_uri
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.records import RouterRecord
 from registry.writer import Registry
+from sampler.live import LiveComposition
+from sampler.loader import CompositionLoader
 from tests.daemon.daemon_harness import digit_sources
 
 MODEL = ModelConfig(sample_size=8, block_out_channels=(16, 32))

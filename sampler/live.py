@@ -1,9 +1,10 @@
 """Hot swap: follow the registry and replace the served composition atomically, never serving a broken one.
 
-On every new epoch the watcher thread loads what changed (compartments are immutable and cached by id),
-verifies every sha256 against the registry, builds a new ComposedDenoiser and swaps one reference. Requests
-that already hold the old composition finish on it. When loading fails, the last good composition keeps
-serving and the error is reported (``last_error``, logs, metrics).
+On every new epoch the watcher thread asks a builder (``sampler.loader.CompositionLoader``) for the new
+composition: compartments are immutable and cached by id, every sha256 is verified against the registry, and a
+new ComposedDenoiser is built. Then one reference is swapped. Requests that already hold the old composition
+finish on it. When loading fails, the last good composition keeps serving and the error is reported
+(``last_error``, logs, metrics).
 """
 
 from __future__ import annotations
@@ -11,37 +12,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-import numpy as np
 import torch
+from prometheus_client import Counter, Gauge, Histogram
 
-from cdm.compartment import Compartment
-from cdm.compose import ComposedDenoiser, Vectorize
+from cdm.compose import ComposedDenoiser
 from cdm.config import ModelConfig, SampleConfig
 from cdm.errors import CdmError
 from cdm.pipeline import CompartmentalPipeline, CompartmentalPipelineOutput, make_scheduler
-from cdm.router import Router, load_router
 from registry.reader import RegistryClient
 from registry.records import RegistrySnapshot
 
 log = logging.getLogger(__name__)
-
-
-def artifact_path(uri: str) -> Path:
-    """A registry artifact URI (``file:///abs/dir`` or a plain path) as a local path."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(urllib.parse.unquote(parsed.path if parsed.scheme else uri))
-    raise CdmError(f"artifact URI {uri!r} has scheme {parsed.scheme!r}; only file:// artifacts can be loaded")
-
-
-def artifact_uri(path: Path) -> str:
-    return path.resolve().as_uri()
 
 
 @dataclass(frozen=True)
@@ -60,50 +45,19 @@ class Composition:
         return self.denoiser.model_config
 
 
-class CompositionLoader:
-    """Builds compositions from registry snapshots, caching immutable compartments by id."""
+class CompositionBuilder(Protocol):
+    """Builds the composition of a registry snapshot (``sampler.loader.CompositionLoader``)."""
 
-    def __init__(self, *, device: str = "cpu", vectorize: Vectorize = "auto") -> None:
-        self.device = device
-        self.vectorize: Vectorize = vectorize
-        self._compartments: dict[str, Compartment] = {}
-        self._router: tuple[str, Router] | None = None
-
-    def build(self, snap: RegistrySnapshot) -> Composition | None:
-        """The composition of ``snap``; None while there is nothing to serve (no router or no compartment)."""
-        if snap.router is None or not snap.compartments:
-            return None
-        routed = set(snap.router.compartment_ids)
-        records = [c for c in snap.compartments if c.compartment_id in routed]
-        pending = tuple(c.compartment_id for c in snap.compartments if c.compartment_id not in routed)
-        if not records:
-            return None
-        # 1. router: reload only when the registry names another one; sha256 verified against the registry
-        if self._router is None or self._router[0] != snap.router.router_id:
-            router, _ = load_router(
-                artifact_path(snap.router.artifact_uri), device=self.device, expected_sha256=snap.router.sha256
-            )
-            self._router = (snap.router.router_id, router)
-        router = self._router[1]
-        # 2. compartments: load new ones, reuse cached ones (same id = same bytes)
-        loaded = {}
-        for rec in records:
-            comp = self._compartments.get(rec.compartment_id)
-            if comp is None:
-                comp = Compartment.load(artifact_path(rec.artifact_uri), device=self.device, expected_sha256=rec.sha256)
-            loaded[rec.compartment_id] = comp
-        self._compartments = loaded  # drop retired ones from memory
-        ids = [r.compartment_id for r in records]
-        sources = [r.source for r in records]
-        router_sources = [_source_of(cid) for cid in snap.router.compartment_ids]
-        den = ComposedDenoiser(
-            [loaded[i] for i in ids], router, sources, router_names=router_sources, vectorize=self.vectorize
-        )
-        return Composition(snap.epoch, den, tuple(ids), tuple(sources), pending)
+    def build(self, snap: RegistrySnapshot) -> Composition | None: ...
 
 
-def _source_of(compartment_id: str) -> str:
-    return compartment_id.rsplit("@", 1)[0]
+class SwapMetrics(Protocol):
+    """The metrics a live composition reports (``daemon.metrics.Metrics`` has them)."""
+
+    hotswap_seconds: Histogram
+    hotswap_failures: Counter
+    registry_epoch: Gauge
+    sampling_seconds: Histogram
 
 
 class LiveComposition:
@@ -111,19 +65,19 @@ class LiveComposition:
 
     Args:
         client: registry read client (its Redis connection is the caller's).
-        loader: builds compositions (device, vectorisation).
+        loader: builds compositions (device, vectorisation, artifact cache).
         sample: sampling defaults.
-        metrics: optional ``daemon.metrics.Metrics`` (hot-swap seconds, epoch, active compartments).
+        metrics: optional hot-swap seconds and failures, epoch, sampling seconds.
         resync_s: re-read the epoch at least this often even without a pub/sub event.
     """
 
     def __init__(
         self,
         client: RegistryClient,
-        loader: CompositionLoader,
+        loader: CompositionBuilder,
         *,
         sample: SampleConfig | None = None,
-        metrics: Any | None = None,
+        metrics: SwapMetrics | None = None,
         resync_s: float = 5.0,
         on_swap: Callable[[Composition | None], None] | None = None,
     ) -> None:
@@ -231,31 +185,3 @@ class LiveComposition:
         if self._metrics is not None:
             self._metrics.sampling_seconds.observe(time.perf_counter() - started)
         return comp, out
-
-
-def load_live_composition(
-    redis_url: str | None, cfg: Any, *, device: str = "cpu"
-) -> tuple[ComposedDenoiser, ModelConfig]:
-    """One-shot: the registry's current composition (for ``cdm sample --redis``)."""
-    from registry.client import connect
-    from registry.keys import Keys
-
-    rc = cfg.redis
-    url = redis_url or rc.url
-    client = connect(rc, url=redis_url)
-    try:
-        snap = RegistryClient(client, Keys(rc.namespace)).snapshot()
-    finally:
-        client.close()
-    comp = CompositionLoader(device=device, vectorize=cfg.library.sample.vectorize).build(snap)
-    if comp is None:
-        raise CdmError(
-            f"the registry at {url} serves nothing yet (epoch {snap.epoch}, {len(snap.compartments)} active "
-            "compartment(s), router " + ("present" if snap.router else "missing") + "); push a source first"
-        )
-    return comp.denoiser, comp.model_config
-
-
-def attribution_summary(out: CompartmentalPipelineOutput) -> dict[str, float]:
-    """Mean attribution per source over a batch."""
-    return {n: float(v) for n, v in zip(out.source_names, np.asarray(out.attribution).mean(0), strict=True)}
