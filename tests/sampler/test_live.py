@@ -5,19 +5,22 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import redis
 
 from cdm.artifacts import artifact_path, artifact_uri
 from cdm.compartment import WEIGHTS
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
+from cdm.errors import CdmError
 from cdm.router import save_router, train_router
 from cdm.training import train_compartment
+from registry.config import RedisConfig
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.records import RouterRecord
 from registry.writer import Registry
 from sampler.live import LiveComposition
-from sampler.loader import CompositionLoader
+from sampler.loader import CompositionLoader, load_live_composition
 from tests.daemon.daemon_harness import digit_sources
 
 MODEL = ModelConfig(sample_size=8, block_out_channels=(16, 32))
@@ -61,13 +64,15 @@ def register(reg: Registry, root: Path, sources: dict, *, router_over: list[str]
 
 
 def test_swaps_new_epochs_and_keeps_the_last_good_composition(
-    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str
+    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str, redis_db_url: str
 ) -> None:
     keys = Keys(redis_namespace)
     reg = Registry(redis_client, keys)
     src = digit_sources(3)
     live = LiveComposition(RegistryClient(redis_client, keys), CompositionLoader())
     assert live.refresh() is None, "nothing registered yet: nothing to serve"
+    with pytest.raises(CdmError, match="serves nothing yet"):
+        load_live_composition(RedisConfig(namespace=redis_namespace), url=redis_db_url)
     register(reg, tmp_path, {"d0": src["d0"], "d1": src["d1"]}, router_over=["d0", "d1"])
     first = live.refresh()
     assert first is not None and sorted(first.sources) == ["d0", "d1"]
@@ -110,3 +115,6 @@ def test_swaps_new_epochs_and_keeps_the_last_good_composition(
     reg.set_router(dataclasses.replace(reg.snapshot().router, router_id="all-again"))  # type: ignore[arg-type]
     fixed = live.refresh()
     assert fixed is not None and sorted(fixed.sources) == ["d0", "d1", "d2"] and live.last_error is None
+    # the one-shot loader of `cdm sample --redis` sees the same composition
+    denoiser, model = load_live_composition(RedisConfig(namespace=redis_namespace), url=redis_db_url)
+    assert sorted(denoiser.source_names) == ["d0", "d1", "d2"] and model == MODEL
