@@ -16,8 +16,8 @@ demo: setup  ## the main job end to end: services + daemon + push sources + samp
 	@$(PY) -m daemon.demo
 
 test: dev  ## lint, type-check and the whole test suite (starts Redis, Kafka broker and S3 on free ports itself)
-	@$(PY) -m ruff check cdm registry sampler daemon tests deploy
-	@$(PY) -m mypy cdm registry sampler daemon
+	@$(PY) -m ruff check cdm registry sampler daemon cli tests deploy
+	@$(PY) -m mypy cdm registry sampler daemon cli
 	@$(PY) -m pytest
 
 unit: dev  ## tests that need no services

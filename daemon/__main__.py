@@ -1,7 +1,7 @@
-"""``python -m daemon`` is the ``cdm`` command."""
+"""``python -m daemon`` is the ``cdm`` command too (an entry point: the one daemon module that imports cli)."""
 
 import sys
 
-from daemon.cli import main
+from cli import main
 
 sys.exit(main())

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"== 2. starting `cdm daemon --config {cfg_path}` (log: {log})")
         with open(log, "ab") as logf:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "daemon", "--config", str(cfg_path), "daemon"],
+                [sys.executable, "-m", "cli", "--config", str(cfg_path), "daemon"],
                 stdout=logf,
                 stderr=subprocess.STDOUT,
             )

@@ -146,7 +146,7 @@ class DaemonEnv:
         self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "--config", str(config), "daemon", "--log-level", "INFO"],
+            [sys.executable, "-m", "cli", "--config", str(config), "daemon", "--log-level", "INFO"],
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -16,7 +16,7 @@ import redis
 from kafka import KafkaConsumer, TopicPartition
 
 from cdm.artifacts import artifact_path
-from daemon.cli import main
+from cli import main
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.records import CompartmentStatus

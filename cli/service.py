@@ -6,13 +6,20 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-DEFAULT_SERVICES = Path(".services/services.json")
+from cli.config import Subparsers, app_config
+from daemon.config import AppConfig, KafkaConfig
+
+if TYPE_CHECKING:
+    from kafka import KafkaProducer
+
+    from registry.records import CompartmentRecord, RouterRecord
 
 
-def register(sub: Any) -> None:
+def register(sub: Subparsers) -> None:
     """Add the service subcommands to the ``cdm`` parser."""
     d = sub.add_parser(
         "daemon",
@@ -72,16 +79,6 @@ def _services_flag(p: argparse.ArgumentParser) -> None:
     )
 
 
-def app_config(args: argparse.Namespace) -> Any:
-    """config.toml, with local service addresses from services.json when there is one."""
-    from daemon.cli import load_app_config
-    from daemon.config import with_services
-
-    cfg = load_app_config(args)
-    services = getattr(args, "services", None) or (DEFAULT_SERVICES if DEFAULT_SERVICES.exists() else None)
-    return with_services(cfg, services) if services else cfg
-
-
 def cmd_daemon(args: argparse.Namespace) -> int:
     from daemon.service import Service
 
@@ -94,10 +91,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return Service(cfg, progress=args.progress).run()
 
 
-def _producer(cfg: Any) -> Any:
+def _producer(cfg: KafkaConfig) -> KafkaProducer:
     from kafka import KafkaProducer
 
-    return KafkaProducer(**cfg.kafka.producer_kwargs())
+    return KafkaProducer(**cfg.producer_kwargs())
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -106,7 +103,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     cfg = app_config(args)
     data = load_npz(args.path)
-    producer = _producer(cfg)
+    producer = _producer(cfg.kafka)
     try:
         report = push_source(
             producer,
@@ -118,8 +115,6 @@ def cmd_push(args: argparse.Namespace) -> int:
         )
     finally:
         producer.close()
-    from dataclasses import asdict
-
     print(json.dumps(asdict(report)))
     return 0
 
@@ -131,7 +126,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     cfg = app_config(args)
     ids = tuple(int(v) for v in args.samples.split(",") if v.strip()) if args.samples else ()
     cmd = ControlCommand(op=args.op, source=args.source, sample_ids=ids, request_id=args.request_id)
-    producer = _producer(cfg)
+    producer = _producer(cfg.kafka)
     try:
         origin = send_control(producer, cfg.kafka.control_topic, cmd)
     finally:
@@ -157,14 +152,13 @@ def cmd_services(args: argparse.Namespace) -> int:
     return int(services.main(argv) or 0)
 
 
-def cmd_ls_registry(args: argparse.Namespace, _cfg: Any) -> int:
-    """``cdm ls`` over the live registry."""
+def cmd_ls_registry(args: argparse.Namespace, cfg: AppConfig) -> int:
+    """``cdm ls`` over the live registry of ``cfg`` (``--redis`` replaces its url)."""
     from registry.client import connect
     from registry.coordination import Coordinator
     from registry.keys import Keys
     from registry.reader import RegistryClient
 
-    cfg = app_config(args)
     client = connect(cfg.redis, url=args.redis)
     try:
         keys = Keys(cfg.redis.namespace)
@@ -190,9 +184,7 @@ def cmd_ls_registry(args: argparse.Namespace, _cfg: Any) -> int:
     return 0
 
 
-def _record(rec: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
+def _record(rec: CompartmentRecord | RouterRecord) -> dict[str, Any]:
     d = asdict(rec)
     if "status" in d:
         d["status"] = str(d["status"])

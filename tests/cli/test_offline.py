@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.cli import build_parser, main
+from cli import build_parser, main
 
 TINY_TOML = """
 [model]

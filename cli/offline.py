@@ -1,6 +1,6 @@
-"""The ``cdm`` command line: offline commands over a local store, and the service commands (daemon, push, ls).
+"""Offline commands of ``cdm`` over a local store directory: split, train, sample, forget, evaluate, ``ls --store``.
 
-Every command reads ``config.toml`` once (``--config``, default ./config.toml when present); flags override it.
+``cdm sample --redis`` samples the live registry's composition with the same flags.
 """
 
 from __future__ import annotations
@@ -9,25 +9,11 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-EXAMPLES = """\
-examples (offline, a local store directory, no services needed):
-  cdm split --data fashion-mnist --scheme by-class --n 4 --out sources/
-  cdm train --store store/ --source shoes=sources/source-0.npz --source tops=sources/source-1.npz --steps 300
-  cdm sample --store store/ --n 64 --png grid.png --out samples.npz
-  cdm sample --store store/ --n 16 --sources shoes --labels 7 --top-k 1 --out shoes.npz
-  cdm forget --store store/ --source tops
-  cdm evaluate --store store/ --n 500
-
-examples (the service: Kafka + Redis; `make services-start` runs local ones):
-  cdm daemon --config config.toml
-  cdm push --source shoes sources/source-0.npz
-  cdm ls --json
-  cdm sample --redis redis://127.0.0.1:6379/0 --n 16 --out live.npz
-"""
+from cdm.config import LibraryConfig, RouterConfig, TrainConfig, replace
+from cli.config import Subparsers, load_app_config
 
 
 def _csv(value: str) -> list[str]:
@@ -48,20 +34,8 @@ def _source_arg(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cdm",
-        description=(
-            "cdm: Compartmentalized Diffusion Models. One diffusion model (compartment) per data source, "
-            "composed at sampling time as eps = sum_i w_i(x_t,t,c) eps_i(x_t,t,c) with a learnt router w. "
-            "Sources can be added without retraining the others and forgotten exactly."
-        ),
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def register(sub: Subparsers) -> None:
+    """Add the offline commands (a local store directory, no services) to the ``cdm`` parser."""
     s = sub.add_parser(
         "split",
         help="split a dataset into per-source .npz files",
@@ -153,21 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    ls = sub.add_parser("ls", help="list compartments (local store or live registry)")
-    g = ls.add_mutually_exclusive_group()
-    g.add_argument("--store", type=Path)
-    g.add_argument("--redis", help="registry URL (default: from config / .services/services.json)")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_ls)
-
-    try:
-        from daemon import service_cli
-    except ImportError:  # the service commands are optional for a library-only install
-        pass
-    else:
-        service_cli.register(sub)
-    return p
-
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per compartment ([train] steps)")
@@ -178,17 +137,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def load_app_config(args: argparse.Namespace) -> Any:
-    from daemon.config import load_config
-
-    path = args.config
-    if path is None and Path("config.toml").exists():
-        path = Path("config.toml")
-    return load_config(path)
-
-
-def _train_cfgs(args: argparse.Namespace, lib: Any) -> tuple[Any, Any]:
-    from cdm.config import replace
+def _train_cfgs(args: argparse.Namespace, lib: LibraryConfig) -> tuple[TrainConfig, RouterConfig]:
 
     precision = "bf16" if args.device == "cuda" else None
     train = replace(
@@ -379,45 +328,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    if args.store is not None:
-        from cdm.store import LocalStore
+def cmd_ls_store(args: argparse.Namespace) -> int:
+    """``cdm ls --store``: the compartments and the router of a local store."""
+    from cdm.store import LocalStore
 
-        store = LocalStore(args.store)
-        rows = [store.manifest(n).to_dict() for n in store.sources()]
-        rm = store.router_manifest()
-        doc: dict[str, Any] = {"store": str(args.store), "compartments": rows, "router": rm.to_dict() if rm else None}
-        if args.json:
-            print(json.dumps(doc))
-        else:
-            for r in rows:
-                print(
-                    f"{r['name']:20s} n={r['n_samples']:6d} steps={r['steps']:5d} loss={r['final_loss']:.4f} "
-                    f"fp={r['fingerprint'][:12]}"
-                )
-            if rm:
-                print(f"router over {rm.source_names}, held-out accuracy {rm.report['accuracy']:.3f}")
-        return 0
-    from daemon import service_cli
-
-    return service_cli.cmd_ls_registry(args, load_app_config(args))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from cdm.errors import CdmError
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except CdmError as exc:
-        print(f"cdm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"cdm {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    store = LocalStore(args.store)
+    rows = [store.manifest(n).to_dict() for n in store.sources()]
+    rm = store.router_manifest()
+    doc: dict[str, Any] = {"store": str(args.store), "compartments": rows, "router": rm.to_dict() if rm else None}
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        for r in rows:
+            print(
+                f"{r['name']:20s} n={r['n_samples']:6d} steps={r['steps']:5d} loss={r['final_loss']:.4f} "
+                f"fp={r['fingerprint'][:12]}"
+            )
+        if rm:
+            print(f"router over {rm.source_names}, held-out accuracy {rm.report['accuracy']:.3f}")
+    return 0
