@@ -1,8 +1,11 @@
 """The daemon: services started in a declared order, stopped in reverse, warm then cold shutdown.
 
-    bootstrap (redis, registry, metrics + HTTP, spool, worker, hot swap, kafka, scheduler)
-      -> loop: poll Kafka (paused while a compartment trains, so the group keeps us) -> heartbeat
-      -> finally: teardown in reverse order
+    Service(cfg)   builds every part; nothing connects yet (only the spool opens: it locks its directory, recovers)
+    run():  start-up steps, in order: redis -> heartbeat -> http -> spool -> training worker -> hot swap -> kafka ->
+            scheduler
+              (each step starts one service and returns the function that stops it)
+      -> loop: poll Kafka (paused while a compartment trains, so the group keeps us)
+      -> finally: teardown, calling the stop functions in reverse order
 
 The first SIGTERM/SIGINT is a warm shutdown: the poll loop ends, the training in progress checkpoints at its
 next step, nothing unregistered is committed. A second signal exits at once (cold); a restart resumes.
@@ -17,21 +20,29 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import redis
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
 import cdm
-from daemon.config import AppConfig
+from cdm.training import check_trainable
+from daemon.config import AppConfig, KafkaConfig, SchedulerConfig
 from daemon.errors import ColdShutdown, ShutdownRequested
+from daemon.health import HealthServer
+from daemon.ingest import Ingestor
+from daemon.jobs import Jobs, build_scheduler
+from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolLimits
-from daemon.training_worker import ArtifactLayout, Job, Notices, TrainingWorker
 from daemon.wire import ControlCommand, Origin
+from daemon.worker import ArtifactLayout, Job, Notices, TrainingWorker
 from registry.client import connect
 from registry.coordination import Coordinator
 from registry.keys import Keys
@@ -42,13 +53,170 @@ from sampler.loader import CompositionLoader
 
 log = logging.getLogger(__name__)
 
+Stop = Callable[[], None]
 
-@dataclass
+
+@dataclass(frozen=True)
 class Step:
-    """One service: started in order, stopped in reverse order."""
+    """One start-up step: ``start()`` brings one service up and returns the function that stops it."""
 
     name: str
-    stop: Callable[[], None]
+    start: Callable[[], Stop]
+
+
+@dataclass(frozen=True)
+class Started:
+    """A step that has started: stopped in reverse order at teardown."""
+
+    name: str
+    stop: Stop
+
+
+# ------------------------------------------------------------------------------------------ start-up steps
+
+
+def start_redis(client: redis.Redis) -> Stop:
+    """Fail fast when the registry's Redis is unreachable; closing the client is the stop."""
+    client.ping()
+    return client.close
+
+
+def start_heartbeat(
+    coordinator: Coordinator, daemon_id: str, ttl_s: float, info: Callable[[], Mapping[str, Any]]
+) -> Stop:
+    """Announce this daemon (the scheduler refreshes it); the stop removes it so others see us gone at once."""
+    coordinator.heartbeat(daemon_id, ttl_s, info())
+    return lambda: coordinator.clear_heartbeat(daemon_id)
+
+
+def start_http(http: HealthServer) -> Stop:
+    """Serve /metrics, /healthz, /readyz and /status."""
+    http.start()
+    return http.stop
+
+
+def start_spool(spool: Spool, metrics: Metrics) -> Stop:
+    """Report what opening the spool moved aside; closing it releases the directory lock."""
+    metrics.spool_quarantined.inc(len(spool.quarantined))
+    return spool.close
+
+
+def start_worker(worker: TrainingWorker) -> Stop:
+    """The training thread; its stop lets the training in progress checkpoint (up to two minutes)."""
+    worker.start()
+    return lambda: worker.stop(timeout=120)
+
+
+def start_hot_swap(live: LiveComposition) -> Stop:
+    """Follow the registry and serve its composition."""
+    live.start()
+    return live.stop
+
+
+def start_scheduler(jobs: Jobs, sc: SchedulerConfig) -> Stop:
+    """The periodic jobs (heartbeat, idle seal, router check, garbage collection, gauges)."""
+    scheduler = build_scheduler(jobs, sc)
+    scheduler.start()
+    return lambda: scheduler.shutdown(wait=False)
+
+
+class KafkaIngest:
+    """The Kafka side of the daemon, started as one step: topics, consumer, dead-letter producer, Ingestor.
+
+    Args:
+        cfg: ``[kafka]``.
+        client_id: this replica's Kafka client id.
+        spool: where accepted chunks are staged.
+        metrics: the daemon's metrics.
+        on_sealed: called with a source once it is complete (submits its training).
+        on_control: called with each control command and its origin.
+        claim_check_root: chunk-ref files must lie under it; None refuses them.
+        max_ref_bytes: largest claim-check file read.
+        max_decoded_bytes: largest uncompressed size of one chunk's arrays.
+        max_chunks_per_source: a seal announcing more chunks, or a cdm-seq not below it, is dead-lettered.
+        lag_interval_s: how often the consumer lag is exported.
+        retry_initial_s: first back-off after a broker or spool I/O failure (doubling per failure)...
+        retry_max_s: ...up to this.
+    """
+
+    def __init__(
+        self,
+        cfg: KafkaConfig,
+        *,
+        client_id: str,
+        spool: Spool,
+        metrics: Metrics,
+        on_sealed: Callable[[str], None],
+        on_control: Callable[[ControlCommand, Origin], None],
+        claim_check_root: Path | None,
+        max_ref_bytes: int,
+        max_decoded_bytes: int,
+        max_chunks_per_source: int,
+        lag_interval_s: float,
+        retry_initial_s: float,
+        retry_max_s: float,
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.spool = spool
+        self.metrics = metrics
+        self.on_sealed = on_sealed
+        self.on_control = on_control
+        self.claim_check_root = claim_check_root
+        self.max_ref_bytes = max_ref_bytes
+        self.max_decoded_bytes = max_decoded_bytes
+        self.max_chunks_per_source = max_chunks_per_source
+        self.lag_interval_s = lag_interval_s
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self._ingestor: Ingestor | None = None  # the clients connect when built, so only start() builds them
+
+    def start(self) -> Stop:
+        # topics are created with their partition count: never rely on broker auto-creation
+        if self.cfg.create_topics:
+            ensure_topics(self.cfg)
+        consumer = KafkaConsumer(**self.cfg.consumer_kwargs(client_id=self.client_id))
+        producer = KafkaProducer(**self.cfg.producer_kwargs())
+        ingestor = Ingestor(
+            consumer,
+            producer,
+            self.spool,
+            self.metrics,
+            self.cfg,
+            on_sealed=self.on_sealed,
+            on_control=self.on_control,
+            claim_check_root=self.claim_check_root,
+            max_ref_bytes=self.max_ref_bytes,
+            max_decoded_bytes=self.max_decoded_bytes,
+            max_chunks_per_source=self.max_chunks_per_source,
+            lag_interval_s=self.lag_interval_s,
+            retry_initial_s=self.retry_initial_s,
+            retry_max_s=self.retry_max_s,
+        )
+        self._ingestor = ingestor
+
+        def stop() -> None:
+            try:
+                ingestor.close()
+            finally:
+                consumer.close()
+                producer.close(timeout=5)
+
+        return stop
+
+    def problem(self) -> str | None:
+        """Why ingest is backing off; None when it is not (or has not started)."""
+        return self._ingestor.problem() if self._ingestor is not None else None
+
+    @property
+    def ingestor(self) -> Ingestor:
+        """The running Ingestor (the poll loop and the worker's notices run only after the kafka step)."""
+        if self._ingestor is None:
+            raise RuntimeError("the kafka step has not started yet: there is no Ingestor to use")
+        return self._ingestor
+
+
+# ------------------------------------------------------------------------------------------ the service
 
 
 class Service:
@@ -67,49 +235,16 @@ class Service:
         self.daemon_id = cfg.daemon.daemon_id or f"{socket.gethostname()}-{os.getpid()}"
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.progress = progress
-        self._steps: list[Step] = []
+        self.started = threading.Event()
         self._stop = threading.Event()
         self._signals = 0
         self._last_poll = 0.0
-        self.started = threading.Event()
-        # set during bootstrap
-        self.redis: redis.Redis
-        self.registry: Registry
-        self.coordinator: Coordinator
-        self.metrics: Any
-        self.http: Any = None
-        self.spool: Spool
-        self.worker: TrainingWorker
-        self.live: LiveComposition
-        self.ingestor: Any
-        self.scheduler: Any = None
-        self.jobs: Any = None  # daemon.scheduling.Jobs
-
-    # -- bootstrap ----------------------------------------------------------------------------------
-    def _push(self, name: str, stop: Callable[[], None]) -> None:
-        self._steps.append(Step(name, stop))
-        log.info("started %s", name)
-
-    def bootstrap(self) -> None:
-        """Start every service in dependency order."""
-        from kafka import KafkaConsumer, KafkaProducer
-
-        from daemon.health import HealthServer
-        from daemon.ingest import Ingestor
-        from daemon.metrics import Metrics
-        from daemon.scheduling import build_scheduler
-
-        cfg = self.cfg
-        # 1. redis + registry
-        self.redis = connect(cfg.redis)
-        self.redis.ping()
+        self._started: list[Started] = []
+        # the parts, in dependency order (redis-py and the threads below connect or run only when started)
         keys = Keys(cfg.redis.namespace)
+        self.redis = connect(cfg.redis)
         self.registry = Registry(self.redis, keys)
         self.coordinator = Coordinator(self.redis, keys)
-        self._push("redis", self.redis.close)
-        self.coordinator.heartbeat(self.daemon_id, cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
-        self._push("heartbeat", lambda: self.coordinator.clear_heartbeat(self.daemon_id))
-        # 2. metrics + HTTP (/metrics, /healthz, /readyz)
         self.metrics = Metrics(registry=self.metrics_registry)
         self.http = HealthServer(
             cfg.daemon.http_host,
@@ -119,50 +254,32 @@ class Service:
             is_ready=self.readiness,
             status=self.status,
         )
-        self.http.start()
-        self._push("http", self.http.stop)
-        # 3. spool + worker
         self.spool = open_spool(cfg)
-        self._push("spool", self.spool.close)
-        self.metrics.spool_quarantined.inc(len(self.spool.quarantined))
-        layout = ArtifactLayout(Path(cfg.daemon.artifact_dir))
         self.worker = TrainingWorker(
             registry=self.registry,
             coordinator=self.coordinator,
             spool=self.spool,
-            layout=layout,
+            layout=ArtifactLayout(Path(cfg.daemon.artifact_dir)),
             library=cfg.library,
             daemon_id=self.daemon_id,
             lock_ttl_s=cfg.daemon.lock_ttl_s,
             notices=Notices(self._registered, self._dropped, self._control_done),
             metrics=self.metrics,
-            progress=self.progress,
+            progress=progress,
         )
-        self.worker.start()
-        self._push("training worker", lambda: self.worker.stop(timeout=120))
-        # 4. hot-swapped composition following the registry
-        loader = CompositionLoader(device=cfg.daemon.device, vectorize=cfg.library.sample.vectorize)
         self.live = LiveComposition(
             RegistryClient(self.redis, keys),
-            loader,
+            CompositionLoader(device=cfg.daemon.device, vectorize=cfg.library.sample.vectorize),
             sample=cfg.library.sample,
             metrics=self.metrics,
             resync_s=cfg.scheduler.registry_resync_s,
             on_swap=self._on_swap,
         )
-        self.live.start()
-        self._push("hot swap", self.live.stop)
-        # 5. kafka (topics created with their partition count: never rely on broker auto-creation)
-        if cfg.kafka.create_topics:
-            ensure_topics(cfg.kafka)
-        consumer = KafkaConsumer(**cfg.kafka.consumer_kwargs(client_id=f"{cfg.kafka.client_id}-{self.daemon_id}"))
-        producer = KafkaProducer(**cfg.kafka.producer_kwargs())
-        self.ingestor = Ingestor(
-            consumer,
-            producer,
-            self.spool,
-            self.metrics,
+        self.kafka = KafkaIngest(
             cfg.kafka,
+            client_id=f"{cfg.kafka.client_id}-{self.daemon_id}",
+            spool=self.spool,
+            metrics=self.metrics,
             on_sealed=lambda source: self.worker.submit(Job("train", source)),
             on_control=self._on_control,
             claim_check_root=Path(cfg.daemon.claim_check_dir).resolve() if cfg.daemon.claim_check_dir else None,
@@ -173,25 +290,46 @@ class Service:
             retry_initial_s=cfg.daemon.ingest_retry_initial_s,
             retry_max_s=cfg.daemon.ingest_retry_max_s,
         )
+        self.jobs = Jobs(
+            spool=self.spool,
+            worker=self.worker,
+            registry=self.registry,
+            coordinator=self.coordinator,
+            metrics=self.metrics,
+            daemon=cfg.daemon,
+            daemon_id=self.daemon_id,
+            heartbeat=self.heartbeat,
+        )
+        # the start-up order; teardown runs the stops in reverse
+        self.steps: tuple[Step, ...] = (
+            Step("redis", functools.partial(start_redis, self.redis)),
+            Step(
+                "heartbeat",
+                functools.partial(
+                    start_heartbeat, self.coordinator, self.daemon_id, cfg.daemon.heartbeat_ttl_s, self._heartbeat_info
+                ),
+            ),
+            Step("http", functools.partial(start_http, self.http)),
+            Step("spool", functools.partial(start_spool, self.spool, self.metrics)),
+            Step("training worker", functools.partial(start_worker, self.worker)),
+            Step("hot swap", functools.partial(start_hot_swap, self.live)),
+            Step("kafka", self.kafka.start),
+            Step("scheduler", functools.partial(start_scheduler, self.jobs, cfg.scheduler)),
+        )
 
-        def close_kafka() -> None:
-            try:
-                self.ingestor.close()
-            finally:
-                consumer.close()
-                producer.close(timeout=5)
-
-        self._push("kafka", close_kafka)
-        # 6. scheduled jobs
-        self.scheduler = build_scheduler(self)
-        self.scheduler.start()
-        self._push("scheduler", lambda: self.scheduler.shutdown(wait=False))
+    # -- bootstrap and teardown ---------------------------------------------------------------------
+    def bootstrap(self) -> None:
+        """Run every start-up step in order, remembering each stop function as soon as its step succeeded."""
+        for step in self.steps:
+            stop = step.start()
+            self._started.append(Started(step.name, stop))
+            log.info("started %s", step.name)
         self.started.set()
 
     def teardown(self) -> None:
         """Stop every started service in reverse order; each failure is logged, none stops the others."""
-        while self._steps:
-            step = self._steps.pop()
+        while self._started:
+            step = self._started.pop()
             try:
                 step.stop()
                 log.info("stopped %s", step.name)
@@ -219,19 +357,19 @@ class Service:
             self.teardown()
 
     def loop_once(self) -> None:
+        ingestor = self.kafka.ingestor
         # 1. keep the group membership while training: poll with partitions paused
         if self.worker.idle():
-            self.ingestor.resume_all()
+            ingestor.resume_all()
         else:
-            self.ingestor.pause_all()
-        self.ingestor.poll_once(timeout_ms=self.cfg.daemon.poll_timeout_ms)
+            ingestor.pause_all()
+        ingestor.poll_once(timeout_ms=self.cfg.daemon.poll_timeout_ms)
         self._last_poll = time.monotonic()
 
     def request_stop(self) -> None:
         """Warm shutdown from any thread."""
         self._stop.set()
-        if hasattr(self, "worker"):
-            self.worker.stop(timeout=0)
+        self.worker.stop(timeout=0)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals += 1
@@ -243,13 +381,13 @@ class Service:
 
     # -- callbacks from the worker and the ingestor --------------------------------------------------
     def _registered(self, source: str) -> None:
-        self.ingestor.mark_source_registered(source)
+        self.kafka.ingestor.mark_source_registered(source)
 
     def _dropped(self, source: str) -> None:
-        self.ingestor.mark_source_dropped(source)
+        self.kafka.ingestor.mark_source_dropped(source)
 
     def _control_done(self, origin: Origin) -> None:
-        self.ingestor.mark_control_done(origin)
+        self.kafka.ingestor.mark_control_done(origin)
 
     def _on_control(self, cmd: ControlCommand, origin: Origin) -> None:
         if cmd.op in ("forget-source", "forget-samples") and not cmd.source:
@@ -270,7 +408,8 @@ class Service:
     # -- health ---------------------------------------------------------------------------------------
     @property
     def http_port(self) -> int | None:
-        return self.http.port if self.http is not None else None
+        """The health endpoint's bound port; None while it is not serving."""
+        return self.http.port if any(s.name == "http" for s in self._started) else None
 
     def is_alive(self) -> bool:
         """The poll loop ran recently and the worker thread lives."""
@@ -283,36 +422,36 @@ class Service:
             self.redis.ping()
         except redis.RedisError as exc:
             return False, f"redis unreachable: {exc}"
-        ingestor = getattr(self, "ingestor", None)
-        if ingestor is not None and (problem := ingestor.problem()) is not None:
+        if (problem := self.kafka.problem()) is not None:
             return False, f"ingest is backing off: {problem}"
-        if self.live.current() is None:
+        comp = self.live.current()
+        if comp is None:
             return False, "no composition loaded yet (no compartment and router registered)"
-        return True, f"serving epoch {self.live.current().epoch}"  # type: ignore[union-attr]
+        return True, f"serving epoch {comp.epoch}"
 
     def status(self) -> dict[str, Any]:
-        comp = self.live.current() if hasattr(self, "live") else None
-        w = self.worker.status if hasattr(self, "worker") else None
+        comp = self.live.current()
         return {
             "daemon_id": self.daemon_id,
             "version": cdm.__version__,
             "epoch": comp.epoch if comp else None,
             "sources": list(comp.sources) if comp else [],
             "pending": list(comp.pending) if comp else [],
-            "hotswap_error": self.live.last_error if hasattr(self, "live") else None,
-            "worker": vars(w) if w else None,
+            "hotswap_error": self.live.last_error,
+            "worker": vars(self.worker.status),
         }
 
     def _heartbeat_info(self) -> dict[str, Any]:
-        info: dict[str, Any] = {
+        status = self.worker.status
+        return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "version": cdm.__version__,
             "http_port": self.http_port,
+            "job": status.job,
+            "source": status.source,
+            "step": status.step,
         }
-        if hasattr(self, "worker"):
-            info.update(job=self.worker.status.job, source=self.worker.status.source, step=self.worker.status.step)
-        return info
 
     def heartbeat(self) -> None:
         self.coordinator.heartbeat(self.daemon_id, self.cfg.daemon.heartbeat_ttl_s, self._heartbeat_info())
@@ -321,8 +460,6 @@ class Service:
 def open_spool(cfg: AppConfig) -> Spool:
     """The daemon's spool: locked to this process, with the configured limits and the model's compatibility
     check (a source that can never train is refused at its seal, not after a training run)."""
-    from cdm.training import check_trainable
-
     d, model = cfg.daemon, cfg.library.model
     limits = SpoolLimits(
         max_sources=d.spool_max_sources,
@@ -338,11 +475,8 @@ def open_spool(cfg: AppConfig) -> Spool:
     )
 
 
-def ensure_topics(kafka: Any) -> list[str]:
+def ensure_topics(kafka: KafkaConfig) -> list[str]:
     """Create the sources, control and dead-letter topics if they are missing; returns those created."""
-    from kafka.admin import KafkaAdminClient, NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
     admin = KafkaAdminClient(**kafka.client_kwargs())
     created = []
     try:

@@ -18,7 +18,7 @@ import daemon.ingest
 import daemon.spool
 from cdm.data import SourceData, fingerprint
 from daemon.config import AppConfig, DaemonConfig, KafkaConfig
-from daemon.scheduling import Jobs
+from daemon.jobs import Jobs
 from daemon.wire import Origin, RecordLike, Seal, WireMessage, encode_chunk, encode_chunk_bytes, encode_seal
 from tests.daemon import test_ingest as base
 from tests.daemon.test_ingest import Harness, committed, read_dlq, send
@@ -155,10 +155,16 @@ def test_a_half_fetched_source_is_not_idle_sealed_while_ingest_is_paused(
     now = [0.0]  # the idle clock (injected); the broker, the spool and the idle-seal job are real
     h = make_harness(spool_kwargs={"monotonic": lambda: now[0]})
     submitted: list[Any] = []
-    service = SimpleNamespace(
-        cfg=cfg, spool=h.spool, metrics=h.metrics, worker=SimpleNamespace(submit=submitted.append)
+    jobs = Jobs(  # the idle-seal job needs only the spool, the metrics, [daemon] and the worker's queue
+        spool=h.spool,
+        worker=SimpleNamespace(submit=submitted.append),  # type: ignore[arg-type]
+        registry=None,  # type: ignore[arg-type]
+        coordinator=None,  # type: ignore[arg-type]
+        metrics=h.metrics,
+        daemon=cfg.daemon,
+        daemon_id="test",
+        heartbeat=lambda: None,
     )
-    jobs = Jobs(service)  # type: ignore[arg-type]
     parts = [digits.subset(np.arange(lo, lo + 20)) for lo in range(0, 120, 20)]
     push_chunks(producer, config.sources_topic, "half", parts[:3])
     h.poll_until(lambda: len(h.spool.lineage("half").chunks) == 3 if h.spool.state("half") else False, 60)

@@ -32,6 +32,7 @@ from cdm.data import SourceData, fingerprint, load_npz, save_npz
 from cdm.errors import CdmError
 from cdm.router import save_router, train_router
 from cdm.training import train_compartment
+from daemon.metrics import Metrics
 from daemon.spool import Spool
 from daemon.wire import Origin
 from registry.coordination import Coordinator
@@ -51,7 +52,7 @@ class Job:
     origin: Origin | None = None  # the control record that asked for it (committed when done)
     request_id: str = ""
     not_before: float = 0.0  # monotonic time before which the job is not retried
-    release_lock: str = ""  # a job lock (daemon.scheduling) to release when the job ends
+    release_lock: str = ""  # a job lock (daemon.jobs) to release when the job ends
 
 
 @dataclass
@@ -115,7 +116,8 @@ class TrainingWorker:
         daemon_id: this replica's id (lock owner).
         lock_ttl_s: per-source lock lease; refreshed while training.
         notices: callbacks that hand results to the poll thread.
-        metrics: optional ``daemon.metrics.Metrics``.
+        metrics: the daemon's metrics (training loss and seconds, router accuracy, forgetting seconds), if any.
+        progress: show training progress bars on stderr.
     """
 
     def __init__(
@@ -129,7 +131,7 @@ class TrainingWorker:
         daemon_id: str,
         lock_ttl_s: float,
         notices: Notices,
-        metrics: Any | None = None,
+        metrics: Metrics | None = None,
         progress: bool = False,
     ) -> None:
         self.registry = registry

@@ -1,0 +1,131 @@
+"""Periodic jobs (APScheduler 3): heartbeat, sealing idle sources, router retraining, garbage collection.
+
+Every job has ``max_instances=1``, ``coalesce=True`` and an explicit ``misfire_grace_time``. Jobs that must run
+on one replica only (router retraining, garbage collection) take a Redis job lock first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from daemon.config import DaemonConfig, SchedulerConfig
+from daemon.metrics import Metrics
+from daemon.spool import Spool
+from daemon.worker import Job, TrainingWorker
+from registry.coordination import Coordinator
+from registry.reader import RegistryClient
+
+log = logging.getLogger(__name__)
+
+ROUTER_LOCK = "router"
+GC_LOCK = "gc"
+
+
+class Jobs:
+    """The job bodies, separate from the scheduler so tests can call them directly.
+
+    Args:
+        spool: staged source chunks (idle sources are sealed from here).
+        worker: where sealed sources and router retraining are submitted.
+        registry: the composition (is the router up to date?).
+        coordinator: the job locks that keep router retraining and garbage collection on one replica.
+        metrics: the daemon's metrics (sources sealed, staged bytes).
+        daemon: ``[daemon]``: idle-seal delay, router debounce, lock lease, garbage-collection grace.
+        daemon_id: this replica's id (the job locks' owner).
+        heartbeat: refreshes this daemon's heartbeat in the registry.
+        clock: monotonic seconds, the clock of ``WorkerStatus.router_dirty_since`` (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        worker: TrainingWorker,
+        registry: RegistryClient,
+        coordinator: Coordinator,
+        metrics: Metrics,
+        daemon: DaemonConfig,
+        daemon_id: str,
+        heartbeat: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spool = spool
+        self.worker = worker
+        self.registry = registry
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self.daemon = daemon
+        self.daemon_id = daemon_id
+        self._heartbeat = heartbeat
+        self._clock = clock
+        self._unrouted_since: float | None = None
+
+    def heartbeat(self) -> None:
+        self._heartbeat()
+
+    def seal_idle_sources(self) -> None:
+        """Seal sources whose chunks stopped arriving ``source_idle_seal_s`` ago (no seal message came)."""
+        idle_s = self.daemon.source_idle_seal_s
+        for source in self.spool.idle_sources(idle_s):
+            try:
+                if self.spool.seal_idle(source) is not None:
+                    log.info("sealed idle source %s after %.0fs without chunks", source, idle_s)
+                    self.metrics.sources_sealed.inc()
+                    self.worker.submit(Job("train", source))
+            except Exception as exc:  # a broken source must not stop the other jobs
+                log.warning("could not seal idle source %s: %s", source, exc)
+
+    def router_check(self) -> None:
+        """Retrain the router (debounced, one replica) when it does not cover exactly the active compartments."""
+        snap = self.registry.snapshot()
+        routed = set(snap.router.compartment_ids) if snap.router else set()
+        active = set(snap.compartment_ids)
+        dirty = routed != active and bool(active)
+        local = self.worker.status.router_dirty_since
+        now = self._clock()
+        if not dirty and local is None:
+            self._unrouted_since = None
+            return
+        if self._unrouted_since is None:
+            self._unrouted_since = local if local is not None else now
+        if now - self._unrouted_since < self.daemon.router_debounce_s or not self.worker.idle():
+            return
+        ttl = max(600.0, 4 * self.daemon.lock_ttl_s)
+        if not self.coordinator.acquire_job_lock(ROUTER_LOCK, self.daemon_id, ttl):
+            return  # another replica retrains it
+        self._unrouted_since = None
+        self.worker.submit(Job("retrain-router", release_lock=ROUTER_LOCK))
+
+    def collect_garbage(self) -> None:
+        if not self.coordinator.acquire_job_lock(GC_LOCK, self.daemon_id, 300.0):
+            return
+        try:
+            deleted = self.worker.collect_garbage(self.daemon.gc_grace_s)
+            if deleted:
+                log.info("garbage collection deleted %d retired artifact files", len(deleted))
+        finally:
+            self.coordinator.release_job_lock(GC_LOCK, self.daemon_id)
+
+    def export_gauges(self) -> None:
+        self.metrics.staged_bytes.set(self.spool.staged_bytes())
+
+
+def build_scheduler(jobs: Jobs, sc: SchedulerConfig) -> BackgroundScheduler:
+    """A BackgroundScheduler running every job of ``jobs`` at the intervals of ``[scheduler]`` (not started)."""
+    scheduler = BackgroundScheduler(
+        job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": int(sc.misfire_grace_s)},
+        timezone="UTC",
+    )
+    for func, seconds in (
+        (jobs.heartbeat, sc.heartbeat_s),
+        (jobs.seal_idle_sources, sc.seal_check_s),
+        (jobs.router_check, sc.router_check_s),
+        (jobs.collect_garbage, sc.gc_s),
+        (jobs.export_gauges, sc.lag_s),
+    ):
+        scheduler.add_job(func, "interval", seconds=seconds, id=func.__name__, name=func.__name__)
+    return scheduler
