@@ -24,7 +24,7 @@ from cdm.config import ModelConfig, RouterConfig, TrainConfig, parse_section, to
 from cdm.data import SourceData, fingerprint, load_npz, save_npz
 from cdm.errors import ConfigError, DataError, StoreError
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
-from cdm.router import Router, RouterManifest, RouterResult, load_router, save_router, train_router
+from cdm.routing import Router, RouterManifest, RouterResult, load_router, save_router, train_router
 from cdm.training import TrainResult, clear_train_state, train_compartment
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")

@@ -30,7 +30,7 @@ from cdm.artifacts import artifact_path, artifact_uri, remove_tree
 from cdm.config import LibraryConfig
 from cdm.data import SourceData, fingerprint, load_npz, save_npz
 from cdm.errors import CdmError
-from cdm.router import save_router, train_router
+from cdm.routing import save_router, train_router
 from cdm.training import train_compartment
 from daemon.metrics import Metrics
 from daemon.spool import Spool

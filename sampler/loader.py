@@ -7,7 +7,7 @@ from cdm.compartment import Compartment
 from cdm.compose import ComposedDenoiser, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError
-from cdm.router import Router, load_router
+from cdm.routing import Router, load_router
 from registry.client import connect
 from registry.config import RedisConfig
 from registry.keys import Keys

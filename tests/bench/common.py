@@ -249,7 +249,7 @@ def unet_step_flops(model_cfg: Any, batch: int) -> int:
 
 @functools.cache
 def router_step_flops(model_cfg: Any, router_cfg: Any, batch: int, k: int) -> int:
-    from cdm.router import Router
+    from cdm.routing import Router
 
     net = Router(
         source_names=[f"s{i}" for i in range(k)],

@@ -15,7 +15,7 @@ from cdm.compose import ComposedDenoiser
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, concat, from_model_tensor, load_fashion_mnist, split_sources, to_model_tensor
 from cdm.metrics import FeatureExtractor, fid, kid, memorisation
-from cdm.router import train_router
+from cdm.routing import train_router
 from cdm.training import train_compartment
 from cdm.viz import save_grid
 from tests.bench.common import (

@@ -36,7 +36,7 @@ def measure(
     from cdm.compose import ComposedDenoiser
     from cdm.config import ModelConfig, TrainConfig
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
-    from cdm.router import Router
+    from cdm.routing import Router
 
     torch.manual_seed(0)
     model = ModelConfig(sample_size=sample_size, block_out_channels=channels)

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from cdm.data import to_model_tensor
 from cdm.errors import IntegrityError
-from cdm.router import WEIGHTS, load_router, save_router, train_router
+from cdm.routing import WEIGHTS, load_router, save_router, train_router
 from tests.cdm.conftest import TINY_MODEL, TINY_ROUTER
 
 

@@ -12,7 +12,7 @@ from cdm.artifacts import artifact_path, artifact_uri
 from cdm.compartment import WEIGHTS
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.errors import CdmError
-from cdm.router import save_router, train_router
+from cdm.routing import save_router, train_router
 from cdm.training import train_compartment
 from registry.config import RedisConfig
 from registry.keys import Keys

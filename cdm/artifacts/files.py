@@ -1,4 +1,4 @@
-"""Persisted artifacts: safetensors + JSON, sha256 recorded on save and verified before loading.
+"""Artifacts as local files: safetensors + JSON, sha256 recorded on save and verified before loading.
 
 Nothing here unpickles: weights are read as raw bytes, hashed, then decoded by safetensors.
 """
