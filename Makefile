@@ -13,24 +13,24 @@ dev:
 	@deploy/local/bootstrap.sh --dev
 
 demo: setup  ## the main job end to end: services + daemon + push sources + sample + forget
-	@$(PY) -m daemon.demo
+	@$(PY) scripts/demo.py
 
 test: dev  ## lint, type-check and the whole test suite (starts Redis, Kafka broker and S3 on free ports itself)
-	@$(PY) -m ruff check cdm registry sampler daemon cli tests deploy
-	@$(PY) -m mypy cdm registry sampler daemon cli
+	@$(PY) -m ruff check cdm registry sampler daemon cli bench scripts deploy tests
+	@$(PY) -m mypy cdm registry sampler daemon cli bench scripts deploy
 	@$(PY) -m pytest
 
 unit: dev  ## tests that need no services
 	@$(PY) -m pytest -m "not services"
 
-bench: dev  ## full benchmark run (~45 min on 2 CPU cores); writes tests/bench/results and RESULTS.md
-	@$(PY) -m tests.bench.run --profile full
+bench: dev  ## full benchmark run (~45 min on 2 CPU cores); writes bench/results and bench/RESULTS.md
+	@$(PY) -m bench.run --profile full
 
 bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,000 steps, 5,000 FID samples)
-	@$(PY) -m tests.bench.run --profile gpu
+	@$(PY) -m bench.run --profile gpu
 
 bench-quick: dev  ## minutes-long benchmark smoke run
-	@$(PY) -m tests.bench.run --profile quick
+	@$(PY) -m bench.run --profile quick
 
 services-start: setup  ## start Redis + Kafka-protocol broker + S3 server on free loopback ports (state in .services/)
 	@$(PY) -m deploy.local.services start

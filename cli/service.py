@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.config import Subparsers, app_config
+from cli.config import DEFAULT_SERVICES, Subparsers, app_config
 from daemon.config import AppConfig, KafkaConfig
 
 if TYPE_CHECKING:
@@ -66,7 +66,12 @@ def register(sub: Subparsers) -> None:
 
     s = sub.add_parser("services", help="start/stop the local Redis + Kafka-protocol broker (development, tests)")
     s.add_argument("action", choices=["start", "stop", "status"])
-    s.add_argument("--state-dir", type=Path, default=None)
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_SERVICES.parent,
+        help="where services.json and the servers' data live (default ./.services, where the other commands look)",
+    )
     s.set_defaults(func=cmd_services)
 
 
@@ -148,8 +153,7 @@ def cmd_control(args: argparse.Namespace) -> int:
 def cmd_services(args: argparse.Namespace) -> int:
     from deploy.local import services
 
-    argv = [args.action] + (["--state-dir", str(args.state_dir)] if args.state_dir else [])
-    return int(services.main(argv) or 0)
+    return int(services.main([args.action, "--state-dir", str(args.state_dir)]) or 0)
 
 
 def cmd_ls_registry(args: argparse.Namespace, cfg: AppConfig) -> int:

@@ -15,6 +15,7 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
+from bench.common import Profile, Result
 from cdm.data import load_fashion_mnist
 from daemon.config import KafkaConfig
 from daemon.ingest import Ingestor
@@ -27,7 +28,6 @@ from registry.keys import Keys
 from registry.reader import RegistryClient
 from sampler.live import LiveComposition
 from sampler.loader import CompositionLoader
-from tests.bench.common import Profile, Result
 from tests.daemon.daemon_harness import DaemonEnv, digit_sources
 
 
@@ -169,9 +169,9 @@ def _latencies(env: DaemonEnv, r: Result) -> None:
     env.wait_serving(set(names[1:]), timeout=300)
     env.wait(
         "the sampler without it",
-        lambda: live.current() is not None and set(live.current().sources) == set(names[1:]),
+        lambda: (comp := live.current()) is not None and set(comp.sources) == set(names[1:]),
         60,
-    )  # type: ignore[union-attr]
+    )
     r.add("forget-source request -> sampler without it", time.time() - t0, "s")
     live.stop()
     client.close()

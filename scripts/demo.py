@@ -30,7 +30,7 @@ SOURCES = {"tops": [0, 2, 3, 4, 6], "trousers": [1], "footwear": [5, 7, 9], "bag
 FORGET = "bags"
 
 CONFIG = """
-# written by `make demo` (daemon/demo.py); see config.toml for every key
+# written by `make demo` (scripts/demo.py); see config.toml for every key
 [model]
 sample_size = 16
 block_out_channels = [32, 64]

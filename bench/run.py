@@ -1,7 +1,7 @@
-"""Run the benchmarks: ``python -m tests.bench.run --profile quick|full|gpu [--only quality,sampling,service]``.
+"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,sampling,service]``.
 
-Each benchmark prints its figures and writes JSON + Markdown to tests/bench/results/; the report step assembles
-tests/bench/RESULTS.md from them (ratios are from one run, next to absolute times).
+Each benchmark prints its figures and writes JSON + Markdown to bench/results/; the report step assembles
+bench/RESULTS.md from them (ratios are from one run, next to absolute times).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tests.bench import report
-from tests.bench.common import PROFILES, RESULTS, environment
+from bench import report
+from bench.common import PROFILES, RESULTS, environment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     print(f"profile {p.name} on {p.device}: {p}", flush=True)
     if "quality" in only:
+        from bench import quality
         from cdm.metrics import get_feature_extractor
-        from tests.bench import quality
 
         t = time.perf_counter()
         ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
@@ -53,14 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         for res in quality.run(p, out, ext):  # each result carries its own wall time
             res.write(out, env)
     if "sampling" in only:
-        from tests.bench import sampling
+        from bench import sampling
 
         t = time.perf_counter()
         res = sampling.run(p, out)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
     if "service" in only:
-        from tests.bench import service
+        from bench import service
 
         t = time.perf_counter()
         res = service.run(p, out)

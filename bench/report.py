@@ -1,4 +1,4 @@
-"""Assemble tests/bench/RESULTS.md from the JSON results of the last run."""
+"""Assemble bench/RESULTS.md from the JSON results of the last run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 ORDER = ["quality", "budget", "forgetting", "continual", "memorisation", "sampling", "service"]
 HEADER = """# cdm benchmark results
 
-Produced by `make bench` (`python -m tests.bench.run --profile full`); every figure below comes from the run
+Produced by `make bench` (`python -m bench.run --profile full`); every figure below comes from the run
 described in "Environment". Ratios are computed within this one run. Regenerate with `make bench`
 (`make bench-quick` for a smoke run; `--device cuda` for the GPU profile).
 

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from tests.bench.common import REPO, Profile, Result, UniformRouter
+from bench.common import REPO, Profile, Result, UniformRouter
 
 REPEATS = 3  # timed runs per configuration; the median is reported
 
@@ -33,7 +34,7 @@ def measure(
     repeats: int = REPEATS,
 ) -> dict:
     from cdm.compartment import Compartment, build_unet, new_manifest
-    from cdm.compose import ComposedDenoiser
+    from cdm.compose import ComposedDenoiser, Vectorize
     from cdm.config import ModelConfig, TrainConfig
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
     from cdm.routing import Router
@@ -56,11 +57,11 @@ def measure(
         if mode == "single"
         else Router(source_names=names, sample_size=sample_size, num_classes=10)
     )
-    vectorize = "vmap" if mode == "full-vmap" else "loop"
+    vectorize: Vectorize = "vmap" if mode == "full-vmap" else "loop"
     den = ComposedDenoiser(comps, router, names, vectorize=vectorize).to(device)
     pipe = CompartmentalPipeline(den, make_scheduler("dpm", model))
     top_k = 1 if mode == "top-1" else None
-    kw = dict(batch_size=n, top_k=top_k, num_inference_steps=steps, progress=False)
+    kw: dict[str, Any] = dict(batch_size=n, top_k=top_k, num_inference_steps=steps, progress=False)
     pipe(**{**kw, "num_inference_steps": 2})  # warm-up at the timed batch size (allocator, thread pool)
     base = _rss_kb("VmRSS")
     reset = _reset_peak()
@@ -113,7 +114,7 @@ def run(p: Profile, out: Path) -> Result:
         cmd = [
             sys.executable,
             "-m",
-            "tests.bench.sampling",
+            "bench.sampling",
             "--k",
             str(k),
             "--mode",

@@ -5,20 +5,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from cdm.compartment import Compartment, build_unet, new_manifest
-from cdm.compose import ComposedDenoiser
-from cdm.config import ModelConfig, RouterConfig, TrainConfig
-from cdm.data import SourceData, concat, from_model_tensor, load_fashion_mnist, split_sources, to_model_tensor
-from cdm.metrics import FeatureExtractor, fid, kid, memorisation
-from cdm.routing import train_router
-from cdm.training import train_compartment
-from cdm.viz import save_grid
-from tests.bench.common import (
+from bench.common import (
     Profile,
     Result,
     UniformRouter,
@@ -27,6 +19,14 @@ from tests.bench.common import (
     timer,
     unet_step_flops,
 )
+from cdm.compartment import Compartment, build_unet, new_manifest
+from cdm.compose import ComposedDenoiser
+from cdm.config import ModelConfig, RouterConfig, TrainConfig
+from cdm.data import SourceData, concat, from_model_tensor, load_fashion_mnist, split_sources, to_model_tensor
+from cdm.metrics import FeatureExtractor, fid, kid, memorisation
+from cdm.routing import train_router
+from cdm.training import train_compartment
+from cdm.viz import save_grid
 
 
 class Bench:
@@ -44,14 +44,14 @@ class Bench:
         self.router_cfg = RouterConfig(steps=p.router_steps, batch_size=p.router_batch, device=p.device, seed=p.seed)
 
     def train_cfg(self, batch: int, steps: int) -> TrainConfig:
-        bf16 = "bf16" if self.p.device == "cuda" else "fp32"
+        precision: Literal["fp32", "bf16"] = "bf16" if self.p.device == "cuda" else "fp32"
         return TrainConfig(
             steps=steps,
             batch_size=batch,
             warmup_steps=min(50, steps // 10),
             checkpoint_every=0,
             device=self.p.device,
-            precision=bf16,
+            precision=precision,
             seed=self.p.seed,
         )
 
@@ -156,7 +156,7 @@ def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
         mono_score["sample_s"],
     )
     shared: dict[str, Any] = {"mono": mono, "mono_s": mono_s, "mono_fid": mono_score["fid"], "bench": b}
-    best_ratio = {}
+    best_ratio: dict[str, float] = {}
     # 1. CDM per split, equal compute (DDM recipe) and converged
     for split in ("random", "by-class"):
         parts_list = split_sources(b.data, split, p.k, seed=p.seed)
@@ -169,9 +169,9 @@ def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
         for label, batch, steps in budgets:
             comps, secs = [], 0.0
             for n, d in parts.items():
-                c, s = b.train(n, d, batch, steps)
+                c, train_s = b.train(n, d, batch, steps)
                 comps.append(c)
-                secs += s
+                secs += train_s
             den = ComposedDenoiser(comps, router, names)
             tag = f"{split}-{label.replace(' ', '-')}"
             for routing, k in (("full", None), ("top-1", 1), ("top-2", 2)):

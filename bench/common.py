@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cdm.config import Device
+
 RESULTS = Path(__file__).resolve().parent / "results"
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Profile:
     """Sizes of one benchmark run (the same code runs every profile)."""
 
     name: str
-    device: str = "cpu"
+    device: Device = "cpu"
     sample_size: int = 16  # Fashion-MNIST is downsampled to this side
     channels: tuple[int, ...] = (32, 64)  # UNet widths (~0.65M parameters at (32, 64))
     batch: int = 32  # monolith batch B; each of K compartments gets B / K under equal compute
@@ -92,7 +94,7 @@ def environment() -> dict[str, Any]:
     except OSError:
         commit = "unknown"
     return {
-        "command": " ".join([Path(sys.executable).name, "-m", "tests.bench.run", *sys.argv[1:]]),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench.run", *sys.argv[1:]]),
         "git_commit": commit,
         "python": platform.python_version(),
         "torch": torch.__version__,
