@@ -335,6 +335,7 @@ class Service:
                 log.info("stopped %s", step.name)
             except Exception:
                 log.exception("stopping %s failed", step.name)
+        self.spool.close()  # idempotent: also releases the lock when start-up failed before the spool step
 
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> int:
