@@ -14,13 +14,12 @@ import tempfile
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING, Any
 
 from cdm.errors import CdmError, IntegrityError, StoreError
+
+if TYPE_CHECKING:  # torch is imported by the two tensor functions only: readers verify bytes without it
+    import torch
 
 MANIFEST = "manifest.json"
 
@@ -73,6 +72,8 @@ def read_json(path: Path) -> Any:
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Save a flat tensor dict as safetensors, atomically."""
+    from safetensors.torch import save as st_save
+
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -101,6 +102,8 @@ def load_tensors(path: Path, *, expected_sha256: str | None = None) -> dict[str,
                 f"{path}: sha256 {got[:16]}… does not match the recorded {expected_sha256[:16]}…; "
                 "the file was modified or corrupted. Retrain or restore the artifact; it will not be loaded."
             )
+    from safetensors.torch import load as st_load
+
     return st_load(raw)
 
 

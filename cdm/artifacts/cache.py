@@ -30,8 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
+from cdm.artifacts.store import CHUNK_BYTES, ArtifactStore, StoredFile, check_key, check_sha256
 from cdm.errors import IntegrityError, StoreError
-from cdm.stores.base import CHUNK_BYTES, ArtifactStore, StoredFile, check_key, check_sha256
 
 _ATTEMPTS = 3  # re-fetches when a blob vanishes (evicted by another process) or is found corrupt
 

@@ -21,9 +21,9 @@ from obstore.exceptions import BaseError as ObstoreError
 from obstore.exceptions import NotFoundError
 from obstore.store import S3Store
 
+from cdm.artifacts.config import ArtifactsConfig
+from cdm.artifacts.store import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
 from cdm.errors import StoreError
-from cdm.stores.base import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
-from cdm.stores.config import ArtifactsConfig
 
 if TYPE_CHECKING:
     from obstore.store import S3Credential

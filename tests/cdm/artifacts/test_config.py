@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from cdm.artifacts import ArtifactsConfig, DirectoryStore, open_cache, open_store
+from cdm.artifacts.s3 import S3ObjectStore, resolve_settings
 from cdm.config import parse_section
 from cdm.errors import ConfigError, StoreError
-from cdm.stores import ArtifactsConfig, DirectoryStore, open_cache, open_store
-from cdm.stores.s3 import S3ObjectStore, resolve_settings
 
 
 def test_defaults_and_toml_section() -> None:

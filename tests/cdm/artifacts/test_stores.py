@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cdm.artifacts import ArtifactStore, DirectoryStore, ObjectNotFoundError, upload_directory
+from cdm.artifacts.local import TMP_MARK
 from cdm.errors import StoreError
-from cdm.stores import ArtifactStore, DirectoryStore, ObjectNotFoundError, upload_directory
-from cdm.stores.local import TMP_MARK
-from tests.cdm.stores.conftest import BACKENDS
+from tests.cdm.artifacts.conftest import BACKENDS
 
 both = pytest.mark.parametrize("store_config", BACKENDS, indirect=True)
 

@@ -2,7 +2,7 @@
 
 A key is a relative POSIX path of non-empty segments, never ``.``/``..``, so no backend can be asked for
 something outside its root. Values are opaque bytes; integrity is the caller's (the registry records the
-sha256 of every file; ``cdm.stores.cache`` verifies it before anything is decoded).
+sha256 of every file; ``cdm.artifacts.cache`` verifies it before anything is decoded).
 """
 
 from __future__ import annotations

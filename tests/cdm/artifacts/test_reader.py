@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import torch
 
+from cdm.artifacts import ArtifactsConfig, ArtifactStore, StoredFile, upload_directory
 from cdm.compartment import WEIGHTS, Compartment, build_unet, new_manifest
 from cdm.config import TrainConfig
-from cdm.stores import ArtifactsConfig, ArtifactStore, StoredFile, upload_directory
+from tests.cdm.artifacts.conftest import BACKENDS
 from tests.cdm.conftest import TINY_MODEL
-from tests.cdm.stores.conftest import BACKENDS
 
 READER = """
 import json, sys
-from cdm.stores import ArtifactsConfig, open_cache, open_store, stored_files_from_dict
+from cdm.artifacts import ArtifactsConfig, open_cache, open_store, stored_files_from_dict
 
 cfg = ArtifactsConfig(**json.loads(sys.argv[1]))
 files = stored_files_from_dict(json.loads(sys.argv[2]))

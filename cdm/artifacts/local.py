@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from cdm.artifacts.store import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
 from cdm.errors import StoreError
-from cdm.stores.base import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
 
 TMP_MARK = ".cdm-tmp-"  # in the names of files being written; skipped by list()
 

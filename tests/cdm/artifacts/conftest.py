@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm.stores import ArtifactsConfig, ArtifactStore, DirectoryStore, open_store
+from cdm.artifacts import ArtifactsConfig, ArtifactStore, DirectoryStore, open_store
 from tests.conftest import S3_TEST_ACCESS_KEY, S3_TEST_REGION, S3_TEST_SECRET_KEY
 
 BACKENDS = ["file", pytest.param("s3", marks=pytest.mark.services)]

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm.errors import IntegrityError, StoreError
-from cdm.stores import (
+from cdm.artifacts import (
     ArtifactCache,
     ArtifactsConfig,
     ArtifactStore,
@@ -22,7 +21,8 @@ from cdm.stores import (
     PathOutsideCacheError,
     StoredFile,
 )
-from tests.cdm.stores.conftest import BACKENDS
+from cdm.errors import IntegrityError, StoreError
+from tests.cdm.artifacts.conftest import BACKENDS
 
 both = pytest.mark.parametrize("store_config", BACKENDS, indirect=True)
 
@@ -73,9 +73,7 @@ def test_checkout_lays_out_verified_pinned_files(store: ArtifactStore, tmp_path:
 
 @both
 @pytest.mark.parametrize("tamper", ["same size", "longer"])
-def test_tampered_object_is_refused_before_anything_keeps_it(
-    store: ArtifactStore, tmp_path: Path, tamper: str
-) -> None:
+def test_tampered_object_is_refused_before_anything_keeps_it(store: ArtifactStore, tmp_path: Path, tamper: str) -> None:
     good = b"\x08\x00\x00\x00\x00\x00\x00\x00{}      " + bytes(range(256)) * 8
     recorded = put(store, "c/a/unet/w.safetensors", good)
     bad = bytes([good[0] ^ 1]) + good[1:] if tamper == "same size" else good + b"\x00" * 4096
@@ -171,7 +169,7 @@ def test_dead_downloads_are_cleaned_on_open(local_store: ArtifactStore, tmp_path
 _FETCH_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
-from cdm.stores import ArtifactCache, ArtifactsConfig, open_store, stored_files_from_dict
+from cdm.artifacts import ArtifactCache, ArtifactsConfig, open_store, stored_files_from_dict
 cfg = ArtifactsConfig(**json.loads(sys.argv[1]))
 files = stored_files_from_dict(json.loads(sys.argv[2]))
 cache = ArtifactCache(Path(sys.argv[3]), open_store(cfg, environ={}), 64 << 20)
@@ -185,9 +183,7 @@ with cache.checkout(files) as co:
 
 
 @both
-def test_two_processes_fetch_the_same_blob(
-    store: ArtifactStore, store_config: ArtifactsConfig, tmp_path: Path
-) -> None:
+def test_two_processes_fetch_the_same_blob(store: ArtifactStore, store_config: ArtifactsConfig, tmp_path: Path) -> None:
     data = os.urandom(4 << 20)
     files = {"w": put(store, "k/w", data)}
     cache_root, go = tmp_path / "shared-cache", tmp_path / "go"
