@@ -485,20 +485,23 @@ async def _read_attribute_body(request: Request, max_image: int) -> tuple[Attrib
             )
         except Exception as exc:  # multipart parse errors have several types across versions
             raise invalid(f"the multipart body cannot be parsed: {exc}") from None
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise invalid("image: missing; upload the PNG as a file field named 'image' (curl -F image=@x.png)")
-        png = await upload.read()
-        fields: dict[str, Any] = {}
-        for name in ("sources", "timesteps"):
-            value = form.get(name)
-            if isinstance(value, str) and value.strip():
-                fields[name] = [v.strip() for v in value.split(",") if v.strip()]
-        for name in ("label", "draws", "seed"):
-            value = form.get(name)
-            if isinstance(value, str) and value.strip():
-                fields[name] = value.strip()
-        unknown = sorted(set(form.keys()) - {"image", "sources", "timesteps", "label", "draws", "seed"})
+        try:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise invalid("image: missing; upload the PNG as a file field named 'image' (curl -F image=@x.png)")
+            png = await upload.read()
+            fields: dict[str, Any] = {}
+            for name in ("sources", "timesteps"):
+                value = form.get(name)
+                if isinstance(value, str) and value.strip():
+                    fields[name] = [v.strip() for v in value.split(",") if v.strip()]
+            for name in ("label", "draws", "seed"):
+                value = form.get(name)
+                if isinstance(value, str) and value.strip():
+                    fields[name] = value.strip()
+            unknown = sorted(set(form.keys()) - {"image", "sources", "timesteps", "label", "draws", "seed"})
+        finally:
+            await form.close()  # spooled upload files
         if unknown:
             raise invalid(f"unknown form field(s) {unknown}; allowed: image, sources, label, timesteps, draws, seed")
         try:

@@ -329,6 +329,11 @@ class AccessRegistry:
     def tags_of(self, source: str) -> dict[str, str]:
         return decode_hash(self._r.hgetall(self._keys.tags(source)))
 
+    def tagged_sources(self) -> list[str]:
+        """Every source with at least one tag (registered or not yet), sorted (SCAN: for admin commands)."""
+        prefix = self._keys.tags_prefix
+        return sorted(text(k)[len(prefix) :] for k in self._r.scan_iter(match=prefix + "*", count=500))
+
     def tags_of_many(self, sources: Sequence[str]) -> dict[str, dict[str, str]]:
         with self._r.pipeline(transaction=False) as pipe:
             for s in sources:

@@ -203,6 +203,11 @@ class Keys:
         return self._k("tags", check_source(source))
 
     @property
+    def tags_prefix(self) -> str:
+        """``tags(source) == tags_prefix + source`` (for SCAN)."""
+        return self._k("tags", "")
+
+    @property
     def principals(self) -> str:
         """Set of every principal with a grant or a token."""
         return self._k("acl", "principals")

@@ -137,9 +137,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def serve(
-    trained: Trained, redis_client: redis.Redis, redis_namespace: str
-) -> Iterator[Callable[..., Served]]:
+def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> Iterator[Callable[..., Served]]:
     """``serve(settings=..., sampler=..., sources=...)`` -> a Served app (closed after the test)."""
     opened: list[TestClient] = []
 
