@@ -123,6 +123,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI's body decoding (not UTF-8, not JSON): a bad parameter like any other
+            return _error(422, "invalid_request", f"the request body cannot be parsed ({exc.detail}); send UTF-8 JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
 

@@ -18,6 +18,7 @@ Format = Literal["png", "npz", "json"]
 MAX_SEED = 2**32 - 1
 MAX_LABEL = 1_000_000
 MAX_SOURCES_PER_REQUEST = 256
+GREY_8X8_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaKGAAmCACQXTClHgAAAABJRU5ErkJggg=="
 
 
 class _Body(BaseModel):
@@ -26,6 +27,11 @@ class _Body(BaseModel):
 
 class SampleBody(_Body):
     """``POST /v1/samples``."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"n": 2, "steps": 2, "seed": 0}, {"n": 1, "labels": [3], "format": "png"}]},
+    )
 
     n: int = Field(4, ge=1, le=MAX_N, description="number of images (your limit: see 429)")
     labels: list[Annotated[int, Field(ge=0, le=MAX_LABEL)]] | None = Field(
@@ -99,6 +105,8 @@ class AttributeParams(_Body):
 
 class AttributeBody(AttributeParams):
     """``POST /v1/attribute`` as JSON."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"image": GREY_8X8_PNG, "draws": 1}]})
 
     image: str = Field(min_length=1, description="the image as base64-encoded PNG")
 

@@ -10,15 +10,19 @@ import base64
 import dataclasses
 import io
 import json
+import threading
 import time
 from collections.abc import Callable
 
+import anyio.to_thread
 import numpy as np
 import pytest
 from PIL import Image
 
 from api.config import ServeConfig
+from cdm.attribution import ImageAttribution
 from registry.acl import Grant
+from sampler.engine import AttributeRequest, SampleRequest, SampleResult, attribute_now, sample_now
 from tests.api.conftest import SOURCES, Served, auth, decode_images, register
 
 
@@ -473,3 +477,43 @@ def test_openapi_documents_every_endpoint_and_bearer_auth(serve: Callable[..., S
     assert {"200", "401", "403", "422", "429", "503"} <= set(samples["responses"])
     body = doc["paths"]["/v1/attribute"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
+
+
+class GatedSampler:
+    """A ``Sampler`` (the seam a batcher will implement) that holds each request until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.requests: list[SampleRequest] = []
+
+    async def sample(self, request: SampleRequest) -> SampleResult:
+        self.requests.append(request)
+        self.entered.set()
+        await anyio.to_thread.run_sync(self.release.wait)
+        return sample_now(request)
+
+    async def attribute(self, request: AttributeRequest) -> ImageAttribution:
+        return attribute_now(request)
+
+
+def test_concurrent_requests_beyond_the_limit_get_429_and_the_sampler_is_replaceable(
+    serve: Callable[..., Served],
+) -> None:
+    gate = GatedSampler()
+    s = serve(ServeConfig(max_n=4, max_steps=4, max_concurrent=1), sampler=gate)
+    tok = s.token("alice", "source:alpha", "source:gamma")
+    first: list[int] = []
+    t = threading.Thread(target=lambda: first.append(sample(s, tok, n=1, seed=0).status_code))
+    t.start()
+    try:
+        assert gate.entered.wait(30), "the first request never reached the sampler"
+        second = sample(s, tok, n=1)
+        assert second.status_code == 429 and "already has 1 request(s) running" in second.json()["message"]
+    finally:
+        gate.release.set()
+        t.join(30)
+    assert first == [200]
+    (req,) = gate.requests
+    assert req.sources == ("alpha", "gamma") and req.composition.epoch == s.registry.epoch() and req.n == 1
+    assert sample(s, tok, n=1).status_code == 200, "the slot was given back"
