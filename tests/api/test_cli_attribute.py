@@ -59,7 +59,8 @@ def test_attribute_offline_from_a_store(
         store.stage_data(name, data)
         store.train_compartment(name, TRAIN, progress=False)
     store.train_router(ROUTER, progress=False)
-    img = write_png(tmp_path / "x.png", np.repeat(hi.images[0].reshape(*hi.images[0].shape[:2], 1), 3, axis=-1))  # RGB: converted to grey
+    grey = hi.images[0].reshape(*hi.images[0].shape[:2], 1)
+    img = write_png(tmp_path / "x.png", np.repeat(grey, 3, axis=-1))  # RGB: converted to grey
     assert main(["attribute", str(img), "--store", str(tmp_path / "store"), "--draws", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["sources"] == ["hi", "lo"] and len(doc["by_timestep"]) == 4 and doc["draws"] == 2
