@@ -15,8 +15,10 @@ import time
 from collections.abc import Callable
 
 import anyio.to_thread
+import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from api.config import ServeConfig
@@ -26,7 +28,7 @@ from sampler.engine import AttributeRequest, SampleRequest, SampleResult, attrib
 from tests.api.conftest import SOURCES, Served, auth, decode_images, register
 
 
-def sample(s: Served, token: str | None, **body: object):
+def sample(s: Served, token: str | None, **body: object) -> httpx.Response:
     headers = auth(token) if token else {}
     return s.client.post("/v1/samples", json=body, headers=headers)
 
@@ -416,7 +418,7 @@ def test_every_api_request_is_audited(serve: Callable[..., Served]) -> None:
     assert len(s.ledger.audit(100)) == 3
 
 
-def test_the_audit_stream_is_capped(redis_client, redis_namespace) -> None:
+def test_the_audit_stream_is_capped(redis_client: redis.Redis, redis_namespace: str) -> None:
     from registry.acl import ServeLedger
     from registry.keys import Keys
 

@@ -111,6 +111,7 @@ class Outcome:
     sources: tuple[str, ...]
 
 
+@pytest.mark.slow
 def test_no_response_at_or_after_the_forget_epoch_uses_the_forgotten_source(
     cdm_serve: Process, redis_client: redis.Redis, redis_namespace: str
 ) -> None:
