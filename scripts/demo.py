@@ -223,7 +223,7 @@ def serve_demo(cfg_path: Path, url: str, out: Path, n: int, seed: int) -> dict[s
         f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -H 'Content-Type: application/json' "
         f"-d '{{\"n\": 8, \"labels\": [7], \"format\": \"png\"}}' -o grid.png {url}/v1/samples"
     )
-    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -F image=@grid.png {url}/v1/attribute")
+    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -F image=@my-image.png {url}/v1/attribute")
     _say(f"     curl -s {url}/metrics | grep cdm_serve_requests_total")
     return seen
 
