@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -87,6 +87,18 @@ class RegistryClient:
         if not raw:
             raise CompartmentNotFound(f"no compartment {compartment_id!r} in the registry")
         return from_hash(CompartmentRecord, raw, compartment_id=compartment_id)
+
+    def get_many(self, compartment_ids: Sequence[str]) -> list[CompartmentRecord]:
+        """The records of ``compartment_ids`` (any status) in one round trip, in order; unknown ids are left out."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for cid in compartment_ids:
+                pipe.hgetall(self._keys.compartment(cid))
+            raws = pipe.execute()
+        return [
+            from_hash(CompartmentRecord, raw, compartment_id=cid)
+            for cid, raw in zip(compartment_ids, raws, strict=True)
+            if raw
+        ]
 
     def history(self, source: str) -> list[CompartmentRecord]:
         """Every version of ``source``, oldest first."""
