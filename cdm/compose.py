@@ -17,6 +17,7 @@ returns eps, ``compose`` returns eps and the weights (``ComposeOutput``).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -173,9 +174,8 @@ class Composed(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for tensor in (*self.parameters(), *self.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        first = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def allowed(self, allowed: Allowed, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """(N, K) mask of ``allowed`` (None, names or a mask) intersected with this composition's subset."""
