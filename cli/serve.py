@@ -24,6 +24,8 @@ from daemon.config import AppConfig
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from cdm.compose import Composed
+
 WORKER_ENV = "CDM_SERVE_WORKER_ARGS"  # how `cdm serve` with workers > 1 passes its arguments to each worker
 
 
@@ -201,12 +203,13 @@ def _read_image(path: Path) -> Any:
 
 
 def cmd_attribute(args: argparse.Namespace) -> int:
-    from cdm.attribution import attribute_images
+    from cdm.image_attribution import attribute_images
 
     cfg = load_app_config(args)
     sc, serve = cfg.library.sample, cfg.serve
     device = args.device or sc.device
     image = _read_image(args.image)
+    den: Composed
     if args.store is not None:
         from cdm.store import LocalStore
 

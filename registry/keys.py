@@ -23,8 +23,12 @@ key                                        type         contents
                                                         never reset, so ids are never reused)
 ``ns:fingerprints:{source}``               hash         data fingerprint -> compartment id (idempotency)
 ``ns:router``                              hash         the active router (``RouterRecord``)
+``ns:routing``                             string       the routing kind (``RoutingKind``: learnt | density;
+                                                        unset = learnt): how samplers compose, and whether
+                                                        the daemon trains a router
 ``ns:epoch``                               string/int   incremented exactly once per change of the composition
-                                                        (active set, active records or router)
+                                                        (active set, active records, router or
+                                                        routing kind)
 ``ns:changes``                             stream       change log, one entry per registry change (capped)
 ``ns:events``                              pub/sub      ``{"epoch", "kind", ...}`` after each change (lossy:
                                                         readers must also re-read ``ns:epoch``)
@@ -151,6 +155,11 @@ class Keys:
     def router(self) -> str:
         """Hash of the active router."""
         return self._k("router")
+
+    @property
+    def routing(self) -> str:
+        """The routing kind (string)."""
+        return self._k("routing")
 
     @property
     def epoch(self) -> str:

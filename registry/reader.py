@@ -24,9 +24,11 @@ from registry.records import (
     ForgetReceipt,
     RegistrySnapshot,
     RouterRecord,
+    RoutingKind,
     decode_hash,
     from_hash,
     from_json,
+    routing_kind,
     text,
 )
 
@@ -63,21 +65,27 @@ class RegistryClient:
     # -- the composition
 
     def snapshot(self) -> RegistrySnapshot:
-        """Epoch, active compartments and router, read atomically (one Lua script)."""
+        """Epoch, active compartments, router and routing kind, read atomically (one Lua script)."""
         keys = self._keys
-        reply = self._snapshot_script(keys=[keys.epoch, keys.active, keys.router], args=[keys.compartment_prefix])
-        epoch, router_raw, rest = int(text(reply[0])), reply[1], reply[2:]
+        reply = self._snapshot_script(
+            keys=[keys.epoch, keys.active, keys.router, keys.routing], args=[keys.compartment_prefix]
+        )
+        epoch, router_raw, routing, rest = int(text(reply[0])), reply[1], routing_kind(reply[2]), reply[3:]
         compartments = tuple(
             from_hash(CompartmentRecord, rest[i + 1], compartment_id=text(rest[i]))
             for i in range(0, len(rest), 2)
             if rest[i + 1]
         )
         router = from_hash(RouterRecord, router_raw) if decode_hash(router_raw) else None
-        return RegistrySnapshot(epoch=epoch, compartments=compartments, router=router)
+        return RegistrySnapshot(epoch=epoch, compartments=compartments, router=router, routing=routing)
 
     def epoch(self) -> int:
         value = self._r.get(self._keys.epoch)
         return int(text(value)) if value is not None else 0
+
+    def routing(self) -> RoutingKind:
+        """The routing kind (learnt when never set)."""
+        return routing_kind(self._r.get(self._keys.routing))
 
     # -- records
 

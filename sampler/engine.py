@@ -18,7 +18,7 @@ import anyio.to_thread
 import numpy as np
 import torch
 
-from cdm.attribution import ImageAttribution, attribute_images
+from cdm.image_attribution import ImageAttribution, attribute_images
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
 from sampler.live import Composition
 

@@ -22,7 +22,7 @@ import redis
 from PIL import Image
 
 from api.config import ServeConfig
-from cdm.attribution import ImageAttribution
+from cdm.image_attribution import ImageAttribution
 from registry.acl import Grant
 from sampler.engine import AttributeRequest, SampleRequest, SampleResult, attribute_now, sample_now
 from tests.api.conftest import SOURCES, Served, auth, decode_images, register
