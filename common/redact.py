@@ -68,12 +68,13 @@ def bound(text: str, limit: int = DETAIL_LIMIT) -> str:
 def safe(value: object, limit: int = DETAIL_LIMIT) -> str:
     """``value`` as text fit for a log line or an error message: URLs redacted, at most ``limit`` characters.
 
-    Bytes are shown by ``repr`` of their first ``limit`` bytes only (a huge key is never decoded or copied whole).
+    Bytes are shown by ``repr`` of their first bytes only (a huge key is never decoded or copied whole).
     """
     if isinstance(value, bytes | bytearray | memoryview):
-        raw = bytes(value[: limit + 1])
-        text = repr(raw) if len(value) <= limit else f"{raw[:limit]!r}…[{len(value)} bytes]"
-        return bound(redact_text(text), limit + 32)
+        shown = max(1, limit // 4 - 8)  # a byte's repr takes up to 4 characters
+        head = repr(bytes(value[:shown]))
+        text = head if len(value) <= shown else f"{head}…[{len(value)} bytes]"
+        return redact_text(text)
     text = value if isinstance(value, str) else str(value)
     # bound before redacting (redaction is linear, but a 5 MB string need not be scanned), then again after
     return bound(redact_text(bound(text, limit * 4)), limit)
