@@ -23,7 +23,7 @@ from cdm.artifacts import (
     verify_tree,
     write_json,
 )
-from cdm.config import ModelConfig, TrainConfig, parse_section, to_dict
+from cdm.config import ModelConfig, TrainConfig, build, to_dict
 from cdm.denoiser import expand_timesteps
 from cdm.errors import StoreError
 
@@ -98,11 +98,11 @@ class CompartmentManifest:
 
     @property
     def model_config(self) -> ModelConfig:
-        return parse_section(ModelConfig, self.model, "manifest.model")
+        return build(ModelConfig, self.model)
 
     @property
     def train_config(self) -> TrainConfig:
-        return parse_section(TrainConfig, self.train, "manifest.train")
+        return build(TrainConfig, self.train)
 
 
 class Compartment(torch.nn.Module):

@@ -1,38 +1,86 @@
-"""Typed, frozen configuration sections for the library, and a strict TOML section parser.
+"""Typed, frozen, range-checked configuration sections of the library (pydantic v2, ``common.settings``).
 
-Config is loaded once (``tomllib``) and passed explicitly; unknown keys are rejected by name.
+Config is loaded once (``tomllib``, then the environment, then CLI flags: ``daemon.config.load_config``) and
+passed explicitly. Every section refuses unknown keys by name, wrong types and values out of range with a
+``ConfigError`` naming the key (``train.steps = -5 must be >= 1``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, Field, model_validator
 
 from cdm.errors import ConfigError
+from common.settings import AsTuple, build, replace, section, to_dict
 
-T = TypeVar("T")
+__all__ = [
+    "Device",
+    "EvalConfig",
+    "LibraryConfig",
+    "ModelConfig",
+    "RouterConfig",
+    "RoutingKind",
+    "SampleConfig",
+    "TrainConfig",
+    "build",
+    "parse_library",
+    "replace",
+    "to_dict",
+]
 
 Device = Literal["cpu", "cuda"]
 RoutingKind = Literal["learnt", "density"]  # how compartments are composed (cdm/routing/); a registry fact too
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeding takes 32 bits
+Threads = Annotated[int, Field(ge=0, le=1024)]  # 0 = torch's default
+Steps = Annotated[int, Field(ge=1, le=10_000_000)]
+BatchSize = Annotated[int, Field(ge=1, le=65_536)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
 
 
-@dataclass(frozen=True)
+def _grayscale_or_rgb(value: int) -> int:
+    if value not in (1, 3):
+        raise ValueError("must be 1 (grayscale) or 3 (RGB)")
+    return value
+
+
+Widths = Annotated[tuple[Annotated[int, Field(ge=1, le=4096)], ...], AsTuple, Field(min_length=1, max_length=6)]
+
+
+@section("model", error=ConfigError)
 class ModelConfig:
     """Architecture shared by every compartment of one store (so they compose and can be vectorised)."""
 
-    sample_size: int = 16  # image side in pixels; sources are resized to it (area interpolation)
-    in_channels: int = 1  # 1 for grayscale, 3 for RGB; sources must match
-    num_classes: int = 10  # class-conditional with this many classes (+1 null class); 0 = unconditional
-    block_out_channels: tuple[int, ...] = (32, 64)  # UNet widths per resolution level
-    layers_per_block: int = 1  # ResNet blocks per level
+    # image side in pixels; sources are resized to it (area interpolation); divisible by 2**(levels - 1)
+    sample_size: Annotated[int, Field(ge=4, le=1024)] = 16
+    in_channels: Annotated[int, AfterValidator(_grayscale_or_rgb)] = 1  # 1 for grayscale, 3 for RGB; sources must match
+    num_classes: Annotated[int, Field(ge=0, le=100_000)] = 10  # class-conditional (+1 null class); 0 = unconditional
+    block_out_channels: Widths = (32, 64)  # UNet widths per resolution level (1 to 6 levels)
+    layers_per_block: Annotated[int, Field(ge=1, le=8)] = 1  # ResNet blocks per level
     attention: bool = False  # self-attention at the lowest resolution and in the mid block
-    norm_num_groups: int = 8  # GroupNorm groups (must divide every width)
-    num_train_timesteps: int = 1000  # diffusion steps of the training noise schedule
-    beta_schedule: str = "squaredcos_cap_v2"  # diffusers beta schedule name ("linear", "squaredcos_cap_v2", ...)
+    norm_num_groups: Annotated[int, Field(ge=1, le=1024)] = 8  # GroupNorm groups (must divide every width)
+    num_train_timesteps: Annotated[int, Field(ge=2, le=100_000)] = 1000  # steps of the training noise schedule
+    # diffusers beta schedule shared by the DDPM, DDIM and DPM-Solver schedulers
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        bad = [w for w in self.block_out_channels if w % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"model.norm_num_groups = {self.norm_num_groups} must divide every width of "
+                f"model.block_out_channels = {list(self.block_out_channels)} (not {bad}); pick a common divisor"
+            )
+        factor = 2 ** (len(self.block_out_channels) - 1)
+        if self.sample_size % factor:
+            raise ValueError(
+                f"model.sample_size = {self.sample_size} must be divisible by {factor} "
+                f"(the UNet halves it {len(self.block_out_channels) - 1} time(s) for "
+                f"{len(self.block_out_channels)} levels of model.block_out_channels)"
+            )
+        return self
 
     def scheduler_config(self) -> dict[str, Any]:
         """The diffusers scheduler config every compartment and the router share."""
@@ -44,164 +92,101 @@ class ModelConfig:
         }
 
 
-@dataclass(frozen=True)
+@section("train", error=ConfigError)
 class TrainConfig:
     """How one compartment is trained (the AdamW + EMA recipe of improved-diffusion, scaled down)."""
 
-    steps: int = 800  # optimizer steps (fixed budget)
-    batch_size: int = 128  # samples per step
-    lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 50  # linear warm-up steps
+    steps: Steps = 800  # optimizer steps (fixed budget)
+    batch_size: BatchSize = 128  # samples per step
+    lr: LearningRate = 2e-3  # peak learning rate, in (0, 1]
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0  # AdamW weight decay
+    warmup_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 50  # linear warm-up steps
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # decay after warm-up
-    ema_decay: float = 0.995  # EMA decay of the sampling weights
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995  # EMA decay of the sampling weights, in [0, 1)
     ema_warmup: bool = True  # use min(decay, (1+step)/(10+step)) early on
-    grad_clip: float = 1.0  # max global grad norm
-    label_dropout: float = 0.1  # probability of training a sample with the null class
-    seed: int = 0  # makes training deterministic
+    grad_clip: Annotated[float, Field(ge=0, le=1e6)] = 1.0  # max global grad norm (0 = no clipping)
+    label_dropout: Probability = 0.1  # probability of training a sample with the null class
+    seed: Seed = 0  # makes training deterministic
     device: Device = "cpu"  # "cuda" selects the GPU path
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (only used on cuda)
-    checkpoint_every: int = 200  # steps between resumable checkpoints
-    threads: int = 0  # torch intra-op threads on CPU (0 = torch default)
+    checkpoint_every: Annotated[int, Field(ge=0, le=10_000_000)] = 200  # steps between checkpoints (0 = none)
+    threads: Threads = 0  # torch intra-op threads on CPU (0 = torch default)
 
 
-@dataclass(frozen=True)
+@section("router", error=ConfigError)
 class RouterConfig:
     """The source classifier w_i(x_t, t, c) = P(source i | x_t, t, c)."""
 
     # "learnt": the CNN below, trained on every source's noised data (retrained on every add/forget);
     # "density": training-free SuperDiff weights from each compartment's own scores (the fields below are unused)
     kind: RoutingKind = "learnt"
-    steps: int = 400  # optimizer steps
-    batch_size: int = 256  # noised samples per step
-    lr: float = 2e-3  # AdamW learning rate
-    channels: tuple[int, ...] = (32, 64)  # CNN widths
-    label_dropout: float = 0.5  # probability of hiding the class (so P(i | x_t, t) is learnt too)
-    seed: int = 0
+    steps: Steps = 400  # optimizer steps
+    batch_size: BatchSize = 256  # noised samples per step
+    lr: LearningRate = 2e-3  # AdamW learning rate
+    channels: Widths = (32, 64)  # CNN widths
+    label_dropout: Probability = 0.5  # probability of hiding the class (so P(i | x_t, t) is learnt too)
+    seed: Seed = 0
     device: Device = "cpu"
-    eval_samples: int = 512  # held-out noised samples per noise level for the report
-    threads: int = 0
+    eval_samples: Annotated[int, Field(ge=1, le=1_000_000)] = 512  # held-out noised samples per noise level
+    threads: Threads = 0
 
 
-@dataclass(frozen=True)
+@section("sample", error=ConfigError)
 class SampleConfig:
     """Defaults for sampling."""
 
     scheduler: Literal["ddim", "ddpm", "dpm"] = "dpm"  # diffusers scheduler
-    num_inference_steps: int = 20  # denoising steps
+    num_inference_steps: Annotated[int, Field(ge=1, le=10_000)] = 20  # denoising steps (<= model steps)
     mode: Literal["full", "top_k"] = "full"  # composition mode
-    top_k: int = 1  # k for mode = "top_k"
+    top_k: Annotated[int, Field(ge=1, le=10_000)] = 1  # k for mode = "top_k"
     vectorize: Literal["auto", "loop", "vmap"] = "auto"  # compartment evaluation strategy ("auto": fastest per device)
-    batch_size: int = 256  # images per forward pass
+    batch_size: BatchSize = 256  # images per forward pass
     device: Device = "cpu"
 
 
-@dataclass(frozen=True)
+@section("eval", error=ConfigError)
 class EvalConfig:
     """Evaluation (FID/KID on features of a classifier trained here)."""
 
-    cache_dir: str = ".cache/cdm"  # where the feature extractor is cached (by content hash)
-    num_samples: int = 1000  # generated images per FID/KID
-    memorisation_ratio: float = 0.333  # nearest / second-nearest distance ratio counted as memorised
+    cache_dir: Annotated[str, Field(min_length=1)] = ".cache/cdm"  # where the feature extractor is cached
+    num_samples: Annotated[int, Field(ge=2, le=1_000_000)] = 1000  # generated images per FID/KID
+    # nearest / second-nearest training-image distance ratio below which a sample counts as memorised, in (0, 1]
+    memorisation_ratio: Annotated[float, Field(gt=0, le=1)] = 0.333
 
 
-@dataclass(frozen=True)
+@section("library", error=ConfigError)
 class LibraryConfig:
     """The library's sections of ``config.toml``."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> LibraryConfig:
+        if self.sample.num_inference_steps > self.model.num_train_timesteps:
+            raise ValueError(
+                f"sample.num_inference_steps = {self.sample.num_inference_steps} must be <= "
+                f"model.num_train_timesteps = {self.model.num_train_timesteps} (a scheduler cannot take more steps)"
+            )
+        return self
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where} = {value!r} is not allowed; choose one of {list(args)}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        errors = []
-        for arg in args:
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where} = {value!r} matches none of {args}")
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        inner = args[0]
-        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{where} must be empty, got {value!r}")
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return parse_section(tp, value, where)
-    return value
+LIBRARY_SECTIONS: Mapping[str, Any] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "router": RouterConfig,
+    "sample": SampleConfig,
+    "eval": EvalConfig,
+}
 
 
-def parse_section(cls: type[T], table: Any, name: str) -> T:
-    """Build dataclass ``cls`` from a TOML table; unknown keys and wrong types raise ConfigError by name."""
-    if table is None:
-        return cls()
-    if not isinstance(table, Mapping):
-        raise ConfigError(f"[{name}] must be a table, got {table!r}")
-    assert dataclasses.is_dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(table) - fields)
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}")
-    kwargs = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in table.items()}
-    return cls(**kwargs)
-
-
-def replace(section: T, **overrides: Any) -> T:
-    """``dataclasses.replace`` that ignores ``None`` overrides (CLI flags that were not given)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(section, **given)  # type: ignore[type-var]
-
-
-def parse_library(doc: Mapping[str, Any]) -> LibraryConfig:
+def parse_library(
+    doc: Mapping[str, Any], *, origins: Mapping[str, Mapping[str, str]] | None = None
+) -> LibraryConfig:
     """The library sections of a parsed TOML document (other sections are the caller's)."""
-    return LibraryConfig(
-        model=parse_section(ModelConfig, doc.get("model"), "model"),
-        train=parse_section(TrainConfig, doc.get("train"), "train"),
-        router=parse_section(RouterConfig, doc.get("router"), "router"),
-        sample=parse_section(SampleConfig, doc.get("sample"), "sample"),
-        eval=parse_section(EvalConfig, doc.get("eval"), "eval"),
-    )
-
-
-def to_dict(section: Any) -> dict[str, Any]:
-    """JSON-able dict of a config dataclass (tuples become lists)."""
-    return json_safe(dataclasses.asdict(section))
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    return obj
+    where = origins or {}
+    built = {name: build(cls, doc.get(name), origins=where.get(name)) for name, cls in LIBRARY_SECTIONS.items()}
+    return LibraryConfig(**built)

@@ -20,7 +20,7 @@ import torch
 from cdm.artifacts import read_json, remove_tree, write_json
 from cdm.compartment import Compartment, CompartmentManifest
 from cdm.compose import ComposedDenoiser, Mode, Vectorize
-from cdm.config import ModelConfig, RouterConfig, TrainConfig, parse_section, to_dict
+from cdm.config import ModelConfig, RouterConfig, TrainConfig, build, to_dict
 from cdm.data import SourceData, fingerprint, load_npz, save_npz
 from cdm.errors import ConfigError, DataError, StoreError
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
@@ -67,7 +67,7 @@ class LocalStore:
         meta = self.root / "store.json"
         if meta.exists():
             doc = read_json(meta)
-            stored = parse_section(ModelConfig, doc["model"], "store.json model")
+            stored = build(ModelConfig, doc["model"])
             if model is not None and model != stored:
                 raise StoreError(
                     f"{self.root} was created with [model] {to_dict(stored)}, not {to_dict(model)}; compartments "

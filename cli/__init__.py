@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cli import acl, offline, serve, service
-from cli.config import app_config
+from cli.config import CONFIG_HELP, add_config_flag, app_config
 
 EXAMPLES = """\
 examples (offline, a local store directory, no services needed):
@@ -29,7 +29,7 @@ examples (offline, a local store directory, no services needed):
   cdm evaluate --store store/ --n 500
 
 examples (the service: Kafka + Redis; `make services-start` runs local ones):
-  cdm daemon --config config.toml
+  cdm daemon --config config.toml          (or CDM_<SECTION>__<KEY> variables, e.g. CDM_REDIS__PASSWORD)
   cdm push --source shoes sources/source-0.npz
   cdm ls --json
   cdm sample --redis redis://127.0.0.1:6379/0 --n 16 --out live.npz
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", type=Path, default=None, help="config.toml (default: ./config.toml if present)")
+    p.add_argument("--config", type=Path, default=None, help=CONFIG_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     offline.register(sub)
     ls = sub.add_parser("ls", help="list compartments (local store or live registry)")
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     service.register(sub)
     serve.register(sub)
     acl.register(sub)
+    add_config_flag(sub)
     return p
 
 
@@ -78,14 +79,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cdm.errors import CdmError
+    from common.redact import safe
+    from daemon.errors import DaemonError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except CdmError as exc:
-        print(f"cdm {args.command}: error: {exc}", file=sys.stderr)
+    except (CdmError, DaemonError) as exc:
+        print(f"cdm {args.command}: error: {safe(exc, 4000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cdm {args.command}: interrupted", file=sys.stderr)

@@ -325,7 +325,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     train_sets = None
     if args.memorisation:
         train_sets = {s: from_model_tensor(to_model_tensor(store.load_data(s).images, size)) for s in store.sources()}
-    report = evaluate(gen, reference=ref, extractor=ext, train_sets=train_sets)
+    report = evaluate(
+        gen, reference=ref, extractor=ext, train_sets=train_sets, memorisation_ratio=ec.memorisation_ratio
+    )
     print(json.dumps(report.to_dict()))
     return 0
 

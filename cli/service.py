@@ -85,11 +85,13 @@ def _services_flag(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    from common.redact import install_log_redaction
     from daemon.service import Service
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    install_log_redaction()  # every line: URLs without credentials, bounded length
     if args.log_level != "DEBUG":
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     cfg = app_config(args)

@@ -15,6 +15,10 @@ class LockLost(DaemonError):
     """A lock this daemon believed it held has expired or belongs to another owner."""
 
 
+class RegistryUnavailable(DaemonError):
+    """The registry's Redis cannot be reached at start-up (the message names its URL without credentials)."""
+
+
 class MessageError(DaemonError):
     """A Kafka message cannot be decoded or validated; it goes to the dead-letter topic with ``reason``."""
 

@@ -40,6 +40,7 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from common.redact import safe
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import (
@@ -419,7 +420,7 @@ class Ingestor:
         self._failures += 1
         delay = min(self._retry_max_s, self._retry_initial_s * 2 ** min(self._failures - 1, 30))
         self._retry_at = self._clock() + delay
-        self._problem = f"{what} (failure {self._failures} in a row; retrying in {delay:.1f}s)"
+        self._problem = safe(f"{what} (failure {self._failures} in a row; retrying in {delay:.1f}s)")
         self._failure_kind = kind
         report.failure = self._problem
         self._metrics.ingest_failures.labels(kind=kind).inc()
@@ -517,7 +518,7 @@ class Ingestor:
         try:
             self._on_control(command, origin)
         except Exception as exc:
-            log.exception("control command %s from %s failed", command, origin)
+            log.exception("control command %s from %s failed", safe(command), origin)
             error = WireError("control-failed", f"{type(exc).__name__}: {exc}")
             self._send_dead_letter(record, tp, origin, error, report, rewait=True)
             return
@@ -597,7 +598,7 @@ class Ingestor:
         *,
         rewait: bool,
     ) -> None:
-        log.warning("dead-lettering %s: %s: %s", origin, error.reason, error.detail[:1000])
+        log.warning("dead-lettering %s: %s: %s", origin, error.reason, safe(error.detail))
         if rewait:
             with self._lock:
                 self._tracker.rewait(tp, origin.offset, ("dlq", origin))

@@ -1,8 +1,8 @@
 """The daemon: services started in a declared order, stopped in reverse, warm then cold shutdown.
 
     Service(cfg)   builds every part; nothing connects yet (only the spool opens: it locks its directory, recovers)
-    run():  start-up steps, in order: redis -> heartbeat -> http -> spool -> training worker -> hot swap -> kafka ->
-            scheduler
+    run():  start-up steps, in order: redis -> heartbeat -> http -> readiness -> spool -> training worker -> hot swap ->
+            kafka -> scheduler
               (each step starts one service and returns the function that stops it)
       -> loop: poll Kafka (paused while a compartment trains, so the group keeps us)
       -> finally: teardown, calling the stop functions in reverse order
@@ -33,13 +33,16 @@ from kafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
 import cdm
+from api.health import Readiness, create_health_app
+from api.server import AppServer
 from cdm.training import check_trainable
+from common.redact import redact_url, safe
 from daemon.config import AppConfig, KafkaConfig, SchedulerConfig
-from daemon.errors import ColdShutdown, ShutdownRequested
-from daemon.health import HealthServer
+from daemon.errors import ColdShutdown, RegistryUnavailable, ShutdownRequested
 from daemon.ingest import Ingestor
 from daemon.jobs import Jobs, build_scheduler
 from daemon.metrics import Metrics
+from daemon.readiness import ReadinessCache
 from daemon.spool import Spool, SpoolLimits
 from daemon.wire import ControlCommand, Origin
 from daemon.worker import ArtifactLayout, Job, Notices, TrainingWorker
@@ -75,9 +78,16 @@ class Started:
 # ------------------------------------------------------------------------------------------ start-up steps
 
 
-def start_redis(client: redis.Redis) -> Stop:
+def start_redis(client: redis.Redis, url: str) -> Stop:
     """Fail fast when the registry's Redis is unreachable; closing the client is the stop."""
-    client.ping()
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        raise RegistryUnavailable(
+            f"cannot reach the registry's Redis at {redact_url(url)}: {safe(exc)}; check [redis] url, "
+            "its credentials (CDM_REDIS__PASSWORD) and the network"
+        ) from None
     return client.close
 
 
@@ -89,10 +99,15 @@ def start_heartbeat(
     return lambda: coordinator.clear_heartbeat(daemon_id)
 
 
-def start_http(http: HealthServer) -> Stop:
-    """Serve /metrics, /healthz, /readyz and /status."""
+def start_http(http: AppServer) -> Stop:
+    """Serve /metrics, /healthz, /readyz and /status (uvicorn in a thread, read timeout, connection cap)."""
     http.start()
     return http.stop
+
+
+def start_readiness(readiness: ReadinessCache) -> Stop:
+    """Compute readiness now and every [daemon] readiness_refresh_s; /readyz reads the result."""
+    return readiness.start()
 
 
 def start_spool(spool: Spool, metrics: Metrics) -> Stop:
@@ -246,13 +261,20 @@ class Service:
         self.registry = Registry(self.redis, keys)
         self.coordinator = Coordinator(self.redis, keys)
         self.metrics = Metrics(registry=self.metrics_registry)
-        self.http = HealthServer(
+        self.readiness = ReadinessCache(
+            self.check_readiness,
+            cfg.daemon.readiness_refresh_s,
+            # a check blocked on a Redis timeout (connect + command) is not yet "stuck"
+            stale_after_s=3 * cfg.daemon.readiness_refresh_s + cfg.redis.socket_connect_timeout_s
+            + cfg.redis.socket_timeout_s,
+        )
+        self.http = AppServer(
+            create_health_app(self.metrics_registry, self.is_alive, self.readiness.current, self.status),
             cfg.daemon.http_host,
             cfg.daemon.http_port,
-            registry=self.metrics_registry,
-            is_alive=self.is_alive,
-            is_ready=self.readiness,
-            status=self.status,
+            read_timeout_s=cfg.daemon.http_read_timeout_s,
+            max_connections=cfg.daemon.http_max_connections,
+            name="cdm-health",
         )
         self.spool = open_spool(cfg)
         self.worker = TrainingWorker(
@@ -302,7 +324,7 @@ class Service:
         )
         # the start-up order; teardown runs the stops in reverse
         self.steps: tuple[Step, ...] = (
-            Step("redis", functools.partial(start_redis, self.redis)),
+            Step("redis", functools.partial(start_redis, self.redis, cfg.redis.url)),
             Step(
                 "heartbeat",
                 functools.partial(
@@ -310,6 +332,7 @@ class Service:
                 ),
             ),
             Step("http", functools.partial(start_http, self.http)),
+            Step("readiness", functools.partial(start_readiness, self.readiness)),
             Step("spool", functools.partial(start_spool, self.spool, self.metrics)),
             Step("training worker", functools.partial(start_worker, self.worker)),
             Step("hot swap", functools.partial(start_hot_swap, self.live)),
@@ -417,18 +440,19 @@ class Service:
         fresh = time.monotonic() - self._last_poll < max(30.0, 10 * self.cfg.daemon.poll_timeout_ms / 1000)
         return self.started.is_set() and fresh and self.worker.alive
 
-    def readiness(self) -> tuple[bool, str]:
-        """Redis reachable and a composition loaded."""
+    def check_readiness(self) -> Readiness:
+        """Redis reachable, ingest not backing off and a composition loaded (run by ``self.readiness``'s thread,
+        every [daemon] readiness_refresh_s; /readyz answers from its last result)."""
         try:
             self.redis.ping()
         except redis.RedisError as exc:
-            return False, f"redis unreachable: {exc}"
+            return Readiness(False, (f"redis unreachable at {redact_url(self.cfg.redis.url)}: {safe(exc)}",))
         if (problem := self.kafka.problem()) is not None:
-            return False, f"ingest is backing off: {problem}"
+            return Readiness(False, (f"ingest is backing off: {safe(problem)}",))
         comp = self.live.current()
         if comp is None:
-            return False, "no composition loaded yet (no compartment and router registered)"
-        return True, f"serving epoch {comp.epoch}"
+            return Readiness(False, ("no composition loaded yet (no compartment and router registered)",))
+        return Readiness(True, details={"detail": f"serving epoch {comp.epoch}", "epoch": comp.epoch})
 
     def status(self) -> dict[str, Any]:
         comp = self.live.current()
@@ -438,7 +462,7 @@ class Service:
             "epoch": comp.epoch if comp else None,
             "sources": list(comp.sources) if comp else [],
             "pending": list(comp.pending) if comp else [],
-            "hotswap_error": self.live.last_error,
+            "hotswap_error": safe(self.live.last_error) if self.live.last_error is not None else None,
             "worker": vars(self.worker.status),
         }
 

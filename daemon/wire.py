@@ -25,6 +25,7 @@ import numpy as np
 
 from cdm.data import SourceData, npz_bytes, read_npz_arrays, validate_arrays
 from cdm.errors import DataError, DataTooLarge
+from common.redact import bound
 from daemon.errors import MessageError
 
 WIRE_VERSION: Final = 1
@@ -92,9 +93,8 @@ class WireError(MessageError):
 
     def __init__(self, reason: Reason, detail: str) -> None:
         assert reason in REASONS, reason
-        if len(detail) > _DETAIL_MAX:  # details quote record content: keep log lines and dead letters bounded
-            detail = detail[: _DETAIL_MAX - 1] + "…"
-        super().__init__(reason, detail)
+        # details quote record content: keep log lines and dead letters bounded (cut with the original length)
+        super().__init__(reason, bound(detail, _DETAIL_MAX))
         self.reason: Reason = reason
 
 

@@ -1,52 +1,70 @@
-"""``[redis]``: the registry's Redis server, typed and range-checked (read by ``daemon.config``)."""
+"""``[redis]``: the registry's Redis server, typed and range-checked (read by ``daemon.config``).
+
+Errors are ``RegistryConfigError`` (the daemon's loader reports them as ``cdm.errors.ConfigError``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import urllib.parse
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, Field, model_validator
+
+from common.settings import section
 from registry.errors import RegistryConfigError
 
 SslCertReqs = Literal["required", "optional", "none"]
 
 
-@dataclass(frozen=True)
+def _check_url(url: str) -> str:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must start with redis://, rediss:// or unix://")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"is not a URL redis-py reads ({exc}); use redis://[user:pass@]host:port/db") from None
+    if not url.startswith("unix://") and not parts.hostname:
+        raise ValueError("has no host; use redis://[user:pass@]host:port/db")
+    if port == 0:
+        raise ValueError("has port 0; use a port in 1..65535")
+    return url
+
+
+def _check_namespace(namespace: str) -> str:
+    if not 1 <= len(namespace) <= 64 or any(c in namespace for c in " \t\r\n{}*?[]"):
+        raise ValueError("must be 1-64 characters without spaces, braces or glob characters (*?[]), e.g. 'cdm'")
+    return namespace
+
+
+@section("redis", error=RegistryConfigError)
 class RedisConfig:
     """``[redis]``: the registry's Redis server."""
 
-    url: str = "redis://127.0.0.1:6379/0"  # redis://[user:pass@]host:port/db, rediss:// for TLS, unix://
-    username: str | None = None  # ACL user (overrides the url's)
-    password: str | None = field(default=None, repr=False)  # overrides the url's
+    # redis://[user:pass@]host:port/db, rediss:// for TLS, unix://; credentials in it are never logged
+    url: Annotated[str, AfterValidator(_check_url)] = "redis://127.0.0.1:6379/0"
+    username: Annotated[str, Field(min_length=1)] | None = None  # ACL user (overrides the url's)
+    password: str | None = Field(default=None, repr=False)  # overrides the url's
     tls: bool = False  # connect with TLS (same as a rediss:// url)
-    tls_ca_certs: str | None = None  # CA bundle (PEM) to verify the server
-    tls_certfile: str | None = None  # client certificate (PEM) for mutual TLS
-    tls_keyfile: str | None = None  # client private key (PEM)
+    tls_ca_certs: Annotated[str, Field(min_length=1)] | None = None  # CA bundle (PEM) to verify the server
+    tls_certfile: Annotated[str, Field(min_length=1)] | None = None  # client certificate (PEM) for mutual TLS
+    tls_keyfile: Annotated[str, Field(min_length=1)] | None = None  # client private key (PEM)
     tls_cert_reqs: SslCertReqs = "required"  # server certificate verification
-    namespace: str = "cdm"  # prefix of every key and channel (registry/keys.py)
-    socket_timeout_s: float = 5.0  # per command
-    socket_connect_timeout_s: float = 5.0
-    health_check_interval_s: int = 30  # PING idle connections before reuse (0 = never)
+    # prefix of every key and channel (registry/keys.py): 1-64 characters, no spaces, braces or glob characters
+    namespace: Annotated[str, AfterValidator(_check_namespace)] = "cdm"
+    socket_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0  # per command
+    socket_connect_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    health_check_interval_s: Annotated[int, Field(ge=0, le=3600)] = 30  # PING idle connections before reuse (0 = never)
 
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise RegistryConfigError(f"redis.url = {self.url!r} must start with redis://, rediss:// or unix://")
-        if not self.namespace or any(c in self.namespace for c in " {}*?[]"):
-            raise RegistryConfigError(
-                f"redis.namespace = {self.namespace!r} must be non-empty, without spaces, braces or glob characters"
-            )
-        for name, value in (
-            ("socket_timeout_s", self.socket_timeout_s),
-            ("socket_connect_timeout_s", self.socket_connect_timeout_s),
-        ):
-            if value <= 0:
-                raise RegistryConfigError(f"redis.{name} = {value!r} must be > 0")
-        if self.health_check_interval_s < 0:
-            raise RegistryConfigError(f"redis.health_check_interval_s = {self.health_check_interval_s} must be >= 0")
-        tls_files = (self.tls_ca_certs, self.tls_certfile, self.tls_keyfile)
-        if any(f is not None for f in tls_files) and not self.uses_tls:
-            raise RegistryConfigError(
-                "redis.tls_* files are set but TLS is off; set redis.tls = true or use rediss://"
-            )
+    @model_validator(mode="after")
+    def _check(self) -> RedisConfig:
+        tls_files = ("tls_ca_certs", "tls_certfile", "tls_keyfile")
+        given = [f"redis.{name}" for name in tls_files if getattr(self, name) is not None]
+        if given and not self.uses_tls:
+            raise ValueError(f"{', '.join(given)} set but TLS is off; set redis.tls = true or use a rediss:// url")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("redis.tls_certfile and redis.tls_keyfile must be given together (mutual TLS)")
+        return self
 
     @property
     def uses_tls(self) -> bool:

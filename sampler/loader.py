@@ -8,6 +8,7 @@ from cdm.compose import Composed, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError
 from cdm.routing import Router, build_composition, load_router, needs_router, serving
+from common.redact import redact_url
 from registry.client import connect
 from registry.config import RedisConfig
 from registry.keys import Keys
@@ -89,8 +90,8 @@ def load_live_composition(
     comp = CompositionLoader(device=device, vectorize=vectorize).build(snap)
     if comp is None:
         raise CdmError(
-            f"the registry at {url or redis.url} serves nothing yet (epoch {snap.epoch}, {len(snap.compartments)} "
-            f"active compartment(s), routing {snap.routing.value}, router "
+            f"the registry at {redact_url(url or redis.url)} serves nothing yet (epoch {snap.epoch}, "
+            f"{len(snap.compartments)} active compartment(s), routing {snap.routing.value}, router "
             + ("present" if snap.router else "missing")
             + "); push a source first"
         )

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common.redact import redact_url
+
 OUT = Path("demo-out")
 # Fashion-MNIST classes: 0 T-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot
 SOURCES = {"tops": [0, 2, 3, 4, 6], "trousers": [1], "footwear": [5, 7, 9], "bags": [8]}
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     _say("== 1. starting Redis and the Kafka-protocol broker on free loopback ports")
     state = out / "services"
     addrs = services.start(state)
-    _say(f"   redis {addrs.redis_url}   kafka {addrs.kafka_bootstrap}")
+    _say(f"   redis {redact_url(addrs.redis_url)}   kafka {addrs.kafka_bootstrap}")
     daemon: subprocess.Popen[bytes] | None = None
     server: subprocess.Popen[bytes] | None = None
     log = out / "daemon.log"

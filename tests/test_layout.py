@@ -4,10 +4,11 @@ Every first-party module is parsed and every ``import`` in it counts (module lev
 ``if TYPE_CHECKING``), because each of them is a dependency a reader has to follow. Checked:
 
 * no import cycle between modules;
-* the layering of PLAN.md: ``cdm`` imports no other first-party package; ``registry`` only itself; ``sampler``
-  cdm and registry; ``daemon`` cdm, registry, sampler (and api, for the health app); ``api`` cdm, registry,
-  sampler; ``cli``, ``bench`` and ``scripts`` anything. ``__main__`` modules are process entry points and may
-  import what they start;
+* the layering of PLAN.md: ``common`` (stdlib + pydantic helpers: redaction, config sections) imports only
+  itself and every package may import it; ``cdm`` imports no other first-party package; ``registry`` only
+  itself; ``sampler`` cdm and registry; ``daemon`` cdm, registry, sampler (and api, for the health app); ``api``
+  cdm, registry, sampler; ``cli``, ``bench`` and ``scripts`` anything. ``__main__`` modules are process entry
+  points and may import what they start;
 * third-party packages a layer must not use: no Kafka, Redis or HTTP framework in ``cdm``; no Kafka or torch in
   ``registry``; no Kafka in ``sampler`` and ``api``.
 """
@@ -23,16 +24,18 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cdm", "registry", "sampler", "daemon", "api", "cli", "bench", "deploy")  # those that exist are read
+# those that exist are read
+PACKAGES = ("common", "cdm", "registry", "sampler", "daemon", "api", "cli", "bench", "deploy")
 SCRIPTS = ("scripts",)  # directories of standalone scripts (no __init__.py), read as "scripts.<name>"
 FIRST_PARTY = frozenset((*PACKAGES, *SCRIPTS, "tests"))
 
 MAY_IMPORT: Mapping[str, frozenset[str] | None] = {  # first-party packages each package may import (None: any)
-    "cdm": frozenset({"cdm"}),
-    "registry": frozenset({"registry"}),
-    "sampler": frozenset({"sampler", "cdm", "registry"}),
-    "daemon": frozenset({"daemon", "cdm", "registry", "sampler", "api"}),
-    "api": frozenset({"api", "cdm", "registry", "sampler"}),
+    "common": frozenset({"common"}),
+    "cdm": frozenset({"cdm", "common"}),
+    "registry": frozenset({"registry", "common"}),
+    "sampler": frozenset({"sampler", "cdm", "registry", "common"}),
+    "daemon": frozenset({"daemon", "cdm", "registry", "sampler", "api", "common"}),
+    "api": frozenset({"api", "cdm", "registry", "sampler", "common"}),
     "cli": None,
     "bench": None,
     "scripts": None,
@@ -40,6 +43,7 @@ MAY_IMPORT: Mapping[str, frozenset[str] | None] = {  # first-party packages each
 }
 HTTP = frozenset({"http", "fastapi", "starlette", "uvicorn"})
 MUST_NOT_USE: Mapping[str, frozenset[str]] = {  # third-party (and stdlib http) top-level names per package
+    "common": frozenset({"kafka", "redis", "torch", "diffusers", "numpy", "prometheus_client"}) | HTTP,
     "cdm": frozenset({"kafka", "redis", "prometheus_client", "apscheduler"}) | HTTP,
     "registry": frozenset({"kafka", "torch", "diffusers", "safetensors"}) | HTTP,
     "sampler": frozenset({"kafka"}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,74 @@ def test_every_listed_command_has_help(capsys: pytest.CaptureFixture[str]) -> No
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: cdm {command}" in capsys.readouterr().out
+
+
+def test_config_is_accepted_after_the_command_too(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    redis_client: redis.Redis,
+    redis_db_url: str,
+    redis_namespace: str,
+) -> None:
+    """`cdm ls --config f.toml` (how deploy/ runs `cdm daemon --config ...`); after the command wins over before it;
+    CDM_<SECTION>__<KEY> overrides the file."""
+    monkeypatch.chdir(tmp_path)
+    for name in [n for n in os.environ if n.startswith("CDM_") and "__" in n]:
+        monkeypatch.delenv(name)
+    reg = Registry(redis_client, Keys(redis_namespace))
+    rec = reg.begin_training("shoes", "fp", {})
+    reg.activate(
+        rec.compartment_id, artifact_uri="/a", sha256={}, prior=1.0, class_counts=[1], n_samples=1, train_metrics={}
+    )
+    right = tmp_path / "right.toml"
+    right.write_text(f'[redis]\nurl = "{redis_db_url}"\nnamespace = "{redis_namespace}"\n')
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(f'[redis]\nurl = "{redis_db_url}"\nnamespace = "{redis_namespace}-wrong"\n')
+
+    def epoch(argv: list[str]) -> int:
+        assert main(argv) == 0
+        return int(json.loads(capsys.readouterr().out)["epoch"])
+
+    assert epoch(["ls", "--config", str(right), "--json"]) == 1
+    assert epoch(["--config", str(wrong), "ls", "--config", str(right), "--json"]) == 1
+    assert epoch(["--config", str(right), "ls", "--json"]) == 1
+    assert epoch(["ls", "--config", str(wrong), "--json"]) == 0
+    monkeypatch.setenv("CDM_REDIS__NAMESPACE", redis_namespace)
+    assert epoch(["ls", "--config", str(wrong), "--json"]) == 1  # the environment overrides the file
+
+
+def test_daemon_accepts_config_after_the_command_and_reports_a_bad_file_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = -5\n")
+    assert main(["daemon", "--config", str(bad)]) == 2
+    assert "train.steps = -5 (from bad.toml) must be >= 1" in capsys.readouterr().err
+
+
+def test_a_redis_password_never_reaches_the_output_of_a_failing_daemon(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The registry cannot be reached: the error names the URL without its password, in stderr and in the logs."""
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[redis]\nurl = "redis://cdm:url-hunter2@127.0.0.1:{port}/0"\nsocket_connect_timeout_s = 1\n'
+        f'[daemon]\nhttp_port = 0\nspool_dir = "{tmp_path}/spool"\nartifact_dir = "{tmp_path}/artifacts"\n'
+    )
+    monkeypatch.setenv("CDM_REDIS__PASSWORD", "env-hunter2")
+    caplog.set_level("DEBUG")
+    assert main(["daemon", "--config", str(cfg), "--log-level", "DEBUG"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the registry's Redis at redis://cdm:***@127.0.0.1:{port}/0" in err
+    assert "hunter2" not in err and "hunter2" not in caplog.text

@@ -67,7 +67,6 @@ lock_ttl_s = 10
 source_idle_seal_s = 3600
 [scheduler]
 heartbeat_s = 1
-lock_refresh_s = 3
 seal_check_s = 1
 router_check_s = 0.5
 gc_s = 60

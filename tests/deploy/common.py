@@ -33,10 +33,6 @@ OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 # Series Prometheus makes itself for every target (not exported by cdm).
 PROMETHEUS_SERIES = frozenset({"up"})
 
-# Config sections the deploy configs use before the config loader knows them: interfaces being built in parallel
-# (the object-store artifacts of issue 9). Once the loader knows a section, it is validated like the others.
-PENDING_SECTIONS = frozenset({"artifacts"})
-
 _HINTS = {
     "promtool": "install Debian's prometheus package (deploy/local/bootstrap.sh does: make dev)",
     "kubectl": "install kubectl >= 1.27 (kustomize 5); Debian's kubernetes-client is too old",
@@ -94,29 +90,23 @@ def daemon_series_names() -> frozenset[str]:
 
 
 def env_overrides(doc: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """``doc`` with ``CDM_<SECTION>__<KEY>`` variables applied the way the config helper documents it."""
-    out: dict[str, Any] = {section: dict(values) for section, values in doc.items()}
-    for name, value in env.items():
-        match = re.fullmatch(r"CDM_([A-Z0-9_]+?)__([A-Z0-9_]+)", name)
-        if match is None:
+    """``doc`` with ``CDM_<SECTION>__<KEY>`` variables applied by the config loader's own rules (which refuse
+    an unknown section or key by the variable's name)."""
+    from common.settings import merge
+    from daemon.config import environment_overrides
+
+    for name in env:
+        if not re.fullmatch(r"CDM_([A-Z0-9_]+?)__([A-Z0-9_]+)", name):
             raise ValueError(f"{name} is not a config override: expected CDM_<SECTION>__<KEY>")
-        out.setdefault(match[1].lower(), {})[match[2].lower()] = value
-    return out
+    tables, _ = environment_overrides(env)
+    return merge(doc, tables)
 
 
 def parse_deploy_config(doc: Mapping[str, Any]) -> Any:
-    """Validate a deploy config with ``daemon.config.parse_config``; sections the loader does not know yet
-    (PENDING_SECTIONS) are left out only while it rejects them by name."""
-    from cdm.errors import ConfigError
+    """Validate a deploy config with ``daemon.config.parse_config`` (every section, [artifacts] included)."""
     from daemon.config import parse_config
 
-    try:
-        return parse_config(doc, where="deploy config")
-    except ConfigError as exc:
-        pending = PENDING_SECTIONS & set(doc)
-        if not pending or "unknown section" not in str(exc) or not all(name in str(exc) for name in pending):
-            raise
-        return parse_config({k: v for k, v in doc.items() if k not in pending}, where="deploy config")
+    return parse_config(doc, where="deploy config")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
