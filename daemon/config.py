@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cdm.artifacts import ArtifactsConfig
 from cdm.config import Device, LibraryConfig, parse_library, parse_section, to_dict
 from cdm.errors import ConfigError
 from registry.config import RedisConfig
@@ -30,10 +32,11 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 LIBRARY_SECTIONS = ("model", "train", "router", "sample", "eval")
-DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler")
-_SECRET_FIELDS = frozenset({"sasl_plain_password", "password"})
+DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler", "artifacts")
+_SECRET_FIELDS = frozenset({"sasl_plain_password", "password", "secret_access_key", "session_token"})
 MIN_MESSAGE_BYTES = 16 * 1024  # = daemon.wire.DLQ_MIN_RECORD_BYTES (not imported: config stays free of numpy)
 MAX_CHUNKS_PER_SOURCE = 1_000_000_000  # = daemon.wire.MAX_SEQ + 1
+DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # a registry key part (registry.keys)
 
 
 def _positive(section: str, **values: float) -> None:
@@ -164,8 +167,10 @@ class KafkaConfig:
 class DaemonConfig:
     """``[daemon]``: where the daemon keeps files, its HTTP endpoint and its timing."""
 
-    daemon_id: str = ""  # unique per replica; "" = "<hostname>-<pid>" chosen at start-up
-    artifact_dir: str = "store/artifacts"  # compartment and router artifacts (safetensors + manifests)
+    daemon_id: str = (
+        ""  # stable per replica ("" = the hostname, stable in a StatefulSet); two live daemons never share one
+    )
+    artifact_dir: str = "store/artifacts"  # local artifacts ([artifacts] url = "") and training checkpoints
     spool_dir: str = "store/spool"  # staged message chunks, durable before offsets are committed
     http_host: str = "127.0.0.1"  # /metrics, /healthz, /readyz
     http_port: int = 9464  # 0 = ephemeral (the bound port is logged and exposed)
@@ -188,6 +193,9 @@ class DaemonConfig:
     spool_max_bytes: int = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
     ingest_retry_initial_s: float = 0.5  # first back-off after a broker / spool I/O failure in the ingest loop
     ingest_retry_max_s: float = 30.0  # the back-off doubles per consecutive failure up to this
+    job_max_attempts: int = 5  # a source whose training failed this often is dropped (dead-lettered: training-failed)
+    job_retry_initial_s: float = 5.0  # first back-off after a failed training/forget job (a Redis outage, ...)
+    job_retry_max_s: float = 300.0  # the job back-off doubles per failure up to this (forget jobs retry forever)
 
     def __post_init__(self) -> None:
         if not 0 <= self.http_port <= 65535:
@@ -212,6 +220,19 @@ class DaemonConfig:
             raise ConfigError(
                 f"daemon.max_chunks_per_source = {self.max_chunks_per_source} must be in 1..{MAX_CHUNKS_PER_SOURCE} "
                 "(cdm-seq has at most 9 digits)"
+            )
+        if not 1 <= self.job_max_attempts <= 1000:
+            raise ConfigError(f"daemon.job_max_attempts = {self.job_max_attempts} must be in 1..1000")
+        _positive("daemon", job_retry_initial_s=self.job_retry_initial_s, job_retry_max_s=self.job_retry_max_s)
+        if self.job_retry_initial_s > self.job_retry_max_s:
+            raise ConfigError(
+                f"daemon.job_retry_initial_s = {self.job_retry_initial_s} must be <= "
+                f"daemon.job_retry_max_s = {self.job_retry_max_s}"
+            )
+        if self.daemon_id and not DAEMON_ID.fullmatch(self.daemon_id):
+            raise ConfigError(
+                f"daemon.daemon_id = {self.daemon_id!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ : - "
+                "starting with a letter or digit (or leave it empty for the hostname)"
             )
         if self.ingest_retry_initial_s > self.ingest_retry_max_s:
             raise ConfigError(
@@ -246,6 +267,7 @@ class AppConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)  # url "" = [daemon] artifact_dir
 
     def __post_init__(self) -> None:
         if self.scheduler.heartbeat_s >= self.daemon.heartbeat_ttl_s:
@@ -282,6 +304,7 @@ def parse_config(doc: Mapping[str, Any], *, where: str = "config") -> AppConfig:
         redis=_redis(lambda: parse_section(RedisConfig, doc.get("redis"), "redis")),
         daemon=parse_section(DaemonConfig, doc.get("daemon"), "daemon"),
         scheduler=parse_section(SchedulerConfig, doc.get("scheduler"), "scheduler"),
+        artifacts=parse_section(ArtifactsConfig, doc.get("artifacts"), "artifacts"),
     )
 
 
