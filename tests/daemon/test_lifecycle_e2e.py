@@ -105,11 +105,11 @@ def test_a_daemon_restarted_after_kill_9_takes_its_training_lock_back_at_once(en
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     restarted_at = time.monotonic()
-    env.start_daemon("second")  # the same replica (slot 0): the same id, replica-0
+    second = env.start_daemon("second")  # the same replica (slot 0): the same id, replica-0
 
     def training_again() -> bool:
         info = coordinator.heartbeat_info("replica-0") or {}
-        return info.get("job") == "train" and int(info.get("step") or 0) > 0
+        return info.get("pid") == second.pid and info.get("job") == "train" and int(info.get("step") or 0) > 0
 
     env.wait("training resumed", training_again, 110)
     waited = time.monotonic() - restarted_at
