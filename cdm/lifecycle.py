@@ -107,6 +107,11 @@ def data_key(source: str, fp: str) -> str:
     return f"{data_prefix(source)}/{_checked(_FINGERPRINT, 'fingerprint', fp)}.npz"
 
 
+def legacy_data_key(source: str) -> str:
+    """Where daemons before the shared lifecycle kept a source's data (read when present, deleted by a forget)."""
+    return f"{data_prefix(source)}.npz"
+
+
 def work_dir(work_root: Path, source: str, fp: str) -> Path:
     """The resumable-checkpoint directory of training ``source`` on data ``fp``."""
     return Path(work_root) / "work" / f"{_checked(_SOURCE, 'source', source)}-{fp[:16]}"
@@ -402,10 +407,16 @@ class Lifecycle:
     # ------------------------------------------------------------------------------------------- data
 
     def load_data(self, entry: Entry) -> SourceData:
-        """The kept data copy a compartment was trained on."""
+        """The kept data copy a compartment was trained on (or the one-file copy older daemons kept,
+        ``data/<source>.npz``, when its fingerprint matches)."""
         if not entry.fingerprint:
             raise StoreError(f"{entry.compartment_id} has no fingerprint (its data was forgotten); no data to load")
         key = data_key(entry.source, entry.fingerprint)
+        if not self.store.exists(key) and self.store.exists(legacy_data_key(entry.source)):
+            legacy = legacy_data_key(entry.source)
+            data = load_npz_bytes(self.store.get_bytes(legacy), where=self.store.url(legacy))
+            if fingerprint(data) == entry.fingerprint:
+                return data
         return load_npz_bytes(self.store.get_bytes(key), where=self.store.url(key))
 
     def keep_data(self, source: str, data: SourceData, fp: str | None = None) -> str:
@@ -662,7 +673,7 @@ class Lifecycle:
         kept = data.subset(~drop)
         plan.mode, plan.outcome = "samples", "samples-forgotten"
         plan.old_compartments = [current.compartment_id]
-        plan.old_data_keys = [data_key(plan.source, current.fingerprint)]
+        plan.old_data_keys = [data_key(plan.source, current.fingerprint), legacy_data_key(plan.source)]
         plan.files_sha256 = sorted(f.sha256 for f in current.files.values())
         plan.n_removed = int(drop.sum())
         plan.new_fingerprint = fingerprint(kept)
@@ -767,8 +778,11 @@ class Lifecycle:
             keys.update(self.store.list(compartment_prefix(plan.new_compartment)))
         if plan.mode in ("source", "superseded"):
             keys.update(self.store.list(data_prefix(plan.source)))
+            if self.store.exists(legacy_data_key(plan.source)):
+                keys.add(legacy_data_key(plan.source))
         else:
-            keys.update(k for k in plan.old_data_keys if k != data_key(plan.source, plan.new_fingerprint))
+            new_key = data_key(plan.source, plan.new_fingerprint) if plan.new_fingerprint else ""
+            keys.update(k for k in plan.old_data_keys if k != new_key and self.store.exists(k))
         keys.update(
             k for k in self.store.list("routers") if keep_router is None or not _in(k, router_prefix(keep_router))
         )

@@ -469,3 +469,21 @@ def test_train_and_forget_on_an_s3_store_lists_the_deleted_objects(
     assert not s3.list("compartments/low@v1") and not s3.list("data/low")
     assert set(receipt["untouched"]) == {"high@v1"} and receipt["router_after"] != receipt["router_before"]
     assert json.dumps(receipt)  # JSON all the way
+
+
+def test_data_kept_by_an_older_daemon_is_still_used_and_forgotten(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData]
+) -> None:
+    """Daemons before the shared lifecycle kept one data file per source, data/<source>.npz."""
+    a = make_replica()
+    trained(a, sources)
+    store = a.worker.store
+    low = a.registry.snapshot().by_source()["low"]
+    store.put_bytes("data/low.npz", store.get_bytes(data_key("low", low.fingerprint)))
+    store.delete(data_key("low", low.fingerprint))
+    assert a.run(Job("retrain-router"))  # the router still trains on it
+    assert a.run(Job("forget-source", "low", origin=control(9), request_id="legacy"))
+    assert (
+        not store.exists("data/low.npz")
+        and store.url("data/low.npz") in (a.registry.receipt("legacy") or {})["deleted_files"]
+    )
