@@ -1,7 +1,8 @@
 """The daemon's typed, frozen configuration: ``config.toml`` is read once with ``tomllib`` into ``AppConfig``.
 
 Sections: the library's ``[model] [train] [router] [sample] [eval]`` (``cdm.config.LibraryConfig``), the
-registry's ``[redis]`` (``registry.config.RedisConfig``) and ``[kafka] [daemon] [scheduler]`` below. Unknown
+registry's ``[redis]`` (``registry.config.RedisConfig``), ``cdm serve``'s ``[serve]`` (``api.config.ServeConfig``) and
+``[kafka] [daemon] [scheduler]`` below. Unknown
 sections and keys raise ``cdm.errors.ConfigError`` naming them. Sources are applied in an explicit order by the caller::
 
     cfg = load_config(path)                       # defaults <- config.toml
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from api.config import ServeConfig
 from cdm.artifacts import ArtifactsConfig
 from cdm.config import Device, LibraryConfig, parse_library, parse_section, to_dict
 from cdm.errors import ConfigError
@@ -32,7 +34,7 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 LIBRARY_SECTIONS = ("model", "train", "router", "sample", "eval")
-DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler", "artifacts")
+DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler", "artifacts", "serve")
 _SECRET_FIELDS = frozenset({"sasl_plain_password", "password", "secret_access_key", "session_token"})
 MIN_MESSAGE_BYTES = 16 * 1024  # = daemon.wire.DLQ_MIN_RECORD_BYTES (not imported: config stays free of numpy)
 MAX_CHUNKS_PER_SOURCE = 1_000_000_000  # = daemon.wire.MAX_SEQ + 1
@@ -268,6 +270,7 @@ class AppConfig:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)  # url "" = [daemon] artifact_dir
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.heartbeat_s >= self.daemon.heartbeat_ttl_s:
@@ -305,6 +308,7 @@ def parse_config(doc: Mapping[str, Any], *, where: str = "config") -> AppConfig:
         daemon=parse_section(DaemonConfig, doc.get("daemon"), "daemon"),
         scheduler=parse_section(SchedulerConfig, doc.get("scheduler"), "scheduler"),
         artifacts=parse_section(ArtifactsConfig, doc.get("artifacts"), "artifacts"),
+        serve=parse_section(ServeConfig, doc.get("serve"), "serve"),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from cdm.compose import ComposedDenoiser
+from cdm.compose import Composed
 from cdm.config import ModelConfig, SampleConfig
 from cdm.errors import CdmError
 from cdm.pipeline import CompartmentalPipeline, CompartmentalPipelineOutput, make_scheduler
@@ -34,7 +34,7 @@ class Composition:
     """What one epoch of the registry serves."""
 
     epoch: int
-    denoiser: ComposedDenoiser
+    denoiser: Composed  # ComposedDenoiser (learnt routing) or DensityComposition (density routing)
     compartment_ids: tuple[str, ...]
     sources: tuple[str, ...]  # column names of attribution (one per compartment)
     pending: tuple[str, ...] = ()  # active compartments the router does not cover yet (served after retraining)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from cdm.artifacts import artifact_path
 from cdm.compartment import Compartment
-from cdm.compose import ComposedDenoiser, Vectorize
+from cdm.compose import Composed, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError
-from cdm.routing import Router, load_router
+from cdm.routing import Router, build_composition, load_router, needs_router, serving
 from registry.client import connect
 from registry.config import RedisConfig
 from registry.keys import Keys
@@ -26,21 +26,23 @@ class CompositionLoader:
         self._router: tuple[str, Router] | None = None
 
     def build(self, snap: RegistrySnapshot) -> Composition | None:
-        """The composition of ``snap``; None while there is nothing to serve (no router or no compartment)."""
-        if snap.router is None or not snap.compartments:
-            return None
-        routed = set(snap.router.compartment_ids)
-        records = [c for c in snap.compartments if c.compartment_id in routed]
-        pending = tuple(c.compartment_id for c in snap.compartments if c.compartment_id not in routed)
+        """The composition of ``snap``; None while there is nothing to serve (no compartment, or the learnt kind
+        without a router covering one)."""
+        kind = snap.routing.value
+        served, pending = serving(kind, snap.compartment_ids, snap.router.compartment_ids if snap.router else None)
+        records = [c for c in snap.compartments if c.compartment_id in set(served)]
         if not records:
             return None
-        # 1. router: reload only when the registry names another one; sha256 verified against the registry
-        if self._router is None or self._router[0] != snap.router.router_id:
-            router, _ = load_router(
-                artifact_path(snap.router.artifact_uri), device=self.device, expected_sha256=snap.router.sha256
-            )
-            self._router = (snap.router.router_id, router)
-        router = self._router[1]
+        # 1. router (learnt kind): reload only when the registry names another one; sha256 verified against it
+        router, router_sources = None, None
+        if snap.router is not None and needs_router(kind):
+            if self._router is None or self._router[0] != snap.router.router_id:
+                loaded_router, _ = load_router(
+                    artifact_path(snap.router.artifact_uri), device=self.device, expected_sha256=snap.router.sha256
+                )
+                self._router = (snap.router.router_id, loaded_router)
+            router = self._router[1]
+            router_sources = [_source_of(cid) for cid in snap.router.compartment_ids]
         # 2. compartments: load new ones, reuse cached ones (same id = same bytes)
         loaded = {}
         for rec in records:
@@ -51,9 +53,15 @@ class CompositionLoader:
         self._compartments = loaded  # drop retired ones from memory
         ids = [r.compartment_id for r in records]
         sources = [r.source for r in records]
-        router_sources = [_source_of(cid) for cid in snap.router.compartment_ids]
-        den = ComposedDenoiser(
-            [loaded[i] for i in ids], router, sources, router_names=router_sources, vectorize=self.vectorize
+        den = build_composition(
+            kind,
+            [loaded[i] for i in ids],
+            sources,
+            router=router,
+            router_names=router_sources,
+            n_samples=[r.n_samples for r in records],
+            class_counts=[r.class_counts for r in records],
+            vectorize=self.vectorize,
         )
         return Composition(snap.epoch, den, tuple(ids), tuple(sources), pending)
 
@@ -64,7 +72,7 @@ def _source_of(compartment_id: str) -> str:
 
 def load_live_composition(
     redis: RedisConfig, *, url: str | None = None, device: str = "cpu", vectorize: Vectorize = "auto"
-) -> tuple[ComposedDenoiser, ModelConfig]:
+) -> tuple[Composed, ModelConfig]:
     """One-shot: the registry's current composition (for ``cdm sample --redis`` and the demo).
 
     Args:
@@ -82,6 +90,8 @@ def load_live_composition(
     if comp is None:
         raise CdmError(
             f"the registry at {url or redis.url} serves nothing yet (epoch {snap.epoch}, {len(snap.compartments)} "
-            "active compartment(s), router " + ("present" if snap.router else "missing") + "); push a source first"
+            f"active compartment(s), routing {snap.routing.value}, router "
+            + ("present" if snap.router else "missing")
+            + "); push a source first"
         )
     return comp.denoiser, comp.model_config
