@@ -79,9 +79,11 @@ class Started:
 # ------------------------------------------------------------------------------------------ start-up steps
 
 
-def start_redis(client: redis.Redis) -> Stop:
-    """Fail fast when the registry's Redis is unreachable; closing the client is the stop."""
+def start_redis(client: redis.Redis, registry: Registry, routing: str) -> Stop:
+    """Fail fast when the registry's Redis is unreachable; publish this daemon's ``[router] kind`` as the registry's
+    routing kind (readers compose by it); closing the client is the stop."""
     client.ping()
+    registry.set_routing(routing)
     return client.close
 
 
@@ -337,7 +339,7 @@ class Service:
         )
         # the start-up order; teardown runs the stops in reverse
         self.steps: tuple[Step, ...] = (
-            Step("redis", functools.partial(start_redis, self.redis)),
+            Step("redis", functools.partial(start_redis, self.redis, self.registry, cfg.library.router.kind)),
             Step(
                 "identity",
                 functools.partial(
