@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -322,9 +323,9 @@ class Registry(RegistryClient):
     def forget_source(
         self,
         source: str,
-        *,
-        request_id: str,
         reason: str = "",
+        *,
+        request_id: str = "",
         through: Mapping[str, int] | None = None,
         files_sha256: Sequence[str] = (),
     ) -> Tombstone:
@@ -337,14 +338,14 @@ class Registry(RegistryClient):
 
         Args:
             source: the source to forget.
-            request_id: the forget request; calling again with the same id returns the same tombstone unchanged.
             reason: why (audit and ``retired_reason``).
+            request_id: the forget request; calling again with the same id returns the same tombstone unchanged
+                ("" = a new one-off request).
             through: "topic:partition" -> the last offset of the source's records known to the caller.
             files_sha256: sha256 of every artifact file being forgotten (readers purge them from caches).
         """
         check_source(source)
-        if not request_id:
-            raise ValueError("forget_source needs a request_id (the tombstone and receipt are keyed by it)")
+        request_id = request_id or f"registry-{uuid.uuid4().hex}"
         sk, fk, tk = self._keys.source(source), self._keys.fingerprints(source), self._keys.tombstone(source)
         through_doc = {str(k): int(v) for k, v in (through or {}).items()}
 
