@@ -7,6 +7,7 @@ request), with one receipt; a request whose journal is complete is only acknowle
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,16 @@ from cdm.store import LocalStore
 MODEL = ModelConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=10)
 TRAIN = TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, lr=1e-3, threads=1)
 ROUTER = RouterConfig(steps=8, batch_size=32, channels=(8, 16), eval_samples=32, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The configs here train on one thread (``threads = 1`` sets torch's global count): put it back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 class SimulatedCrash(BaseException):

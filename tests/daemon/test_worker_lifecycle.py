@@ -45,6 +45,16 @@ TOPIC = "cdm.sources"
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_s=0.01, max_s=0.02)
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The configs here train on one thread (``threads = 1`` sets torch's global count): put it back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 class SimulatedCrash(BaseException):
     """A process dying between two steps (BaseException: nothing in the worker may catch it)."""
 
