@@ -21,13 +21,12 @@ from registry.keys import Keys, compartment_id
 from registry.records import (
     ChangeEvent,
     CompartmentRecord,
-    ForgetReceipt,
     RegistrySnapshot,
     RouterRecord,
     RoutingKind,
+    Tombstone,
     decode_hash,
     from_hash,
-    from_json,
     routing_kind,
     text,
 )
@@ -136,9 +135,21 @@ class RegistryClient:
         entries = self._r.xrange(self._keys.changes, min=start, max="+", count=count) or []
         return [from_hash(ChangeEvent, fields, stream_id=text(stream_id)) for stream_id, fields in entries]
 
-    def forget_receipt(self, receipt_id: str) -> ForgetReceipt | None:
-        raw = self._r.hget(self._keys.forget_receipts, receipt_id)
-        return from_json(ForgetReceipt, raw) if raw is not None else None
+    def tombstone(self, source: str) -> Tombstone | None:
+        """The tombstone of a forgotten source, None if it was never forgotten."""
+        raw = self._r.hgetall(self._keys.tombstone(source))
+        return from_hash(Tombstone, raw, source=source) if raw else None
+
+    def journal(self, request_id: str) -> dict[str, Any] | None:
+        """The stored plan of forget request ``request_id`` (``cdm.lifecycle``), None if unknown."""
+        raw = self._r.hget(self._keys.forget_journal, request_id)
+        return dict(json.loads(raw)) if raw is not None else None
+
+    def receipt(self, request_id: str) -> dict[str, Any] | None:
+        """The receipt of forget request ``request_id`` (JSON of ``cdm.lifecycle.ForgetReceipt``), None if the
+        request is unknown or not complete."""
+        raw = self._r.hget(self._keys.forget_receipts, request_id)
+        return dict(json.loads(raw)) if raw is not None else None
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` audit entries, newest first."""

@@ -8,7 +8,7 @@ edit (the dataclass)::
     str | None      "" for None               dict    JSON, sorted keys
     tuple[X, ...]   JSON list
 
-In JSON documents (forget receipts) numbers, lists and objects keep their JSON types. A field declared with
+In JSON documents numbers, lists and objects keep their JSON types. A field declared with
 ``metadata=KEY`` is not stored in the hash: it is part of the Redis key or the stream entry id and is passed to
 ``from_hash`` by the caller. A field missing from a stored record takes its dataclass default; a field without a
 default must be present (``RecordError`` names it), so the defaults also say which fields a record needs.
@@ -58,8 +58,9 @@ class CompartmentRecord:
     lineage: dict[str, Any] = field(default_factory=dict)  # where the data came from: topic, partitions, offsets
     created_at: float = 0.0  # unix seconds (the registry's clock)
     updated_at: float = 0.0
-    artifact_uri: str = ""  # where the EMA weights + manifest are (set on activation)
-    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
+    artifact_uri: str = ""  # the artifact's prefix URI (file:///.../compartments/<id> or s3://.../compartments/<id>)
+    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex (derived from ``files``)
+    files: dict[str, Any] = field(default_factory=dict)  # relative path -> {"uri", "sha256", "size"} (on activation)
     prior: float = 0.0  # prior weight of the compartment in the composition
     class_counts: tuple[int, ...] = ()  # samples per class
     n_samples: int = 0
@@ -72,12 +73,13 @@ class RouterRecord:
     """The active router, stored in ``ns:router``."""
 
     router_id: str  # unique per trained router
-    artifact_uri: str  # where router.safetensors + config + manifest are
-    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
+    artifact_uri: str  # the artifact's prefix URI (where config + safetensors + manifest are)
+    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex (derived from ``files``)
     compartment_ids: tuple[str, ...] = ()  # the router's logit order (K outputs)
     trained_at_epoch: int = 0  # registry epoch of the snapshot it was trained on
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. held-out accuracy per noise level
     created_at: float = 0.0
+    files: dict[str, Any] = field(default_factory=dict)  # relative path -> {"uri", "sha256", "size"}
 
 
 @dataclass(frozen=True)
@@ -98,15 +100,21 @@ class RegistrySnapshot:
 
 
 @dataclass(frozen=True)
-class ForgetReceipt:
-    """Proof that a source was removed from the composition (also kept in ``ns:forget:receipts`` as JSON)."""
+class Tombstone:
+    """A forgotten source, stored in ``ns:tombstone:{source}`` and written in the forget transaction.
 
-    receipt_id: str
-    source: str
-    compartment_ids: tuple[str, ...]  # compartments retired by this request (may be empty: nothing left)
-    epoch: int  # registry epoch after the change (composition without the source)
-    reason: str
-    created_at: float
+    Every replica honours it: a source record read from Kafka with a timestamp at or before ``forgotten_at``, or
+    at or below the ``through`` offset of its partition, is ignored (and committed); staged data of the source
+    from before it is dropped instead of trained; readers purge the ``files_sha256`` from their caches.
+    """
+
+    source: str = field(metadata=KEY)  # the key, not a hash field
+    forgotten_at: float  # unix seconds (the registry's clock)
+    epoch: int  # registry epoch after the forget
+    request_id: str  # the forget request that wrote it
+    through: dict[str, Any] = field(default_factory=dict)  # "topic:partition" -> last forgotten offset
+    files_sha256: tuple[str, ...] = ()  # sha256 of every forgotten artifact file (compartments, routers, data)
+    compartment_ids: tuple[str, ...] = ()  # compartments this request retired
 
 
 @dataclass(frozen=True)

@@ -339,7 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         send_control(producer, cfg.kafka.control_topic, ControlCommand("forget-source", FORGET, request_id="demo"))
         producer.close()
         after_snap = wait_serving(registry, coordinator, set(SOURCES) - {FORGET}, daemon, log, args.timeout)
-        receipt = next((a for a in registry.audit(20) if a.get("kind") == "forget-complete"), None)
+        deadline = time.monotonic() + args.timeout
+        receipt = registry.receipt("demo")  # written once the request is complete (its deletes come after the swap)
+        while receipt is None and time.monotonic() < deadline and daemon.poll() is None:
+            time.sleep(0.2)
+            receipt = registry.receipt("demo")
         _say(f"   done in {time.perf_counter() - t0:.1f}s: epoch {snap.epoch} -> {after_snap.epoch}")
         if receipt:
             _say(

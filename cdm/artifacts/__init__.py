@@ -23,9 +23,11 @@ from cdm.artifacts.cache import ArtifactCache, CacheFullError, CacheUsage, Check
 from cdm.artifacts.config import ArtifactsConfig
 from cdm.artifacts.files import (
     MANIFEST,
+    MAX_JSON_BYTES,
     artifact_path,
     artifact_uri,
     atomic_directory,
+    confined_path,
     fsync_dir,
     hash_tree,
     load_tensors,
@@ -51,6 +53,7 @@ from cdm.errors import ConfigError
 
 __all__ = [
     "MANIFEST",
+    "MAX_JSON_BYTES",
     "ArtifactCache",
     "ArtifactStore",
     "ArtifactsConfig",
@@ -66,6 +69,7 @@ __all__ = [
     "atomic_directory",
     "check_key",
     "check_sha256",
+    "confined_path",
     "fsync_dir",
     "hash_tree",
     "load_tensors",

@@ -15,8 +15,8 @@ from registry.records import (
     ChangeEvent,
     CompartmentRecord,
     CompartmentStatus,
-    ForgetReceipt,
     RouterRecord,
+    Tombstone,
     from_hash,
     from_json,
     to_hash,
@@ -63,6 +63,7 @@ def test_compartment_hash_format_is_stable() -> None:
         "n_samples": "7",
         "train_metrics": '{"final_loss": 0.5, "steps": 10}',
         "retired_reason": "",
+        "files": "{}",
     }  # the id is the key, not a field
 
 
@@ -73,6 +74,11 @@ def test_compartment_hash_format_is_stable() -> None:
         (RouterRecord("r1", "file:///r", {"w": "00"}, ("a@v1", "b@v3"), 4, {"accuracy": 0.9}, 3.0), {}),
         (ChangeEvent("17-0", 3, "activated", "shoes@v2", "shoes", 9.5, {"replaced": None}), {"stream_id": "17-0"}),
         (ChangeEvent("18-0", 4, "router", None, None, 9.75, {}), {"stream_id": "18-0"}),
+        (Tombstone("shoes", 12.5, 7, "req-1", {"t:0": 41}, ("ab" * 32,), ("shoes@v1",)), {"source": "shoes"}),
+        (
+            dataclasses.replace(RECORD, files={"unet/w.safetensors": {"uri": "s3://b/w", "sha256": "bb", "size": 3}}),
+            {"compartment_id": "shoes@v2"},
+        ),
     ],
 )
 def test_hash_round_trip(record: Any, keys: dict[str, str]) -> None:
@@ -84,18 +90,19 @@ def test_hash_round_trip(record: Any, keys: dict[str, str]) -> None:
     assert from_hash(type(record), flat, **keys) == record
 
 
-def test_forget_receipt_json_round_trip_keeps_json_types() -> None:
-    receipt = ForgetReceipt("id1", "bags", ("bags@v1", "bags@v2"), 7, "gdpr", 12.5)
-    doc = json.loads(to_json(receipt))
+def test_json_round_trip_keeps_json_types() -> None:
+    tomb = Tombstone("bags", 12.5, 7, "gdpr-1", {"t:0": 41}, ("ab" * 32,), ("bags@v1", "bags@v2"))
+    doc = json.loads(to_json(tomb))
     assert doc == {
-        "receipt_id": "id1",
         "source": "bags",
-        "compartment_ids": ["bags@v1", "bags@v2"],
+        "forgotten_at": 12.5,
         "epoch": 7,
-        "reason": "gdpr",
-        "created_at": 12.5,
+        "request_id": "gdpr-1",
+        "through": {"t:0": 41},
+        "files_sha256": ["ab" * 32],
+        "compartment_ids": ["bags@v1", "bags@v2"],
     }
-    assert from_json(ForgetReceipt, to_json(receipt).encode()) == receipt
+    assert from_json(Tombstone, to_json(tomb).encode()) == tomb
 
 
 def test_missing_fields_take_defaults_and_required_ones_are_named() -> None:
@@ -106,7 +113,7 @@ def test_missing_fields_take_defaults_and_required_ones_are_named() -> None:
     with pytest.raises(RecordError, match="'status'"):
         from_hash(CompartmentRecord, {"source": "shoes", "version": "1"}, compartment_id="shoes@v1")
     with pytest.raises(RecordError, match="'epoch'"):
-        from_json(ForgetReceipt, json.dumps({"receipt_id": "i", "source": "s", "compartment_ids": [], "reason": ""}))
+        from_json(Tombstone, json.dumps({"source": "s", "forgotten_at": 1.0, "request_id": "r"}))
 
 
 def test_malformed_values_are_named() -> None:
