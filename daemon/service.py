@@ -13,6 +13,7 @@ next step, nothing unregistered is committed. A second signal exits at once (col
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -33,6 +34,7 @@ from kafka.errors import TopicAlreadyExistsError
 from prometheus_client import CollectorRegistry
 
 import cdm
+from cdm.artifacts import ArtifactsConfig
 from cdm.training import check_trainable
 from daemon.config import AppConfig, KafkaConfig, SchedulerConfig
 from daemon.errors import ColdShutdown, ShutdownRequested
@@ -269,7 +271,14 @@ class Service:
         )
         self.live = LiveComposition(
             RegistryClient(self.redis, keys),
-            CompositionLoader(device=cfg.daemon.device, vectorize=cfg.library.sample.vectorize),
+            CompositionLoader.from_config(
+                ArtifactsConfig(),  # no [artifacts] in AppConfig yet: the local artifact directory is the store
+                default_dir=Path(cfg.daemon.artifact_dir),
+                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+                device=cfg.daemon.device,
+                vectorize=cfg.library.sample.vectorize,
+                metrics=self.metrics,
+            ),
             sample=cfg.library.sample,
             metrics=self.metrics,
             resync_s=cfg.scheduler.registry_resync_s,
@@ -418,17 +427,14 @@ class Service:
         return self.started.is_set() and fresh and self.worker.alive
 
     def readiness(self) -> tuple[bool, str]:
-        """Redis reachable and a composition loaded."""
+        """Redis reachable, ingest not backing off, the registry watcher alive and current, a composition loaded."""
         try:
             self.redis.ping()
         except redis.RedisError as exc:
             return False, f"redis unreachable: {exc}"
         if (problem := self.kafka.problem()) is not None:
             return False, f"ingest is backing off: {problem}"
-        comp = self.live.current()
-        if comp is None:
-            return False, "no composition loaded yet (no compartment and router registered)"
-        return True, f"serving epoch {comp.epoch}"
+        return self.live.readiness()  # watcher alive and current, and something to serve
 
     def status(self) -> dict[str, Any]:
         comp = self.live.current()
@@ -439,6 +445,7 @@ class Service:
             "sources": list(comp.sources) if comp else [],
             "pending": list(comp.pending) if comp else [],
             "hotswap_error": self.live.last_error,
+            "watcher": dataclasses.asdict(self.live.status()),
             "worker": vars(self.worker.status),
         }
 

@@ -33,6 +33,10 @@ key                                        type         contents
 ``ns:daemon:{daemon_id}``                  string       JSON heartbeat of a live daemon (PX TTL)
 ``ns:daemons``                             zset         daemon id -> last heartbeat (unix s); index for listing
 ``ns:forget:receipts``                     hash         receipt id -> ForgetReceipt JSON
+``ns:tombstone:{source}``                  hash         a forgotten source (``Tombstone``): forgotten_at,
+                                                        epoch, request_id, through (JSON {"topic:partition":
+                                                        last forgotten offset}), files_sha256 (JSON list of
+                                                        the forgotten artifacts' sha256, purged by readers)
 ``ns:audit``                               list         JSON audit entries, newest first (forget, retire)
 =========================================  ===========  =====================================================
 """
@@ -164,6 +168,10 @@ class Keys:
     def forget_receipts(self) -> str:
         """Hash receipt id -> ForgetReceipt JSON."""
         return self._k("forget", "receipts")
+
+    def tombstone(self, source: str) -> str:
+        """Hash of a forgotten source (honoured before staging, training and serving)."""
+        return self._k("tombstone", check_source(source))
 
     @property
     def audit(self) -> str:

@@ -110,11 +110,19 @@ def wait_serving(
 
 
 def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
+    from cdm.artifacts import ArtifactsConfig
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
     from cdm.viz import save_grid
     from sampler.loader import load_live_composition
 
-    den, model = load_live_composition(cfg.redis, url=redis_url, vectorize=cfg.library.sample.vectorize)
+    den, model = load_live_composition(
+        cfg.redis,
+        ArtifactsConfig(),  # the daemon's local artifact directory is the store
+        url=redis_url,
+        default_dir=Path(cfg.daemon.artifact_dir),
+        base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+        vectorize=cfg.library.sample.vectorize,
+    )
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
     # one class per grid column (0 T-shirt ... 9 boot): the router's P(source | x_t, t, c) picks the compartment
     out = pipe(
