@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,8 +72,8 @@ class CompositionBuilder(Protocol):
         """``comp`` limited to the compartment ids in ``keep``, without loading anything; None if none is left."""
         ...
 
-    def retain(self, comp: Composition | None) -> None:
-        """Release (unpin) every loaded artifact that ``comp`` does not use."""
+    def retain(self, keep: Iterable[CompartmentRecord | RouterRecord]) -> None:
+        """Release (unpin) every loaded artifact but those of ``keep``."""
         ...
 
     def purge(self, digests: Collection[str]) -> Discarded:
@@ -180,7 +180,7 @@ class LiveComposition:
             self._thread.join(timeout)
         if self._lock.acquire(timeout=timeout):  # a check still running past the timeout keeps its pins until exit
             try:
-                self._loader.retain(None)
+                self._loader.retain(())
             finally:
                 self._lock.release()
 
@@ -298,6 +298,8 @@ class LiveComposition:
                 self._failed(snap.epoch, _reason(exc), exc, hotswap=True)
                 allowed = {_content(r) for r in serving.snapshot.compartments}
                 self._fail_closed(snap.epoch, tombstones, lambda r: _content(r) in allowed, "epoch failed to load")
+                # what the failed build did load stays for the retry at the next check; nothing else
+                self._loader.retain((*_records(self._current), *_records(serving.snapshot)))
             else:
                 self._swap(comp)
                 self._applied, self._served_epoch, self.last_error = target, snap.epoch, None
@@ -341,7 +343,7 @@ class LiveComposition:
     def _swap(self, comp: Composition | None) -> None:
         self._current = comp  # the atomic swap: one reference assignment
         self.swaps += 1
-        self._loader.retain(comp)  # unpin what the new composition no longer uses
+        self._loader.retain(_records(comp))  # unpin what the new composition no longer uses
         if self._metrics is not None:
             self._metrics.composition_degraded.set(1 if comp is not None and comp.degraded else 0)
         if self._on_swap is not None:
@@ -349,12 +351,7 @@ class LiveComposition:
 
     def _purge(self, tombstones: Tombstones, serving: RegistrySnapshot | None = None) -> None:
         """Delete the blobs tombstones list from the local cache, except those of what is served or may be."""
-        served: list[CompartmentRecord | RouterRecord] = []
-        for source in (serving, self._current):
-            if source is not None:
-                served.extend(source.records if isinstance(source, Composition) else source.compartments)
-                if source.router is not None:
-                    served.append(source.router)
+        served = (*_records(serving), *_records(self._current))
         pinned: set[str] = set()
         for key, digests in purgeable(tombstones, served).items():
             if key in self._purged:
@@ -428,6 +425,14 @@ class LiveComposition:
         if self._metrics is not None:
             self._metrics.sampling_seconds.observe(time.perf_counter() - started)
         return comp, out
+
+
+def _records(what: Composition | RegistrySnapshot | None) -> tuple[CompartmentRecord | RouterRecord, ...]:
+    """The compartment and router records of a composition or snapshot."""
+    if what is None:
+        return ()
+    records = what.records if isinstance(what, Composition) else what.compartments
+    return (*records, what.router) if what.router is not None else records
 
 
 def _content(record: CompartmentRecord) -> tuple[str, tuple[tuple[str, str], ...]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter as Tally
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
@@ -172,12 +172,13 @@ class CompositionLoader:
 
     # -- pins and the cache
 
-    def retain(self, comp: Composition | None) -> None:
-        """Unpin and forget every loaded artifact that ``comp`` (the served composition) does not use."""
-        keep_c = {artifact_key(r) for r in comp.records} if comp is not None else set()
-        keep_r = {artifact_key(comp.router)} if comp is not None and comp.router is not None else set()
-        for cache, keep in ((self._compartments, keep_c), (self._routers, keep_r)):
-            for key in [k for k in cache if k not in keep]:
+    def retain(self, keep: Iterable[CompartmentRecord | RouterRecord]) -> None:
+        """Unpin and forget every loaded artifact but those of ``keep`` (the served composition's records)."""
+        records = list(keep)
+        keep_c = {artifact_key(r) for r in records if isinstance(r, CompartmentRecord)}
+        keep_r = {artifact_key(r) for r in records if isinstance(r, RouterRecord)}
+        for cache, kept in ((self._compartments, keep_c), (self._routers, keep_r)):
+            for key in [k for k in cache if k not in kept]:
                 cache.pop(key).checkout.close()
 
     def purge(self, digests: Collection[str]) -> Discarded:
@@ -186,7 +187,7 @@ class CompositionLoader:
 
     def close(self) -> None:
         """Unpin everything (the loaded modules stay usable)."""
-        self.retain(None)
+        self.retain(())
 
     @property
     def loaded(self) -> frozenset[ArtifactKey]:

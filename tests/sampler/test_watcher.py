@@ -54,7 +54,8 @@ def test_a_malformed_record_neither_stops_the_watcher_nor_passes_readiness(
     redis_client.hset(keys.compartment(d1.compartment_id), "class_counts", "{not json")
     epoch = int(redis_client.incr(keys.epoch))
     wait_until("the watcher to read the new epoch", lambda: live.status().registry_epoch == epoch)
-    wait_until("a second failed check", lambda: metric(metrics, "cdm_registry_watch_errors_total", reason="record") >= 2)
+    errors = "cdm_registry_watch_errors_total"
+    wait_until("a second failed check", lambda: metric(metrics, errors, reason="record") >= 2)
     assert live.watcher_alive
     ready, why = live.readiness()
     assert not ready and f"registry is at epoch {epoch}" in why and "CompartmentRecord.class_counts" in why
@@ -104,7 +105,8 @@ def test_a_stale_epoch_or_a_stale_check_is_not_ready(
         wait_until("the failure to be counted", lambda: metric(metrics, "cdm_hotswap_failures_total") >= 1)
         ready, why = live.readiness()
         assert not ready and f"serving epoch {served} while the registry is at epoch {reg.epoch()}" in why
-        assert "ObjectNotFoundError" in why and metric(metrics, "cdm_registry_watch_errors_total", reason="missing") >= 1
+        assert "ObjectNotFoundError" in why
+        assert metric(metrics, "cdm_registry_watch_errors_total", reason="missing") >= 1
         comp = live.current()
         assert comp is not None and comp.epoch == served and live.watcher_alive
         _, out = live.sample(1, num_inference_steps=2)  # still serving
