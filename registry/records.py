@@ -62,12 +62,12 @@ class CompartmentRecord:
     updated_at: float = 0.0
     artifact_uri: str = ""  # where the EMA weights + manifest are (set on activation)
     sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
-    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file (set on activation)
     prior: float = 0.0  # prior weight of the compartment in the composition
     class_counts: tuple[int, ...] = ()  # samples per class
     n_samples: int = 0
     train_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. final_loss, steps, seconds
     retired_reason: str = ""  # why it was retired ("replaced by x@v2", "forgotten: ...")
+    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file (set on activation)
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,11 @@ class RouterRecord:
     router_id: str  # unique per trained router
     artifact_uri: str  # where router.safetensors + config + manifest are
     sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
-    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file
     compartment_ids: tuple[str, ...] = ()  # the router's logit order (K outputs)
     trained_at_epoch: int = 0  # registry epoch of the snapshot it was trained on
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. held-out accuracy per noise level
     created_at: float = 0.0
+    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file
 
 
 @dataclass(frozen=True)
