@@ -308,6 +308,10 @@ class LiveComposition:
                 if self._metrics is not None:
                     self._metrics.hotswap_seconds.observe(seconds)
                     self._metrics.registry_epoch.set(snap.epoch)
+        else:
+            self.last_error = None  # read and current again (e.g. after a registry outage)
+        if self._applied == target and not tombstones.unreadable:
+            self._last_logged = None  # healthy: the next failure is logged again, even if worded the same
         # 3. forgotten blobs leave the local cache once nothing served uses them
         self._purge(tombstones, serving.snapshot)
 

@@ -4,6 +4,8 @@ never serves a compartment the registry removed (nor one a tombstone forgets).""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +44,7 @@ def test_a_malformed_record_neither_stops_the_watcher_nor_passes_readiness(
     store: DirectoryStore,
     live: LiveComposition,
     metrics: SamplerMetrics,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     d0 = publish_compartment(reg, redis_client, keys, store, tmp_path / "writer", "d0", seed=0)
     d1 = publish_compartment(reg, redis_client, keys, store, tmp_path / "writer", "d1", seed=1)
@@ -60,6 +63,8 @@ def test_a_malformed_record_neither_stops_the_watcher_nor_passes_readiness(
     ready, why = live.readiness()
     assert not ready and f"registry is at epoch {epoch}" in why and "CompartmentRecord.class_counts" in why
     assert live.status().served_epoch == first.epoch and live.current() is first  # nothing it serves was removed
+    logged = [r for r in caplog.records if "CompartmentRecord.class_counts" in r.getMessage()]
+    assert len(logged) == 1 and f"epoch {epoch} not applied (record)" in logged[0].getMessage()  # once, not per check
     # 2. meanwhile d0 leaves the active set: withheld at once, though the snapshot still does not decode
     redis_client.srem(keys.active, d0.compartment_id)
     epoch = int(redis_client.incr(keys.epoch))
@@ -239,3 +244,19 @@ def test_an_unreadable_tombstone_withholds_its_source(
     assert comp is not None and comp.sources == ("d0",)
     assert metric(metrics, "cdm_registry_watch_errors_total", reason="tombstone") == 1
     assert any("cannot be decoded" in r for r in live.status().refused)
+
+
+def test_an_unreachable_registry_keeps_the_watcher_alive_but_not_ready(loader: CompositionLoader) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = redis.Redis(port=port, socket_connect_timeout=0.2, socket_timeout=0.2)
+    live = LiveComposition(RegistryClient(client, Keys("cdm")), loader, resync_s=0.2)
+    live.start()
+    try:
+        time.sleep(1.0)
+        assert live.watcher_alive and live.readiness() == (False, "the registry has not been read yet")
+        assert live.refresh() is None and "(registry): ConnectionError" in (live.last_error or "")
+    finally:
+        live.stop()
+        client.close()
