@@ -16,8 +16,8 @@ demo: setup  ## the main job end to end: services + daemon + push sources + samp
 	@$(PY) scripts/demo.py
 
 test: dev  ## lint, type-check and the whole test suite (starts Redis, Kafka broker and S3 on free ports itself)
-	@$(PY) -m ruff check cdm registry sampler daemon cli bench scripts deploy tests
-	@$(PY) -m mypy cdm registry sampler daemon cli bench scripts deploy
+	@$(PY) -m ruff check cdm registry sampler daemon api cli bench scripts deploy tests
+	@$(PY) -m mypy cdm registry sampler daemon api cli bench scripts deploy
 	@$(PY) -m pytest
 
 unit: dev  ## tests that need no services

@@ -17,6 +17,7 @@ from cdm.errors import ConfigError
 T = TypeVar("T")
 
 Device = Literal["cpu", "cuda"]
+RoutingKind = Literal["learnt", "density"]  # how compartments are composed (cdm/routing/); a registry fact too
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class TrainConfig:
 class RouterConfig:
     """The source classifier w_i(x_t, t, c) = P(source i | x_t, t, c)."""
 
+    # "learnt": the CNN below, trained on every source's noised data (retrained on every add/forget);
+    # "density": training-free SuperDiff weights from each compartment's own scores (the fields below are unused)
+    kind: RoutingKind = "learnt"
     steps: int = 400  # optimizer steps
     batch_size: int = 256  # noised samples per step
     lr: float = 2e-3  # AdamW learning rate

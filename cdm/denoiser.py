@@ -1,10 +1,12 @@
 """The one contract every model obeys: a denoiser maps (x_t, t, class_labels) to predicted noise.
 
-Following k-diffusion, wrappers (composition, access filtering) are denoisers too, so they stack.
+Following k-diffusion, wrappers (composition, access filtering, guidance) are denoisers too, so they stack. A
+``Composer`` is a denoiser that also says how it mixed its compartments (``ComposeOutput``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -17,10 +19,27 @@ class Denoiser(Protocol):
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor: ...
 
 
-class RouterFn(Protocol):
-    """Source posterior logits: log P(source i | x_t, t, c) up to a constant, shape (N, K)."""
+@dataclass(frozen=True)
+class ComposeOutput:
+    """One composed call. eps: (N, C, H, W). weights: (N, K) the w used, columns = the composition's source names,
+    zero outside each row's allowed set and top k. null_weights: under guidance, the unconditional branch's weights
+    (``weights`` are then the conditional branch's); None otherwise."""
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor: ...
+    eps: torch.Tensor
+    weights: torch.Tensor
+    null_weights: torch.Tensor | None = None
+
+
+class Composer(Protocol):
+    """A denoiser that also returns its weights: what a sampling loop calls once per step."""
+
+    def compose(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> ComposeOutput:
+        """eps and the weights used."""
+        ...
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """eps only."""
+        ...
 
 
 def expand_timesteps(t: torch.Tensor | int, n: int, device: torch.device) -> torch.Tensor:

@@ -1,10 +1,10 @@
-"""``CompartmentalPipeline``: sampling from a ComposedDenoiser with any diffusers scheduler, with attribution."""
+"""``CompartmentalPipeline``: sampling from a composition (any routing kind) with any diffusers scheduler, with
+attribution and classifier-free guidance."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -12,12 +12,12 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolver
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from cdm.compose import ComposedDenoiser
+from cdm.attribution import Weighting, attribute, step_weights
+from cdm.compose import Composed
 from cdm.config import ModelConfig
 from cdm.data import from_model_tensor
 from cdm.errors import ConfigError
-
-SchedulerName = Literal["ddpm", "ddim", "dpm"]
+from cdm.guidance import check_guidance_scale
 
 
 def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
@@ -54,8 +54,11 @@ def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
 class CompartmentalPipelineOutput(BaseOutput):
     """Samples and where they came from.
 
-    images: uint8 (N, H, W, C). attribution: (N, K) mean router weight over the trajectory, columns =
-    ``source_names``. trajectory: (T, N, K) weights per step when requested. timesteps: (T,).
+    images: uint8 (N, H, W, C). attribution: (N, K) the composition weights averaged over the sampling steps
+    (cdm/attribution.py: the plain mean by default, so it leans to the priors by the share of high-noise steps;
+    ``attribution_weighting`` "alpha_bar" / "snr" weights low-noise steps more), columns = ``source_names``; under
+    guidance, the conditional branch's weights. trajectory: (T, N, K) weights per step when requested.
+    timesteps: (T,). alphas_cumprod: (T,) alpha_bar at each step (for ``cdm.attribution.attribute``).
     """
 
     images: np.ndarray
@@ -63,12 +66,19 @@ class CompartmentalPipelineOutput(BaseOutput):
     source_names: list[str]
     trajectory: np.ndarray | None = None
     timesteps: np.ndarray | None = None
+    alphas_cumprod: np.ndarray | None = None
 
 
 class CompartmentalPipeline(DiffusionPipeline):
-    """Ancestral sampling x_T -> x_0 with the composed noise prediction of CDM."""
+    """Ancestral sampling x_T -> x_0 with the composed noise prediction of CDM, for any routing kind.
 
-    def __init__(self, denoiser: ComposedDenoiser, scheduler: SchedulerMixin) -> None:
+    Args:
+        denoiser: the compartments composed under a routing kind (``ComposedDenoiser`` for "learnt",
+            ``DensityComposition`` for "density"; ``cdm.routing.build_composition`` makes either).
+        scheduler: the default diffusers sampler (``make_scheduler``).
+    """
+
+    def __init__(self, denoiser: Composed, scheduler: SchedulerMixin) -> None:
         super().__init__()
         self.register_modules(denoiser=denoiser, scheduler=scheduler)
 
@@ -78,47 +88,80 @@ class CompartmentalPipeline(DiffusionPipeline):
         batch_size: int = 16,
         class_labels: Sequence[int] | torch.Tensor | None = None,
         sources: Sequence[str] | None = None,
-        top_k: int | None = None,
+        top_k: int | torch.Tensor | None = None,
         num_inference_steps: int = 20,
         generator: torch.Generator | None = None,
         scheduler: SchedulerMixin | str | None = None,
         return_trajectory: bool = False,
         progress: bool = True,
-        **_: Any,
+        *,
+        allowed: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        attribution_weighting: Weighting = "mean",
     ) -> CompartmentalPipelineOutput:
-        base: ComposedDenoiser = self.denoiser
-        device = next(base.parameters()).device
-        # 1. the denoiser for this request: access subset and routing mode
-        den = base.configured(
-            subset=list(sources) if sources is not None else None,
-            mode="top_k" if top_k is not None else None,
-            top_k=top_k,
-        )
+        """Sample ``batch_size`` images.
+
+        Args:
+            batch_size: images to sample (N).
+            class_labels: one label per image, or one for all, or a shorter list repeated; None = unconditional.
+            sources: the sources every image may use (access rights); None = all.
+            top_k: learnt kind: each image mixes only its k most likely compartments per step (an int, or a (N,)
+                tensor of k per image); None = the composition's own mode. 0 is an error.
+            num_inference_steps: sampling steps.
+            generator: the random generator (initial noise, stochastic steps, density probes).
+            scheduler: a diffusers scheduler or a ``make_scheduler`` name; None = the pipeline's.
+            return_trajectory: also return the (T, N, K) weights per step.
+            progress: show a progress bar.
+            allowed: (N, K) bool, per image the sources it may use (instead of ``sources``, for batches that mix
+                requests with different rights); columns = ``denoiser.source_names``.
+            guidance_scale: classifier-free guidance s (cdm/guidance.py; diffusers' name): 1 = none, > 1 guided.
+                Needs class labels; without them it is a no-op.
+            attribution_weighting: how ``attribution`` averages the steps: "mean", "alpha_bar" or "snr".
+        """
+        comp: Composed = self.denoiser
+        device = comp.device
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if sources is not None and allowed is not None:
+            raise ConfigError("pass either sources (one set for every image) or allowed (a mask per image), not both")
+        step_weights(np.ones(1), attribution_weighting)  # an unknown weighting fails before sampling
         sched: SchedulerMixin
         if isinstance(scheduler, str):
-            sched = make_scheduler(scheduler, base.model_config)
+            sched = make_scheduler(scheduler, comp.model_config)
         else:
             sched = scheduler if scheduler is not None else self.scheduler
-        # 2. labels: None = unconditional (null class); else one per sample or broadcast
-        labels = _labels(class_labels, batch_size, device, base.num_classes)
-        x = torch.randn((batch_size, *base.sample_shape), generator=generator).to(device)
+        # 1. labels: None = unconditional (null class); else one per sample or broadcast
+        labels = _labels(class_labels, batch_size, device, comp.num_classes)
+        # 2. the denoiser of this call: per-image allowed sets and top k, guidance, a fresh trajectory (density)
+        scale = check_guidance_scale(guidance_scale)
+        den = comp.sampler(
+            batch_size,
+            allowed=allowed if allowed is not None else sources,
+            top_k=top_k,
+            guidance_scale=scale if labels is not None else 1.0,
+            scheduler=sched,
+            generator=generator,
+        )
+        x = torch.randn((batch_size, *comp.sample_shape), generator=generator).to(device)
         sched.set_timesteps(num_inference_steps)
         x = x * sched.init_noise_sigma
         traj = []
-        # 3. denoising loop: eps = sum_i w_i eps_i, then the scheduler step
+        # 3. denoising loop: eps = sum_i w_i eps_i (guided: per branch), then the scheduler step
         for t in self.progress_bar(sched.timesteps) if progress else sched.timesteps:
             model_in = sched.scale_model_input(x, t)
-            eps = den(model_in, t.to(device).expand(batch_size), labels)
-            assert den.last_weights is not None
-            traj.append(den.last_weights.cpu())
-            x = sched.step(eps, t, x, generator=generator).prev_sample
+            out = den.compose(model_in, t.to(device).expand(batch_size), labels)
+            traj.append(out.weights.float().cpu())
+            x = sched.step(out.eps, t, x, generator=generator).prev_sample
+        # 4. attribution: the weights averaged over the steps
         trajectory = torch.stack(traj).numpy()
+        abar = sched.alphas_cumprod[sched.timesteps.cpu().long()].double().numpy()
         return CompartmentalPipelineOutput(
             images=from_model_tensor(x.cpu()),
-            attribution=trajectory.mean(0),
-            source_names=list(den.source_names),
+            attribution=attribute(trajectory, abar, attribution_weighting).astype(np.float32),
+            source_names=list(comp.source_names),
             trajectory=trajectory if return_trajectory else None,
             timesteps=sched.timesteps.cpu().numpy(),
+            alphas_cumprod=abar,
         )
 
 

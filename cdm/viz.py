@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
@@ -34,6 +35,56 @@ def save_grid(
     source_names: Sequence[str] | None = None,
 ) -> Path:
     """Write uint8 images (N,H,W[,C]) as a PNG grid; with ``attribution`` (N,K) add bars and a legend."""
+    canvas = grid_image(images, nrow=nrow, scale=scale, attribution=attribution, source_names=source_names)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        canvas.save(tmp, format="PNG")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def grid_png(
+    images: np.ndarray,
+    *,
+    nrow: int | None = None,
+    scale: int = 4,
+    attribution: np.ndarray | None = None,
+    source_names: Sequence[str] | None = None,
+) -> bytes:
+    """``save_grid``'s PNG as bytes (for HTTP responses)."""
+    canvas = grid_image(images, nrow=nrow, scale=scale, attribution=attribution, source_names=source_names)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_png(image: np.ndarray) -> bytes:
+    """One uint8 image (H,W[,C]) with C in (1, 3) as PNG bytes, at its own size."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 3)):
+        raise DataError(f"image must be uint8 (H,W), (H,W,1) or (H,W,3); got {img.dtype} {img.shape}")
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def grid_image(
+    images: np.ndarray,
+    *,
+    nrow: int | None = None,
+    scale: int = 4,
+    attribution: np.ndarray | None = None,
+    source_names: Sequence[str] | None = None,
+) -> Image.Image:
+    """The grid of ``save_grid`` as a PIL image."""
     imgs = np.asarray(images)
     if imgs.dtype != np.uint8:
         raise DataError(f"images must be uint8, got {imgs.dtype}")
@@ -89,14 +140,4 @@ def save_grid(
             y = y0 + r * 12
             draw.rectangle([x, y + 2, x + 8, y + 10], fill=colour(k))
             draw.text((x + 11, y), name, fill=(0, 0, 0), font=font)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+    return canvas

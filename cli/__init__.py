@@ -4,6 +4,8 @@ Every command reads ``config.toml`` once (``--config``, default ./config.toml wh
 
     offline.py   split, train, sample, forget, evaluate, ls --store   (cdm only; sample --redis also reads the registry)
     service.py   daemon, push, control, services, ls (the registry)
+    serve.py     serve (the HTTP sampler), attribute (offline or against the registry)
+    acl.py       acl grant|revoke|ls|tag|untag, token create|revoke|ls (access rights of `cdm serve`)
     config.py    config.toml and services.json, loaded once per command
 """
 
@@ -14,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cli import offline, service
+from cli import acl, offline, serve, service
 from cli.config import app_config
 
 EXAMPLES = """\
@@ -31,6 +33,13 @@ examples (the service: Kafka + Redis; `make services-start` runs local ones):
   cdm push --source shoes sources/source-0.npz
   cdm ls --json
   cdm sample --redis redis://127.0.0.1:6379/0 --n 16 --out live.npz
+
+examples (the HTTP sampler with access rights; docs/http-api.md):
+  cdm acl tag shoes license=cc-by
+  cdm acl grant alice --tag license=cc-by
+  cdm token create alice
+  cdm serve --port 8000
+  cdm attribute image.png --store store/
 """
 
 
@@ -55,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
     service.register(sub)
+    serve.register(sub)
+    acl.register(sub)
     return p
 
 

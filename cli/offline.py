@@ -210,12 +210,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from cdm.compose import Composed
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
 
     cfg = load_app_config(args)
     sc = cfg.library.sample
     device = args.device or sc.device
     started = time.perf_counter()
+    den: Composed
     if args.store is not None:
         from cdm.store import LocalStore
 

@@ -1,7 +1,8 @@
 """The daemon's typed, frozen configuration: ``config.toml`` is read once with ``tomllib`` into ``AppConfig``.
 
 Sections: the library's ``[model] [train] [router] [sample] [eval]`` (``cdm.config.LibraryConfig``), the
-registry's ``[redis]`` (``registry.config.RedisConfig``) and ``[kafka] [daemon] [scheduler]`` below. Unknown
+registry's ``[redis]`` (``registry.config.RedisConfig``), ``cdm serve``'s ``[serve]`` (``api.config.ServeConfig``) and
+``[kafka] [daemon] [scheduler]`` below. Unknown
 sections and keys raise ``cdm.errors.ConfigError`` naming them. Sources are applied in an explicit order by the caller::
 
     cfg = load_config(path)                       # defaults <- config.toml
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from api.config import ServeConfig
 from cdm.config import Device, LibraryConfig, parse_library, parse_section, to_dict
 from cdm.errors import ConfigError
 from registry.config import RedisConfig
@@ -30,7 +32,7 @@ SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 LIBRARY_SECTIONS = ("model", "train", "router", "sample", "eval")
-DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler")
+DAEMON_SECTIONS = ("kafka", "redis", "daemon", "scheduler", "serve")
 _SECRET_FIELDS = frozenset({"sasl_plain_password", "password"})
 MIN_MESSAGE_BYTES = 16 * 1024  # = daemon.wire.DLQ_MIN_RECORD_BYTES (not imported: config stays free of numpy)
 MAX_CHUNKS_PER_SOURCE = 1_000_000_000  # = daemon.wire.MAX_SEQ + 1
@@ -246,6 +248,7 @@ class AppConfig:
     redis: RedisConfig = field(default_factory=RedisConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if self.scheduler.heartbeat_s >= self.daemon.heartbeat_ttl_s:
@@ -282,6 +285,7 @@ def parse_config(doc: Mapping[str, Any], *, where: str = "config") -> AppConfig:
         redis=_redis(lambda: parse_section(RedisConfig, doc.get("redis"), "redis")),
         daemon=parse_section(DaemonConfig, doc.get("daemon"), "daemon"),
         scheduler=parse_section(SchedulerConfig, doc.get("scheduler"), "scheduler"),
+        serve=parse_section(ServeConfig, doc.get("serve"), "serve"),
     )
 
 

@@ -23,8 +23,12 @@ key                                        type         contents
                                                         never reset, so ids are never reused)
 ``ns:fingerprints:{source}``               hash         data fingerprint -> compartment id (idempotency)
 ``ns:router``                              hash         the active router (``RouterRecord``)
+``ns:routing``                             string       the routing kind (``RoutingKind``: learnt | density;
+                                                        unset = learnt): how samplers compose, and whether
+                                                        the daemon trains a router
 ``ns:epoch``                               string/int   incremented exactly once per change of the composition
-                                                        (active set, active records or router)
+                                                        (active set, active records, router or
+                                                        routing kind)
 ``ns:changes``                             stream       change log, one entry per registry change (capped)
 ``ns:events``                              pub/sub      ``{"epoch", "kind", ...}`` after each change (lossy:
                                                         readers must also re-read ``ns:epoch``)
@@ -37,7 +41,22 @@ key                                        type         contents
                                                         epoch, request_id, through (JSON {"topic:partition":
                                                         last forgotten offset}), files_sha256 (JSON list of
                                                         the forgotten artifacts' sha256, purged by readers)
-``ns:audit``                               list         JSON audit entries, newest first (forget, retire)
+``ns:audit``                               list         JSON audit entries, newest first (forget, retire,
+                                                        acl changes)
+``ns:tags:{source}``                       hash         the source's tags (key -> value, e.g. license=cc-by);
+                                                        kept by source name, so they outlive versions and may
+                                                        be set before the source first arrives
+``ns:acl:principals``                      set          every principal with a grant or a token
+``ns:acl:grants:{principal}``              set          the principal's grants: ``source:NAME``,
+                                                        ``tag:KEY=VALUE`` or ``all`` (registry/acl.py)
+``ns:acl:token:{sha256}``                  hash         one bearer token, by the sha256 hex of its text:
+                                                        token_id, principal, sha256, label, created_at
+``ns:acl:tokens``                          hash         token id -> sha256 hex (listing and revoking by id)
+``ns:serve:inflight:{principal}``          zset         request id -> lease expiry (unix ms) of the
+                                                        principal's running requests on every replica
+``ns:serve:audit``                         stream       one entry per ``cdm serve`` API request: principal,
+                                                        token id, route, status, sources used, epoch, n
+                                                        (capped, ``[serve] audit_maxlen``)
 =========================================  ===========  =====================================================
 """
 
@@ -49,6 +68,8 @@ from dataclasses import dataclass
 SOURCE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a superset of daemon.wire.SOURCE_ID_RE
 _COMPARTMENT_ID = re.compile(r"(?P<source>[A-Za-z0-9._-]{1,128})@v(?P<version>[1-9][0-9]*)")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 CHANGES_MAXLEN = 100_000  # approximate cap of the change-log stream (XADD MAXLEN ~)
 AUDIT_MAXLEN = 100_000  # audit list entries kept
@@ -74,6 +95,16 @@ def parse_compartment_id(cid: str) -> tuple[str, int]:
     if match is None:
         raise ValueError(f"compartment id {cid!r} is not of the form <source>@v<version>")
     return match["source"], int(match["version"])
+
+
+def check_principal(principal: str) -> str:
+    """``principal`` if it is a valid principal name, else ValueError naming it and the allowed form."""
+    if not isinstance(principal, str) or not PRINCIPAL_PATTERN.fullmatch(principal):
+        raise ValueError(
+            f"principal {principal!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ @ -, "
+            "starting with a letter or digit"
+        )
+    return principal
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -130,6 +161,11 @@ class Keys:
         return self._k("router")
 
     @property
+    def routing(self) -> str:
+        """The routing kind (string)."""
+        return self._k("routing")
+
+    @property
     def epoch(self) -> str:
         """Composition epoch counter."""
         return self._k("epoch")
@@ -177,3 +213,43 @@ class Keys:
     def audit(self) -> str:
         """Audit list (newest first)."""
         return self._k("audit")
+
+    # -- access rights (registry/acl.py)
+    def tags(self, source: str) -> str:
+        """Hash of the source's tags (key -> value)."""
+        return self._k("tags", check_source(source))
+
+    @property
+    def tags_prefix(self) -> str:
+        """``tags(source) == tags_prefix + source`` (for SCAN)."""
+        return self._k("tags", "")
+
+    @property
+    def principals(self) -> str:
+        """Set of every principal with a grant or a token."""
+        return self._k("acl", "principals")
+
+    def grants(self, principal: str) -> str:
+        """Set of the principal's grants (``source:NAME``, ``tag:KEY=VALUE``, ``all``)."""
+        return self._k("acl", "grants", check_principal(principal))
+
+    def token(self, sha256_hex: str) -> str:
+        """Hash of one bearer token, addressed by the sha256 hex of the token text."""
+        if not _SHA256.fullmatch(sha256_hex):
+            raise ValueError(f"{sha256_hex!r} is not a lowercase sha256 hex digest")
+        return self._k("acl", "token", sha256_hex)
+
+    @property
+    def tokens(self) -> str:
+        """Hash token id -> sha256 hex."""
+        return self._k("acl", "tokens")
+
+    # -- cdm serve
+    def inflight(self, principal: str) -> str:
+        """Sorted set request id -> lease expiry (unix ms) of the principal's running requests."""
+        return self._k("serve", "inflight", check_principal(principal))
+
+    @property
+    def serve_audit(self) -> str:
+        """Stream of ``cdm serve`` requests (capped)."""
+        return self._k("serve", "audit")

@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,12 @@ from registry.records import (
     ForgetReceipt,
     RegistrySnapshot,
     RouterRecord,
+    RoutingKind,
     Tombstone,
     decode_hash,
     from_hash,
     from_json,
+    routing_kind,
     text,
 )
 
@@ -82,21 +84,27 @@ class RegistryClient:
     # -- the composition
 
     def snapshot(self) -> RegistrySnapshot:
-        """Epoch, active compartments and router, read atomically (one Lua script)."""
+        """Epoch, active compartments, router and routing kind, read atomically (one Lua script)."""
         keys = self._keys
-        reply = self._snapshot_script(keys=[keys.epoch, keys.active, keys.router], args=[keys.compartment_prefix])
-        epoch, router_raw, rest = int(text(reply[0])), reply[1], reply[2:]
+        reply = self._snapshot_script(
+            keys=[keys.epoch, keys.active, keys.router, keys.routing], args=[keys.compartment_prefix]
+        )
+        epoch, router_raw, routing, rest = int(text(reply[0])), reply[1], routing_kind(reply[2]), reply[3:]
         compartments = tuple(
             from_hash(CompartmentRecord, rest[i + 1], compartment_id=text(rest[i]))
             for i in range(0, len(rest), 2)
             if rest[i + 1]
         )
         router = from_hash(RouterRecord, router_raw) if decode_hash(router_raw) else None
-        return RegistrySnapshot(epoch=epoch, compartments=compartments, router=router)
+        return RegistrySnapshot(epoch=epoch, compartments=compartments, router=router, routing=routing)
 
     def epoch(self) -> int:
         value = self._r.get(self._keys.epoch)
         return int(text(value)) if value is not None else 0
+
+    def routing(self) -> RoutingKind:
+        """The routing kind (learnt when never set)."""
+        return routing_kind(self._r.get(self._keys.routing))
 
     def active_ids(self) -> frozenset[str]:
         """Ids of the active compartments (read even when a record of the composition cannot be decoded)."""
@@ -135,6 +143,18 @@ class RegistryClient:
         if not raw:
             raise CompartmentNotFound(f"no compartment {compartment_id!r} in the registry")
         return from_hash(CompartmentRecord, raw, compartment_id=compartment_id)
+
+    def get_many(self, compartment_ids: Sequence[str]) -> list[CompartmentRecord]:
+        """The records of ``compartment_ids`` (any status) in one round trip, in order; unknown ids are left out."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for cid in compartment_ids:
+                pipe.hgetall(self._keys.compartment(cid))
+            raws = pipe.execute()
+        return [
+            from_hash(CompartmentRecord, raw, compartment_id=cid)
+            for cid, raw in zip(compartment_ids, raws, strict=True)
+            if raw
+        ]
 
     def history(self, source: str) -> list[CompartmentRecord]:
         """Every version of ``source``, oldest first."""

@@ -33,6 +33,13 @@ R = TypeVar("R")
 KEY: Mapping[str, bool] = types.MappingProxyType({"registry_key": True})  # field metadata: not in the hash
 
 
+class RoutingKind(StrEnum):
+    """How samplers compose the active compartments (``ns:routing``; ``cdm.config.RoutingKind`` names the same)."""
+
+    LEARNT = "learnt"  # a router trained on every source (a RouterRecord is needed to serve)
+    DENSITY = "density"  # training-free SuperDiff density weights (serves as soon as a compartment is active)
+
+
 class CompartmentStatus(StrEnum):
     TRAINING = "training"
     ACTIVE = "active"
@@ -91,6 +98,7 @@ class RegistrySnapshot:
     epoch: int
     compartments: tuple[CompartmentRecord, ...]  # the active ones, sorted by compartment id
     router: RouterRecord | None
+    routing: RoutingKind = RoutingKind.LEARNT  # how to compose them (``ns:routing``)
 
     @property
     def compartment_ids(self) -> tuple[str, ...]:
@@ -130,7 +138,7 @@ class ChangeEvent:
 
     stream_id: str = field(metadata=KEY)  # "<ms>-<seq>" (the entry id); pass the last one seen to ``changes``
     epoch: int  # registry epoch after this change
-    kind: str  # "training", "activated", "retired", "forgotten", "router"
+    kind: str  # "training", "activated", "retired", "forgotten", "router", "routing"
     compartment_id: str | None = None
     source: str | None = None
     at: float = 0.0
@@ -152,6 +160,19 @@ class DaemonInfo:
 def text(value: Any) -> str:
     """A Redis reply value (bytes or str) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def routing_kind(raw: Any) -> RoutingKind:
+    """The stored ``ns:routing`` value (bytes, str, or None / "" when unset = learnt) as a RoutingKind."""
+    value = text(raw) if raw is not None else ""
+    if not value:
+        return RoutingKind.LEARNT
+    try:
+        kind: RoutingKind = _codec(RoutingKind).from_text(value)
+        return kind
+    except ValueError as exc:
+        allowed = [k.value for k in RoutingKind]
+        raise RecordError(f"stored routing kind {value!r} is not one of {allowed}") from exc
 
 
 def decode_hash(raw: Any) -> dict[str, str]:

@@ -1,11 +1,12 @@
-"""The registry's writer: the compartment lifecycle, the router and the audit log, as atomic transactions.
+"""The registry's writer: the compartment lifecycle, the router, the routing kind and the audit log, as atomic
+transactions.
 
 Every change that touches several keys is one MULTI/EXEC transaction; read-modify-write changes WATCH what
 they read (and the epoch) and are retried by ``redis.Redis.transaction`` when another writer got there
 first. The invariant readers rely on: **``epoch`` is incremented exactly once by every transaction that
-changes the composition** (the active set, an active compartment's record, or the router), in the same
-transaction, together with a change-log entry (``XADD``) and an event (``PUBLISH``). So a reader holding a
-snapshot taken atomically with its epoch knows the composition is unchanged as long as the epoch is.
+changes the composition** (the active set, an active compartment's record, the router or the routing kind), in
+the same transaction, together with a change-log entry (``XADD``) and an event (``PUBLISH``). So a reader holding
+a snapshot taken atomically with its epoch knows the composition is unchanged as long as the epoch is.
 
 Lifecycle of a compartment (one version of one source)::
 
@@ -38,7 +39,9 @@ from registry.records import (
     CompartmentStatus,
     ForgetReceipt,
     RouterRecord,
+    RoutingKind,
     from_hash,
+    routing_kind,
     text,
     to_hash,
     to_json,
@@ -389,6 +392,34 @@ class Registry(RegistryClient):
             return epoch
 
         return self._txn(fn, self._keys.router, self._keys.epoch)
+
+    def set_routing(self, kind: str) -> int:
+        """Make ``kind`` ("learnt" | "density") the routing kind; returns the epoch after the call.
+
+        A new kind changes how every sampler composes, so the epoch is bumped once (with a change-log entry and an
+        event); setting the kind already in force changes nothing (an unset key reads as "learnt"). Raises
+        ValueError naming the allowed kinds.
+        """
+        try:
+            new = RoutingKind(kind)
+        except ValueError:
+            raise ValueError(f"routing kind {kind!r} is not one of {[k.value for k in RoutingKind]}") from None
+
+        def fn(pipe: redis.client.Pipeline) -> int:
+            stored = pipe.get(self._keys.routing)
+            current = routing_kind(stored)
+            epoch = self._epoch(pipe)
+            pipe.multi()
+            if current is new:
+                if stored is None:
+                    pipe.set(self._keys.routing, new.value)  # make the default explicit; the composition is the same
+                return epoch
+            pipe.set(self._keys.routing, new.value)
+            pipe.set(self._keys.epoch, epoch + 1)
+            self._announce(pipe, epoch + 1, "routing", detail={"kind": new.value, "previous": current.value})
+            return epoch + 1
+
+        return self._txn(fn, self._keys.routing, self._keys.epoch)
 
     def record_audit(self, kind: str, doc: Mapping[str, Any]) -> None:
         """Append ``{**doc, "kind": kind, "at": now}`` (JSON-able) to the audit list (``kind`` wins over doc's)."""

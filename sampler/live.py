@@ -28,14 +28,21 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from cdm.artifacts import Discarded, ObjectNotFoundError
-from cdm.compose import ComposedDenoiser
+from cdm.compose import Composed
 from cdm.config import ModelConfig, SampleConfig
 from cdm.errors import CdmError, IntegrityError, StoreError
 from cdm.pipeline import CompartmentalPipeline, CompartmentalPipelineOutput, make_scheduler
 from registry.errors import RecordError
 from registry.reader import RegistryClient, Tombstones
 from registry.records import CompartmentRecord, RegistrySnapshot, RouterRecord
-from sampler.forgetting import compartment_refusal, forgotten_sha256, purgeable, recorded_sha256, serving_snapshot
+from sampler.forgetting import (
+    compartment_refusal,
+    forgotten_sha256,
+    purgeable,
+    recorded_sha256,
+    router_refusal,
+    serving_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +54,14 @@ class Composition:
     """What one epoch of the registry serves."""
 
     epoch: int
-    denoiser: ComposedDenoiser
+    denoiser: Composed  # ComposedDenoiser (learnt routing) or DensityComposition (density routing)
     compartment_ids: tuple[str, ...]
     sources: tuple[str, ...]  # column names of attribution (one per compartment)
     pending: tuple[str, ...] = ()  # active compartments the router does not cover yet (served after retraining)
     loaded_at: float = field(default_factory=time.time)
     records: tuple[CompartmentRecord, ...] = ()  # the registry records of ``compartment_ids`` (same order)
-    router: RouterRecord | None = None  # the router's record
+    router: RouterRecord | None = None  # the router's record (learnt routing; None for density)
+    routing: str = "learnt"  # the routing kind it was composed under ("learnt" | "density")
     degraded: str = ""  # "" = the registry's composition at ``epoch``; else why only a subset of an older one serves
 
     @property
@@ -328,9 +336,7 @@ class LiveComposition:
             for r in comp.records
             if still_active(r) and compartment_refusal(r, tombstones, forgotten) is None
         ]
-        router_ok = comp.router is not None and not any(
-            rel.endswith(".safetensors") and d in forgotten for rel, d in recorded_sha256(comp.router).items()
-        )
+        router_ok = comp.router is None or router_refusal(comp.router, forgotten) is None  # none: density routing
         if router_ok and len(keep) == len(comp.records):
             return  # nothing it serves was removed: keep it as it is (stale, so not ready)
         dropped = sorted(set(comp.compartment_ids) - set(keep)) if router_ok else list(comp.compartment_ids)

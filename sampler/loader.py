@@ -37,10 +37,10 @@ from cdm.artifacts import (
 from cdm.artifacts.local import file_url_path
 from cdm.artifacts.store import sha256_file
 from cdm.compartment import Compartment
-from cdm.compose import ComposedDenoiser, Vectorize
+from cdm.compose import Composed, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError, IntegrityError, StoreError
-from cdm.routing import Router, load_router
+from cdm.routing import Router, build_composition, load_router, needs_router, serving
 from registry.client import connect
 from registry.config import RedisConfig
 from registry.keys import Keys
@@ -125,50 +125,61 @@ class CompositionLoader:
     # -- compositions
 
     def build(self, snap: RegistrySnapshot) -> Composition | None:
-        """The composition of ``snap``; None while there is nothing to serve (no router or no compartment).
+        """The composition of ``snap``; None while there is nothing to serve (no compartment, or the learnt kind
+        without a router covering one).
 
         ``snap`` must already be what may be served (``sampler.forgetting.serving_snapshot``)."""
-        if snap.router is None or not snap.compartments:
-            return None
-        routed = set(snap.router.compartment_ids)
-        records = tuple(c for c in snap.compartments if c.compartment_id in routed)
-        pending = tuple(c.compartment_id for c in snap.compartments if c.compartment_id not in routed)
+        kind = snap.routing.value
+        router_record = snap.router if needs_router(kind) else None  # the density kind uses no router
+        routed = router_record.compartment_ids if router_record is not None else None
+        served, pending = serving(kind, snap.compartment_ids, routed)
+        records = tuple(c for c in snap.compartments if c.compartment_id in set(served))
         if not records:
             return None
-        # 1. the router, then the compartments: loaded unless cached under the same (id, sha256)
-        router = self._router(snap.router)
+        # 1. the router (learnt kind), then the compartments: loaded unless cached under the same (id, sha256)
+        router = self._router(router_record) if router_record is not None else None
         compartments = [self._compartment(rec) for rec in records]
-        # 2. the composition, weights over the router's columns
-        return self._compose(snap.epoch, records, compartments, snap.router, router, pending, degraded="")
+        # 2. the composition under the registry's routing kind
+        return self._compose(kind, snap.epoch, records, compartments, router_record, router, pending, degraded="")
 
     def restrict(self, comp: Composition, keep: Collection[str], *, epoch: int, reason: str) -> Composition | None:
         """``comp`` limited to the compartments in ``keep`` (ids), from memory; None if none is left."""
         records = tuple(r for r in comp.records if r.compartment_id in keep)
-        if not records or comp.router is None:
+        if not records or (needs_router(comp.routing) and comp.router is None):
             return None
-        router = self._routers[artifact_key(comp.router)].module
+        router = self._routers[artifact_key(comp.router)].module if comp.router is not None else None
         compartments = [self._compartments[artifact_key(r)].module for r in records]
         pending = tuple(c for c in comp.pending if c in keep)
-        return self._compose(epoch, records, compartments, comp.router, router, pending, degraded=reason)
+        return self._compose(comp.routing, epoch, records, compartments, comp.router, router, pending, degraded=reason)
 
     def _compose(
         self,
+        kind: str,
         epoch: int,
         records: tuple[CompartmentRecord, ...],
         compartments: list[Compartment],
-        router_record: RouterRecord,
-        router: Router,
+        router_record: RouterRecord | None,
+        router: Router | None,
         pending: tuple[str, ...],
         *,
         degraded: str,
     ) -> Composition:
         ids = tuple(r.compartment_id for r in records)
         sources = tuple(r.source for r in records)
-        router_sources = [_source_of(cid) for cid in router_record.compartment_ids]
-        den = ComposedDenoiser(
-            compartments, router, list(sources), router_names=router_sources, vectorize=self.vectorize
+        router_sources = [_source_of(c) for c in router_record.compartment_ids] if router_record is not None else None
+        den = build_composition(
+            kind,
+            compartments,
+            sources,
+            router=router,
+            router_names=router_sources,
+            n_samples=[r.n_samples for r in records],
+            class_counts=[r.class_counts for r in records],
+            vectorize=self.vectorize,
         )
-        return Composition(epoch, den, ids, sources, pending, records=records, router=router_record, degraded=degraded)
+        return Composition(
+            epoch, den, ids, sources, pending, records=records, router=router_record, routing=kind, degraded=degraded
+        )
 
     # -- pins and the cache
 
@@ -312,7 +323,7 @@ def load_live_composition(
     base_dir: Path | None = None,
     device: str = "cpu",
     vectorize: Vectorize = "auto",
-) -> tuple[ComposedDenoiser, ModelConfig]:
+) -> tuple[Composed, ModelConfig]:
     """One-shot: the registry's current composition, less what tombstones forbid (``cdm sample --redis``, the demo).
 
     Args:
@@ -342,7 +353,8 @@ def load_live_composition(
         refused = f"; refused as forgotten: {dict(serving.refused)}" if serving.refused else ""
         raise CdmError(
             f"the registry at {url or redis.url} serves nothing yet (epoch {snap.epoch}, {len(snap.compartments)} "
-            "active compartment(s), router " + ("present" if snap.router else "missing") + f"){refused}; push a "
-            "source first"
+            f"active compartment(s), routing {snap.routing.value}, router "
+            + ("present" if snap.router else "missing")
+            + f"){refused}; push a source first"
         )
     return comp.denoiser, comp.model_config

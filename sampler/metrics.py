@@ -18,25 +18,26 @@ class SamplerMetrics:
 
     Args:
         registry: where to register (a fresh ``CollectorRegistry()`` per process or test).
+        prefix: of every name ("cdm" in the daemon, "cdm_serve" in ``cdm serve``).
     """
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, prefix: str = "cdm") -> None:
         self.registry = registry
         self.registry_epoch = Gauge(
-            "cdm_registry_epoch", "Registry epoch of the loaded composition.", registry=registry
+            f"{prefix}_registry_epoch", "Registry epoch of the loaded composition.", registry=registry
         )
         self.registry_epoch_seen = Gauge(
-            "cdm_registry_epoch_seen",
-            "Newest registry epoch the watcher has read (above cdm_registry_epoch while a swap is pending or failed).",
+            f"{prefix}_registry_epoch_seen",
+            "Newest registry epoch the watcher has read (above registry_epoch while a swap is pending or failed).",
             registry=registry,
         )
         self.registry_watch_last_check = Gauge(
-            "cdm_registry_watch_last_check_timestamp_seconds",
+            f"{prefix}_registry_watch_last_check_timestamp_seconds",
             "Unix time of the watcher's last successful read of the registry.",
             registry=registry,
         )
         self.registry_watch_errors = Counter(
-            "cdm_registry_watch_errors",
+            f"{prefix}_registry_watch_errors",
             "Registry checks that could not be applied in full, by reason (registry: Redis unreachable; record: "
             "a record that does not decode; tombstone: an unreadable tombstone; missing, integrity, artifact: an "
             "artifact absent, failing its sha256, or refused by the store or cache; decode: an artifact that does "
@@ -47,24 +48,24 @@ class SamplerMetrics:
         for reason in WATCH_ERROR_REASONS:
             self.registry_watch_errors.labels(reason=reason)
         self.composition_degraded = Gauge(
-            "cdm_composition_degraded",
+            f"{prefix}_composition_degraded",
             "1 while the sampler serves a fail-closed subset of an older composition (a new one failed to load and "
             "removed compartments are withheld), else 0.",
             registry=registry,
         )
         self.hotswap_seconds = Histogram(
-            "cdm_hotswap_seconds",
+            f"{prefix}_hotswap_seconds",
             "Time from noticing a new epoch to serving the new composition.",
             buckets=HOTSWAP_BUCKETS,
             registry=registry,
         )
         self.hotswap_failures = Counter(
-            "cdm_hotswap_failures",
+            f"{prefix}_hotswap_failures",
             "Hot swaps that failed to load (the previous composition, less what was removed, kept serving).",
             registry=registry,
         )
         self.artifact_loads = Counter(
-            "cdm_artifact_loads",
+            f"{prefix}_artifact_loads",
             "Artifacts fetched, verified and decoded, by kind (compartments are cached by id and sha256).",
             ["kind"],
             registry=registry,
@@ -72,10 +73,13 @@ class SamplerMetrics:
         for kind in ARTIFACT_KINDS:
             self.artifact_loads.labels(kind=kind)
         self.artifact_blobs_purged = Counter(
-            "cdm_artifact_blobs_purged",
+            f"{prefix}_artifact_blobs_purged",
             "Cached artifact files deleted because a tombstone lists them (a forgotten source's files).",
             registry=registry,
         )
         self.sampling_seconds = Histogram(
-            "cdm_sampling_seconds", "Wall time of one sampling request.", buckets=SAMPLING_BUCKETS, registry=registry
+            f"{prefix}_sampling_seconds",
+            "Wall time of one sampling request.",
+            buckets=SAMPLING_BUCKETS,
+            registry=registry,
         )

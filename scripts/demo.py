@@ -5,18 +5,26 @@
 3. push four Fashion-MNIST sources (tops, trousers, footwear, bags) with the producer ``cdm push`` uses
 4. wait until each compartment and the router are registered and served (progress from the daemon's heartbeat)
 5. sample a PNG grid with attribution from the live registry
-6. forget "bags" through the control topic; sample again with the same seed; print what changed
-7. stop the daemon (warm) and the services it started
+6. start ``cdm serve`` (the HTTP sampler): two principals, one sees every source, one only the sources tagged
+   tenant=acme; the restricted one gets the same answer for a forbidden source as for one that does not exist;
+   print the curl lines a user would type
+7. forget "bags" through the control topic; sample again with the same seed; print what changed (``cdm serve``
+   follows: bags leaves its /v1/sources without a restart)
+8. stop the server, the daemon (warm) and the services it started
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ OUT = Path("demo-out")
 # Fashion-MNIST classes: 0 T-shirt, 1 trouser, 2 pullover, 3 dress, 4 coat, 5 sandal, 6 shirt, 7 sneaker, 8 bag, 9 boot
 SOURCES = {"tops": [0, 2, 3, 4, 6], "trousers": [1], "footwear": [5, 7, 9], "bags": [8]}
 FORGET = "bags"
+ACME = ("tops", "trousers")  # tagged tenant=acme: what the restricted principal sees
 
 CONFIG = """
 # written by `make demo` (scripts/demo.py); see config.toml for every key
@@ -53,6 +62,10 @@ heartbeat_interval_ms = 1000
 [redis]
 url = "{redis_url}"
 namespace = "cdm-demo-{run}"
+[serve]
+port = {serve_port}
+max_n = 20
+resync_s = 1
 [daemon]
 artifact_dir = "{out}/artifacts"
 spool_dir = "{out}/spool"
@@ -136,6 +149,93 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
     return out
 
 
+def cdm(cfg_path: Path, *argv: str) -> str:
+    """Run ``cdm --config CFG ARGV`` as a user would (printed first); its stdout."""
+    _say(f"   $ cdm {shlex.join(argv)}")
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "--config", str(cfg_path), *argv], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"cdm {shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+def http(method: str, url: str, token: str | None = None, body: dict[str, Any] | None = None) -> tuple[int, Any, bytes]:
+    """(status, headers, body) of one request to ``cdm serve`` (standard library only)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.headers, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"cdm serve exited ({server.returncode}); see {log}")
+        try:
+            status, _, body = http("GET", f"{url}/readyz")
+            if status == 200:
+                return dict(json.loads(body))
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"cdm serve was not ready within {timeout:.0f}s; see {log}")
+
+
+def serve_demo(cfg_path: Path, url: str, out: Path, n: int, seed: int) -> dict[str, Any]:
+    """Two principals over HTTP; returns the admin token and what each saw."""
+    _say("   tags and grants live in the registry's Redis (`cdm acl`), tokens are stored hashed (`cdm token`):")
+    for source in ACME:
+        cdm(cfg_path, "acl", "tag", source, "tenant=acme")
+    cdm(cfg_path, "acl", "grant", "admin", "--all")
+    cdm(cfg_path, "acl", "grant", "acme", "--tag", "tenant=acme")
+    admin = json.loads(cdm(cfg_path, "token", "create", "admin", "--label", "demo", "--json"))["token"]
+    acme = json.loads(cdm(cfg_path, "token", "create", "acme", "--label", "demo", "--json"))["token"]
+    body = {"n": n, "labels": [i % 10 for i in range(n)], "seed": seed, "format": "png"}
+    seen: dict[str, Any] = {"admin_token": admin}
+    for who, token in (("admin", admin), ("acme", acme)):
+        status, headers, png = http("POST", f"{url}/v1/samples", token, body)
+        if status != 200:
+            raise SystemExit(f"POST /v1/samples as {who} answered {status}: {png[:300]!r}")
+        path = out / f"serve-{who}.png"
+        path.write_bytes(png)
+        seen[who] = headers["X-CDM-Sources"].split(",")
+        _say(f"   {who:5s} -> 200, epoch {headers['X-CDM-Epoch']}, composed from {seen[who]} -> {path}")
+    forbidden = http("POST", f"{url}/v1/samples", acme, {"n": 1, "sources": [FORGET]})
+    missing = http("POST", f"{url}/v1/samples", acme, {"n": 1, "sources": ["hats"]})
+    _say(f"   acme asks for {FORGET!r} (exists, not granted): {forbidden[0]} {forbidden[2].decode()}")
+    _say(f"   acme asks for 'hats' (does not exist):        {missing[0]} {missing[2].decode()}")
+    same = forbidden[0] == missing[0] and forbidden[2] == missing[2]
+    _say(f"   identical status and body: {same}")
+    if not same:
+        raise SystemExit("a forbidden source must answer exactly like a missing one")
+    seen["indistinguishable"] = same
+    _say("   what a user types (the token comes from `cdm token create`):")
+    _say(f"     export CDM_TOKEN={acme}")
+    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" {url}/v1/sources")
+    _say(
+        f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -H 'Content-Type: application/json' "
+        f"-d '{{\"n\": 8, \"labels\": [7], \"format\": \"png\"}}' -o grid.png {url}/v1/samples"
+    )
+    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -F image=@my-image.png {url}/v1/attribute")
+    _say(f"     curl -s {url}/metrics | grep cdm_serve_requests_total")
+    return seen
+
+
 def shares(out: Any) -> dict[str, float]:
     """Fraction of samples whose dominant source (largest mean router weight) is each source."""
     dominant = out.attribution.argmax(1)
@@ -173,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     addrs = services.start(state)
     _say(f"   redis {addrs.redis_url}   kafka {addrs.kafka_bootstrap}")
     daemon: subprocess.Popen[bytes] | None = None
+    server: subprocess.Popen[bytes] | None = None
     log = out / "daemon.log"
+    serve_log = out / "serve.log"
     try:
         run = str(int(time.time()))
+        serve_port = free_port()
         text = CONFIG.format(
             steps=args.steps,
             router_steps=args.router_steps,
@@ -183,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             redis_url=addrs.redis_url,
             run=run,
             out=out,
+            serve_port=serve_port,
         )
         cfg_path = out / "config.toml"
         cfg_path.write_text(text)
@@ -225,8 +329,18 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"== 5. sampling {args.n} images from the live registry -> {before_png}")
         before = sample(cfg, addrs.redis_url, args.n, args.seed, before_png)
         _say(f"   share of samples by dominant source: {shares(before)}")
-        # 6. forget
-        _say(f"== 6. forgetting {FORGET!r} through the control topic")
+        # 6. cdm serve
+        url = f"http://127.0.0.1:{serve_port}"
+        _say(f"== 6. starting `cdm serve --config {cfg_path}` on {url} (log: {serve_log})")
+        with open(serve_log, "ab") as logf:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "cli", "--config", str(cfg_path), "serve"], stdout=logf, stderr=subprocess.STDOUT
+            )
+        ready = wait_ready(url, server, serve_log, 120)
+        _say(f"   ready: {ready['reason']}")
+        served = serve_demo(cfg_path, url, out, min(args.n, 20), args.seed)
+        # 7. forget
+        _say(f"== 7. forgetting {FORGET!r} through the control topic")
         t0 = time.perf_counter()
         send_control(producer, cfg.kafka.control_topic, ControlCommand("forget-source", FORGET, request_id="demo"))
         producer.close()
@@ -242,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
         after_png = out / "grid-after.png"
         after = sample(cfg, addrs.redis_url, args.n, args.seed, after_png)
         _say(f"   share of samples by dominant source: {shares(after)}  -> {after_png}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # cdm serve follows the registry by itself (pub/sub + resync)
+            status, _, body = http("GET", f"{url}/v1/sources", served["admin_token"])
+            listed = [x["name"] for x in json.loads(body)["sources"]] if status == 200 else []
+            if status == 200 and FORGET not in listed:
+                break
+            time.sleep(0.5)
+        epoch_now = json.loads(body)["epoch"] if status == 200 else None
+        _say(f"   cdm serve, no restart: admin's GET /v1/sources now lists {listed} (epoch {epoch_now})")
         summary = {
             "seconds": round(time.perf_counter() - started, 1),
             "before": {
@@ -257,6 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                 "png": str(after_png),
             },
             "forget_receipt": receipt,
+            "serve": {
+                "url": url,
+                "admin_sources": served["admin"],
+                "acme_sources": served["acme"],
+                "forbidden_equals_missing": served["indistinguishable"],
+                "sources_after_forget": listed,
+            },
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _say(
@@ -267,7 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
         return 0
     finally:
-        # 7. stop what we started, in reverse order
+        # 8. stop what we started, in reverse order
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
         if daemon is not None and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -275,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 daemon.kill()
         services.stop(state)
-        _say("   daemon and services stopped")
+        _say("   server, daemon and services stopped")
 
 
 if __name__ == "__main__":

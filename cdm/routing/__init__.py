@@ -1,10 +1,31 @@
-"""Routers: w_i(x_t, t, c) = P(source i | x_t, t, c), the weights of the composition.
+"""Routing: the weights w_i(x_t, t, c) = P(source i | x_t, t, c) of the composition, behind one interface.
 
-    learnt.py   the learnt router (a timestep- and class-conditioned CNN classifier over the sources); its public
-                names are re-exported here
-    density.py  training-free weights from each compartment's own scores (SuperDiff)
+A routing kind (``[router] kind``, also a registry fact) says how compartments are composed:
+
+    "learnt"   learnt.py: a timestep- and class-conditioned CNN classifier over the sources, trained on every
+               source's noised data (``ComposedDenoiser``; retrained whenever a source is added or forgotten)
+    "density"  density.py: training-free SuperDiff weights from each compartment's own scores along the sampling
+               trajectory (``DensityComposition``); nothing is trained on any source, priors come from n_samples
+
+``build_composition`` makes either from loaded compartments; both are ``cdm.compose.Composed``: the pipeline asks
+one for ``sampler(n, allowed=..., top_k=..., guidance_scale=..., scheduler=..., generator=...)``, the denoiser of one
+sampling call (a fresh density trajectory per call, its estimator picked from the scheduler). ``serving`` says which
+active compartments a kind can serve.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, get_args
+
+import torch
+from diffusers import DDPMScheduler
+from torch import nn
+
+from cdm.compose import Composed, ComposedDenoiser, Vectorize
+from cdm.config import RoutingKind
+from cdm.errors import ConfigError
+from cdm.routing.density import DensityComposition, DensityTrajectory, PruneConfig, estimator_for
 from cdm.routing.learnt import (
     CONFIG,
     NOISE_BINS,
@@ -18,15 +39,103 @@ from cdm.routing.learnt import (
     train_router,
 )
 
+ROUTING_KINDS: tuple[RoutingKind, ...] = get_args(RoutingKind)
+
+
+def check_kind(kind: str) -> RoutingKind:
+    """``kind`` if it is a routing kind, else ConfigError naming the kinds."""
+    for known in ROUTING_KINDS:
+        if kind == known:
+            return known
+    raise ConfigError(f"routing kind {kind!r} is not one of {list(ROUTING_KINDS)}")
+
+
+def needs_router(kind: str) -> bool:
+    """Whether compositions of ``kind`` need a trained router (so the daemon must keep cross-source data)."""
+    return check_kind(kind) == "learnt"
+
+
+def serving(kind: str, active: Sequence[str], routed: Sequence[str] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(served, pending) among the ``active`` compartment ids: "learnt" serves those the router covers (``routed``,
+    None when there is no router: nothing), the rest wait for the next router; "density" serves every active one."""
+    if not needs_router(kind):
+        return tuple(active), ()
+    covered = set(routed or ())
+    return tuple(c for c in active if c in covered), tuple(c for c in active if c not in covered)
+
+
+def build_composition(
+    kind: str,
+    compartments: Sequence[nn.Module],
+    names: Sequence[str],
+    *,
+    router: nn.Module | None = None,
+    router_names: Sequence[str] | None = None,
+    n_samples: Sequence[int] | None = None,
+    class_counts: Sequence[Sequence[int]] | None = None,
+    vectorize: Vectorize = "auto",
+) -> Composed:
+    """Compartments composed under routing ``kind``.
+
+    Args:
+        kind: "learnt" or "density".
+        compartments: loaded compartments (``cdm.compartment.Compartment``), one per name.
+        names: their source names (the columns of weights and attribution).
+        router: the learnt router (required by "learnt", refused by "density").
+        router_names: the router's logit columns when they are not ``router.source_names`` (e.g. registry ids).
+        n_samples: training samples per compartment: the density kind's priors lambda_i = n_i / sum_j n_j
+            (default: uniform). The learnt router has its priors built in.
+        class_counts: samples per class per compartment: P(i | c) proportional to n_{i,c} for labelled rows of the
+            density kind (a zero count means compartment i never runs on class c); ignored unless every compartment
+            has ``num_classes`` counts.
+        vectorize: how the learnt kind evaluates compartments (``[sample] vectorize``).
+    """
+    kind = check_kind(kind)
+    if not compartments:
+        raise ConfigError("nothing to compose: no compartments")
+    if kind == "learnt":
+        if router is None:
+            raise ConfigError("the learnt routing kind needs a trained router; train one or use kind 'density'")
+        return ComposedDenoiser(compartments, router, names, router_names=router_names, vectorize=vectorize)
+    if router is not None:
+        raise ConfigError("the density routing kind uses no router; pass router=None")
+    priors = None
+    if n_samples is not None:
+        if len(n_samples) != len(names) or any(n < 1 for n in n_samples):
+            raise ConfigError(f"n_samples must be one count >= 1 per compartment {list(names)}, got {list(n_samples)}")
+        priors = torch.tensor([float(n) for n in n_samples], dtype=torch.float64)
+    first: Any = compartments[0]
+    num_classes = int(first.num_classes)
+    class_priors = None
+    if class_counts is not None and num_classes > 0 and all(len(c) == num_classes for c in class_counts):
+        class_priors = torch.tensor([[float(x) for x in c] for c in class_counts], dtype=torch.float64)
+    alphas_cumprod = DDPMScheduler(**first.manifest.model_config.scheduler_config()).alphas_cumprod
+    return DensityComposition(
+        compartments, names, alphas_cumprod, priors=priors, class_priors=class_priors, estimator="auto"
+    )
+
+
 __all__ = [
     "CONFIG",
     "NOISE_BINS",
+    "ROUTING_KINDS",
     "WEIGHTS",
+    "Composed",
+    "ComposedDenoiser",
+    "DensityComposition",
+    "DensityTrajectory",
+    "PruneConfig",
     "Router",
     "RouterManifest",
     "RouterReport",
     "RouterResult",
+    "RoutingKind",
+    "build_composition",
+    "check_kind",
+    "estimator_for",
     "load_router",
+    "needs_router",
     "save_router",
+    "serving",
     "train_router",
 ]

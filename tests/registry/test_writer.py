@@ -9,9 +9,9 @@ import time
 import pytest
 import redis
 
-from registry.errors import CompartmentNotFound, InvalidTransition
+from registry.errors import CompartmentNotFound, InvalidTransition, RecordError
 from registry.keys import Keys, compartment_id, parse_compartment_id
-from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord
+from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, RoutingKind
 from registry.writer import Registry
 from tests.registry.conftest import SHA, train_and_activate
 
@@ -189,6 +189,30 @@ def test_clear_router(registry: Registry) -> None:
     registry.set_router(RouterRecord("r", "/r", {}, (), 0))
     assert registry.clear_router() == 2
     assert registry.snapshot() == RegistrySnapshot(epoch=2, compartments=(), router=None)
+
+
+def test_routing_kind_is_a_registry_fact_in_the_snapshot(
+    registry: Registry, redis_client: redis.Redis, keys: Keys
+) -> None:
+    train_and_activate(registry, "shoes", "fp1")
+    assert registry.routing() is RoutingKind.LEARNT and registry.snapshot().routing is RoutingKind.LEARNT  # unset
+    assert registry.set_routing("learnt") == 1  # the kind in force (the default): no composition change
+    assert redis_client.get(keys.routing) in (b"learnt", "learnt") and registry.epoch() == 1
+    # a new kind changes how every sampler composes: one epoch bump, one change-log entry, in the snapshot
+    assert registry.set_routing("density") == 2
+    snap = registry.snapshot()
+    assert snap.routing is RoutingKind.DENSITY and snap.epoch == 2 and snap.compartment_ids == ("shoes@v1",)
+    assert registry.routing() is RoutingKind.DENSITY
+    change = registry.changes()[-1]
+    assert (change.kind, change.epoch, change.detail) == ("routing", 2, {"kind": "density", "previous": "learnt"})
+    assert registry.set_routing(RoutingKind.DENSITY) == 2 and len(registry.changes()) == 3  # idempotent
+    assert registry.set_routing("learnt") == 3 and registry.snapshot().routing is RoutingKind.LEARNT
+    with pytest.raises(ValueError, match="routing kind 'heads' is not one of"):
+        registry.set_routing("heads")
+    assert registry.epoch() == 3
+    redis_client.set(keys.routing, "mystery")  # written by something else: named, not silently learnt
+    with pytest.raises(RecordError, match="'mystery'"):
+        registry.snapshot()
 
 
 def test_record_audit(registry: Registry) -> None:

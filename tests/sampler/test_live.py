@@ -129,3 +129,52 @@ def test_swaps_new_epochs_and_keeps_the_last_good_composition(
     # the one-shot loader of `cdm sample --redis` sees the same composition
     denoiser, model = one_shot(url=redis_db_url)
     assert sorted(denoiser.source_names) == ["d0", "d1", "d2"] and model == MODEL
+
+
+def test_the_routing_kind_decides_what_is_served(
+    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str, request: pytest.FixtureRequest
+) -> None:
+    from cdm.routing import ComposedDenoiser, DensityComposition
+
+    keys = Keys(redis_namespace)
+    reg = Registry(redis_client, keys)
+    src = digit_sources(2)
+    loader = CompositionLoader.from_config(ArtifactsConfig(url=tmp_path.as_uri()), base_dir=tmp_path / "reader")
+    live = LiveComposition(RegistryClient(redis_client, keys), loader)
+    request.addfinalizer(live.stop)  # unpins the cached files
+    register(reg, tmp_path, {"d0": src["d0"], "d1": src["d1"]}, router_over=None)
+    assert live.refresh() is None, "learnt routing (the default) serves nothing without a router"
+    # density: served as soon as compartments are active, no router, priors from the records' n_samples
+    epoch = reg.set_routing("density")
+    density = live.refresh()
+    assert density is not None and density.epoch == epoch and sorted(density.sources) == ["d0", "d1"]
+    assert isinstance(density.denoiser, DensityComposition) and density.pending == ()
+    n = {c.source: c.n_samples for c in reg.snapshot().compartments}
+    priors = density.denoiser.priors / density.denoiser.priors.sum()
+    assert priors.tolist() == [n[s] / sum(n.values()) for s in density.sources]
+    _, out = live.sample(3, class_labels=[1, 2, 3], num_inference_steps=2, scheduler="ddpm")
+    assert out.attribution.shape == (3, 2) and out.source_names == list(density.sources)
+    # back to learnt with a router: one epoch, a ComposedDenoiser over what the router covers
+    reg.set_routing("learnt")
+    assert live.refresh() is None
+    snap = reg.snapshot()
+    rr = train_router(
+        {c.compartment_id: src[c.source] for c in snap.compartments},
+        model=MODEL,
+        router=ROUTER,
+        num_classes=10,
+        progress=False,
+    )
+    rm = save_router(rr.router, rr.manifest, tmp_path / "router")
+    reg.set_router(RouterRecord("r", artifact_uri(tmp_path / "router"), rm.sha256, snap.compartment_ids, snap.epoch))
+    learnt = live.refresh()
+    assert learnt is not None and isinstance(learnt.denoiser, ComposedDenoiser)
+    _, out = live.sample(2, num_inference_steps=2)
+    assert out.attribution.shape == (2, 2)
+
+
+def test_library_and_registry_name_the_same_routing_kinds() -> None:
+    from cdm.routing import ROUTING_KINDS
+    from registry.records import RoutingKind
+
+    assert set(ROUTING_KINDS) == {k.value for k in RoutingKind}

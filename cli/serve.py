@@ -1,0 +1,264 @@
+"""``cdm serve`` (the composed sampler as an HTTP API) and ``cdm attribute IMAGE`` (offline or against a registry).
+
+``cdm serve`` is stateless: it follows the registry (``sampler.live.LiveComposition``, hot swap without a restart),
+reads tokens and grants from Redis per request, and can run as many replicas as needed. The daemon trains; this
+samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cdm.artifacts import ArtifactsConfig
+from cli.config import Subparsers, app_config, load_app_config
+from daemon.config import AppConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from cdm.compose import Composed
+
+WORKER_ENV = "CDM_SERVE_WORKER_ARGS"  # how `cdm serve` with workers > 1 passes its arguments to each worker
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in (s.strip() for s in value.split(",")) if v]
+
+
+def _int_csv(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
+
+
+def register(sub: Subparsers) -> None:
+    """Add ``serve`` and ``attribute`` to the ``cdm`` parser."""
+    s = sub.add_parser(
+        "serve",
+        help="serve the registry's composition over HTTP (tokens, access rights, metrics)",
+        description="Run the HTTP sampler: POST /v1/samples, GET /v1/sources, GET /v1/epoch, POST /v1/attribute, "
+        "/metrics, /healthz, /readyz, /openapi.json (docs/http-api.md). It follows the registry and hot-swaps new "
+        "epochs without a restart. Tokens and grants: `cdm token`, `cdm acl`. Settings: [serve] in config.toml.",
+    )
+    s.add_argument("--host", default=None, help="interface to bind (default [serve] host)")
+    s.add_argument("--port", type=int, default=None, help="port (default [serve] port; 0 = ephemeral)")
+    s.add_argument("--workers", type=int, default=None, help="worker processes (default [serve] workers)")
+    s.add_argument("--redis", default=None, help="registry URL (default: [redis] url / .services/services.json)")
+    s.add_argument("--services", type=Path, default=None, help="services.json of deploy/local (Redis address)")
+    s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser(
+        "attribute",
+        help="which source does an image look like: the router's posterior (offline or live registry)",
+        description="Noise IMAGE along the forward process at several timesteps and report the router's posterior "
+        "over the sources, averaged over noise draws (per timestep, then over timesteps). --store uses a local "
+        "store; --redis the registry's served composition. Prints JSON.",
+    )
+    src = a.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", type=Path, help="local artifact store")
+    src.add_argument("--redis", help="registry URL, e.g. redis://127.0.0.1:6379/0")
+    a.add_argument("image", type=Path, help="an image file (PNG; any size, resized to the model's)")
+    a.add_argument("--sources", type=_csv, default=None, help="posterior over these sources only (default: all)")
+    a.add_argument("--label", type=int, default=None, help="class label of the image (default: unconditional)")
+    a.add_argument("--timesteps", type=_int_csv, default=None, help="default [serve] attribute_timesteps")
+    a.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default [serve] attribute_draws)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    a.set_defaults(func=cmd_attribute)
+
+
+# ---------------------------------------------------------------------------------------------- cdm serve
+
+
+def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
+    """The ``cdm serve`` app with its clients; the registry watcher starts and stops with the server."""
+    from prometheus_client import CollectorRegistry
+
+    from api.app import create_app
+    from api.auth import Authenticator
+    from api.metrics import SwapMetrics
+    from registry.acl import AccessRegistry, ServeLedger
+    from registry.client import connect
+    from registry.keys import Keys
+    from registry.reader import RegistryClient
+    from sampler.live import LiveComposition
+    from sampler.loader import CompositionLoader
+
+    client = connect(cfg.redis, url=redis_url)
+    keys = Keys(cfg.redis.namespace)
+    reader = RegistryClient(client, keys)
+    metrics_registry = CollectorRegistry()
+    sc = cfg.library.sample
+    swap_metrics = SwapMetrics(metrics_registry)
+    live = LiveComposition(
+        reader,
+        CompositionLoader.from_config(
+            ArtifactsConfig(),  # no [artifacts] in AppConfig yet: the local artifact directory is the store
+            default_dir=Path(cfg.daemon.artifact_dir),
+            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            device=sc.device,
+            vectorize=sc.vectorize,
+            metrics=swap_metrics,
+        ),
+        sample=sc,
+        metrics=swap_metrics,
+        resync_s=cfg.serve.resync_s,
+    )
+    access = AccessRegistry(client, keys)
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        # 1. follow the registry (the first composition loads in the watcher thread; /readyz says when)
+        live.start()
+        try:
+            yield
+        finally:
+            # 2. reverse order: stop following, then close the Redis client
+            live.stop()
+            client.close()
+
+    return create_app(
+        cfg.serve,
+        live=live,
+        auth=Authenticator(access, anonymous_principal=cfg.serve.anonymous_principal),
+        registry_reader=reader,
+        metrics_registry=metrics_registry,
+        ledger=ServeLedger(client, keys, audit_maxlen=cfg.serve.audit_maxlen),
+        sample_defaults=sc,
+        lifespan=lifespan,
+    )
+
+
+def _serve_config(args: argparse.Namespace) -> AppConfig:
+    cfg = app_config(args)
+    serve = dataclasses.replace(
+        cfg.serve,
+        **{k: v for k, v in (("host", args.host), ("port", args.port), ("workers", args.workers)) if v is not None},
+    )
+    return dataclasses.replace(cfg, serve=serve)
+
+
+def worker_app() -> FastAPI:
+    """uvicorn's app factory in each worker process (``[serve] workers > 1``): the arguments come in WORKER_ENV."""
+    raw = json.loads(os.environ[WORKER_ENV])
+    args = argparse.Namespace(
+        config=Path(raw["config"]) if raw["config"] else None,
+        services=Path(raw["services"]) if raw["services"] else None,
+        host=None,
+        port=None,
+        workers=None,
+    )
+    return build_app(_serve_config(args), redis_url=raw["redis"])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    cfg = _serve_config(args)
+    s = cfg.serve
+    common: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port,
+        "log_level": args.log_level.lower(),
+        "timeout_keep_alive": 5,
+        "timeout_graceful_shutdown": 30,
+    }
+    if s.workers > 1:
+        os.environ[WORKER_ENV] = json.dumps(
+            {
+                "config": str(args.config) if args.config else None,
+                "services": str(args.services) if args.services else None,
+                "redis": args.redis,
+            }
+        )
+        uvicorn.run("cli.serve:worker_app", factory=True, workers=s.workers, **common)
+    else:
+        uvicorn.run(build_app(cfg, redis_url=args.redis), **common)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- cdm attribute
+
+
+def _read_image(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from cdm.errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            grey = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+            arr = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path} is not an image PIL can read: {exc}") from None
+    return arr[None, ..., None] if arr.ndim == 2 else arr[None]
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from cdm.image_attribution import attribute_images
+
+    cfg = load_app_config(args)
+    sc, serve = cfg.library.sample, cfg.serve
+    device = args.device or sc.device
+    image = _read_image(args.image)
+    den: Composed
+    if args.store is not None:
+        from cdm.store import LocalStore
+
+        den = LocalStore(args.store).composed(device=device, vectorize=sc.vectorize)
+    else:
+        from sampler.loader import load_live_composition
+
+        den, _ = load_live_composition(
+            cfg.redis,
+            ArtifactsConfig(),  # no [artifacts] in AppConfig yet: the local artifact directory is the store
+            url=args.redis,
+            default_dir=Path(cfg.daemon.artifact_dir),
+            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+            device=device,
+            vectorize=sc.vectorize,
+        )
+    res = attribute_images(
+        den,
+        image,
+        sources=args.sources,
+        timesteps=args.timesteps or serve.attribute_timesteps,
+        draws=args.draws or serve.attribute_draws,
+        class_labels=[args.label] if args.label is not None else None,
+        seed=args.seed,
+    )
+    post = [round(float(v), 6) for v in res.posterior[0]]
+    print(
+        json.dumps(
+            {
+                "image": str(args.image),
+                "sources": res.sources,
+                "posterior": post,
+                "top_source": res.sources[post.index(max(post))],
+                "by_timestep": [
+                    {"t": t, "posterior": [round(float(v), 6) for v in res.by_timestep[i, 0]]}
+                    for i, t in enumerate(res.timesteps)
+                ],
+                "draws": res.draws,
+                "seed": args.seed,
+            }
+        )
+    )
+    return 0
