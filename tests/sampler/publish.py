@@ -16,7 +16,7 @@ import redis
 import torch
 
 from cdm.artifacts import ArtifactStore, upload_directory
-from cdm.compartment import Compartment, build_unet, new_manifest
+from cdm.compartment import WEIGHTS, Compartment, build_unet, new_manifest
 from cdm.config import ModelConfig, TrainConfig
 from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
 from cdm.routing import Router, RouterManifest, save_router
@@ -60,8 +60,10 @@ def publish_compartment(
     seed: int,
     compartment: Compartment | None = None,
     with_files: bool = True,
+    missing_weights: bool = False,
 ) -> CompartmentRecord:
-    """begin_training -> save (or take ``compartment``) -> upload -> files -> activate, like the daemon's worker."""
+    """begin_training -> save (or take ``compartment``) -> upload -> files -> activate, like the daemon's worker;
+    ``missing_weights`` deletes the uploaded weights before the activation."""
     rec = reg.begin_training(source, f"fp-{source}-{seed}", {"test": True})
     local = workdir / "compartments" / rec.compartment_id
     comp = compartment if compartment is not None else save_tiny_compartment(local, rec.compartment_id, seed)
@@ -72,6 +74,8 @@ def publish_compartment(
         uploaded = upload_directory(store, local, prefix)
         set_files(client, keys, rec, registry_files(uploaded))
         uri = store.url(prefix)
+        if missing_weights:
+            store.delete(f"{prefix}/{WEIGHTS}")
     else:
         uri = local.resolve().as_uri()
     return reg.activate(

@@ -170,6 +170,30 @@ def test_a_failed_build_after_a_forget_never_serves_the_forgotten_compartment(
         live.sample(1)
 
 
+def test_density_routing_fails_closed_too(
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    keys: Keys,
+    reg: Registry,
+    store: DirectoryStore,
+    live: LiveComposition,
+) -> None:
+    """No router to keep: the compartments still active keep serving under the same routing kind."""
+    writer = tmp_path / "writer"
+    reg.set_routing("density")
+    d0 = publish_compartment(reg, redis_client, keys, store, writer, "d0", seed=0)
+    publish_compartment(reg, redis_client, keys, store, writer, "d1", seed=1)
+    first = live.refresh()
+    assert first is not None and first.sources == ("d0", "d1") and first.routing == "density" and first.router is None
+    reg.forget_source("d1")
+    publish_compartment(reg, redis_client, keys, store, writer, "d2", seed=2, missing_weights=True)
+    comp = live.refresh()
+    assert comp is not None and comp.sources == ("d0",) and comp.routing == "density" and "d1@v1" in comp.degraded
+    assert comp.denoiser.compartments[0] is first.denoiser.compartments[0] and comp.records == (d0,)
+    _, out = live.sample(1, num_inference_steps=2)
+    assert out.source_names == ["d0"]
+
+
 def test_tombstoned_compartments_are_never_loaded_and_their_cached_files_are_purged(
     tmp_path: Path,
     redis_client: redis.Redis,
