@@ -9,13 +9,13 @@ its compartments and of this replica's spool).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from cdm.artifacts import MANIFEST, StoredFile, stored_files_from_dict
+from cdm.artifacts import MANIFEST, StoredFile
 from cdm.lifecycle import Entry, ForgetReceipt, RouterEntry, Tombstone, through_of
+from registry import records
 from registry.records import CompartmentRecord, RouterRecord
 from registry.records import Tombstone as TombstoneRecord
 from registry.writer import Registry
@@ -26,8 +26,13 @@ def manifest_sha256(files: Mapping[str, StoredFile]) -> dict[str, str]:
     return {rel: f.sha256 for rel, f in files.items() if rel != MANIFEST}
 
 
-def files_doc(files: Mapping[str, StoredFile]) -> dict[str, dict[str, Any]]:
-    return {rel: dataclasses.asdict(f) for rel, f in files.items()}
+def files_doc(files: Mapping[str, StoredFile]) -> dict[str, records.StoredFile]:
+    """The registry's copy of uploaded files (the registry does not import cdm: its own StoredFile, field for field)."""
+    return {rel: records.StoredFile(f.uri, f.sha256, f.size) for rel, f in files.items()}
+
+
+def files_of(files: Mapping[str, records.StoredFile]) -> dict[str, StoredFile]:
+    return {rel: StoredFile(f.uri, f.sha256, f.size) for rel, f in files.items()}
 
 
 def entry_of(record: CompartmentRecord) -> Entry:
@@ -37,7 +42,7 @@ def entry_of(record: CompartmentRecord) -> Entry:
         status=record.status.value,
         fingerprint=record.fingerprint,
         n_samples=record.n_samples,
-        files=stored_files_from_dict(record.files),
+        files=files_of(record.files),
         lineage=record.lineage,
         prior=record.prior,
     )
@@ -89,7 +94,7 @@ class RegistryCatalogue:
         return RouterEntry(
             router_id=r.router_id,
             compartment_ids=r.compartment_ids,
-            files=stored_files_from_dict(r.files),
+            files=files_of(r.files),
             artifact_uri=r.artifact_uri,
             trained_at_epoch=r.trained_at_epoch,
             metrics=r.metrics,

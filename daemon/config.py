@@ -192,7 +192,6 @@ class KafkaConfig:
         return kwargs
 
 
-
 @section("daemon", error=ConfigError)
 class DaemonConfig:
     """``[daemon]``: where the daemon keeps files, its HTTP endpoint and its timing."""

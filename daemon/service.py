@@ -13,6 +13,7 @@ next step, nothing unregistered is committed. A second signal exits at once (col
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -292,7 +293,8 @@ class Service:
             self.check_readiness,
             cfg.daemon.readiness_refresh_s,
             # a check blocked on a Redis timeout (connect + command) is not yet "stuck"
-            stale_after_s=3 * cfg.daemon.readiness_refresh_s + cfg.redis.socket_connect_timeout_s
+            stale_after_s=3 * cfg.daemon.readiness_refresh_s
+            + cfg.redis.socket_connect_timeout_s
             + cfg.redis.socket_timeout_s,
         )
         self.http = AppServer(
@@ -327,7 +329,14 @@ class Service:
         )
         self.live = LiveComposition(
             RegistryClient(self.redis, keys),
-            CompositionLoader(device=cfg.daemon.device, vectorize=cfg.library.sample.vectorize),
+            CompositionLoader.from_config(
+                cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+                default_dir=Path(cfg.daemon.artifact_dir),
+                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+                device=cfg.daemon.device,
+                vectorize=cfg.library.sample.vectorize,
+                metrics=self.metrics,
+            ),
             sample=cfg.library.sample,
             metrics=self.metrics,
             resync_s=cfg.scheduler.registry_resync_s,
@@ -499,18 +508,20 @@ class Service:
         return self.started.is_set() and fresh and self.worker.alive
 
     def check_readiness(self) -> Readiness:
-        """Redis reachable, ingest not backing off and a composition loaded (run by ``self.readiness``'s thread,
-        every [daemon] readiness_refresh_s; /readyz answers from its last result)."""
+        """Redis reachable, ingest not backing off, the registry watcher alive and current, a composition loaded
+        (run by ``self.readiness``'s thread, every [daemon] readiness_refresh_s; /readyz answers from its last
+        result)."""
         try:
             self.redis.ping()
         except redis.RedisError as exc:
             return Readiness(False, (f"redis unreachable at {redact_url(self.cfg.redis.url)}: {safe(exc)}",))
         if (problem := self.kafka.problem()) is not None:
             return Readiness(False, (f"ingest is backing off: {safe(problem)}",))
+        ready, message = self.live.readiness()  # watcher alive and current, and something to serve
+        if not ready:
+            return Readiness(False, (safe(message),))
         comp = self.live.current()
-        if comp is None:
-            return Readiness(False, ("no composition loaded yet (no compartment and router registered)",))
-        return Readiness(True, details={"detail": f"serving epoch {comp.epoch}", "epoch": comp.epoch})
+        return Readiness(True, details={"detail": message, "epoch": comp.epoch if comp else None})
 
     def status(self) -> dict[str, Any]:
         comp = self.live.current()
@@ -521,6 +532,7 @@ class Service:
             "sources": list(comp.sources) if comp else [],
             "pending": list(comp.pending) if comp else [],
             "hotswap_error": safe(self.live.last_error) if self.live.last_error is not None else None,
+            "watcher": dataclasses.asdict(self.live.status()),
             "worker": vars(self.worker.status),
         }
 

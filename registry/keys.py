@@ -38,7 +38,8 @@ key                                        type         contents
 ``ns:daemons``                             zset         daemon id -> last heartbeat (unix s); index for listing
 ``ns:tombstone:{source}``                  hash         a forgotten source (``Tombstone``): forgotten_at, epoch,
                                                         request_id, through (JSON "topic:partition" -> offset),
-                                                        files_sha256 (JSON list), compartment_ids (JSON list)
+                                                        files_sha256 (JSON list of the forgotten artifacts' sha256,
+                                                        purged by readers), compartment_ids (JSON list)
 ``ns:forget:journal``                      hash         request id -> JSON plan of a forget request in progress
                                                         (``cdm.lifecycle``: old and new ids, steps done)
 ``ns:forget:receipts``                     hash         request id -> the request's one receipt (JSON,

@@ -39,6 +39,7 @@ from registry.records import (
     CompartmentStatus,
     RouterRecord,
     RoutingKind,
+    StoredFile,
     Tombstone,
     from_hash,
     routing_kind,
@@ -199,7 +200,7 @@ class Registry(RegistryClient):
         class_counts: Sequence[int],
         n_samples: int,
         train_metrics: Mapping[str, Any],
-        files: Mapping[str, Mapping[str, Any]] | None = None,
+        files: Mapping[str, StoredFile] | None = None,
     ) -> CompartmentRecord:
         """Make a trained compartment active, in one transaction with everything it implies.
 
@@ -214,7 +215,8 @@ class Registry(RegistryClient):
             class_counts: samples per class in its data.
             n_samples: number of training samples.
             train_metrics: JSON-able training summary (final_loss, steps, seconds, ...).
-            files: relative path -> {"uri", "sha256", "size"} of every uploaded file (``cdm.artifacts.StoredFile``).
+            files: relative path -> the uploaded file (uri, sha256, size), as ``cdm.artifacts.upload_directory``
+                made it.
 
         Returns the record. Activating an already active compartment is a no-op. If a *newer* version of
         the source is already active, this one is retired as superseded instead (``status`` says so).
@@ -224,11 +226,11 @@ class Registry(RegistryClient):
         if n_samples < 0 or any(c < 0 for c in class_counts):
             raise ValueError(f"n_samples {n_samples} and class_counts {list(class_counts)} must be >= 0")
         ck, sk = self._keys.compartment(compartment_id), self._keys.source(source)
-        stored = {rel: dict(f) for rel, f in (files or {}).items()}
+        stored = {rel: StoredFile(str(f.uri), str(f.sha256), int(f.size)) for rel, f in (files or {}).items()}
         artifact = {
             "artifact_uri": artifact_uri,
-            "sha256": dict(sha256) if sha256 is not None else {rel: str(f["sha256"]) for rel, f in stored.items()},
-            "files": json.loads(json.dumps(stored)),
+            "sha256": dict(sha256) if sha256 is not None else {rel: f.sha256 for rel, f in stored.items()},
+            "files": stored,
             "prior": float(prior),
             "class_counts": tuple(int(c) for c in class_counts),
             "n_samples": int(n_samples),

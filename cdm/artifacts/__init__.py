@@ -19,7 +19,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from cdm.artifacts.cache import ArtifactCache, CacheFullError, CacheUsage, Checkout, PathOutsideCacheError
+from cdm.artifacts.cache import (
+    ArtifactCache,
+    CacheFullError,
+    CacheUsage,
+    Checkout,
+    Discarded,
+    PathOutsideCacheError,
+)
 from cdm.artifacts.config import ArtifactsConfig
 from cdm.artifacts.files import (
     MANIFEST,
@@ -61,6 +68,7 @@ __all__ = [
     "CacheUsage",
     "Checkout",
     "DirectoryStore",
+    "Discarded",
     "ObjectNotFoundError",
     "PathOutsideCacheError",
     "StoredFile",

@@ -15,7 +15,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
-from cdm.artifacts import artifact_path
+from cdm.artifacts import ArtifactsConfig, artifact_path
 from cli import main
 from registry.keys import Keys
 from registry.reader import RegistryClient
@@ -73,7 +73,10 @@ def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, caps
     assert sorted(z["sources"].tolist()) == ["d0", "d1", "d2"] and z["attribution"].shape == (6, 3)
     # 3. a sampling loop runs while a 4th source arrives: hot-swapped in, no failed request, no restart
     client = redis.Redis.from_url(env.redis_url)
-    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), CompositionLoader(), resync_s=0.5)
+    loader = CompositionLoader.from_config(
+        ArtifactsConfig(), default_dir=env.root / "artifacts", base_dir=env.root / "sampler"
+    )
+    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), loader, resync_s=0.5)
     live.start()
     failures: list[str] = []
     served: set[tuple[str, ...]] = set()

@@ -16,6 +16,7 @@ from registry.records import (
     CompartmentRecord,
     CompartmentStatus,
     RouterRecord,
+    StoredFile,
     Tombstone,
     from_hash,
     from_json,
@@ -63,7 +64,7 @@ def test_compartment_hash_format_is_stable() -> None:
         "n_samples": "7",
         "train_metrics": '{"final_loss": 0.5, "steps": 10}',
         "retired_reason": "",
-        "files": "{}",
+        "files": "{}",  # uploaded files (added with the object store; absent in older records: see below)
     }  # the id is the key, not a field
 
 
@@ -76,7 +77,7 @@ def test_compartment_hash_format_is_stable() -> None:
         (ChangeEvent("18-0", 4, "router", None, None, 9.75, {}), {"stream_id": "18-0"}),
         (Tombstone("shoes", 12.5, 7, "req-1", {"t:0": 41}, ("ab" * 32,), ("shoes@v1",)), {"source": "shoes"}),
         (
-            dataclasses.replace(RECORD, files={"unet/w.safetensors": {"uri": "s3://b/w", "sha256": "bb", "size": 3}}),
+            dataclasses.replace(RECORD, files={"unet/w.safetensors": StoredFile("s3://b/w", "bb", 3)}),
             {"compartment_id": "shoes@v2"},
         ),
     ],
@@ -156,3 +157,46 @@ def test_unsupported_field_type_is_refused_by_name() -> None:
 
     with pytest.raises(TypeError, match="list"):
         to_hash(Bad([1]))
+
+
+def test_files_map_round_trips_and_malformed_ones_are_named() -> None:
+    files = {
+        "manifest.json": StoredFile("s3://b/p/compartments/shoes@v2/manifest.json", "a" * 64, 120),
+        "unet/w.safetensors": StoredFile("s3://b/p/compartments/shoes@v2/unet/w.safetensors", "b" * 64, 4096),
+    }
+    record = dataclasses.replace(RECORD, files=files)
+    h = to_hash(record)
+    stored = json.loads(h["files"])["manifest.json"]
+    assert stored == {"uri": files["manifest.json"].uri, "sha256": "a" * 64, "size": 120}
+    assert from_hash(CompartmentRecord, as_redis_reply(h), compartment_id="shoes@v2") == record
+    assert from_json(CompartmentRecord, to_json(record)) == record
+    router = RouterRecord("r", "s3://b/p/routers/r", files=files)
+    assert from_hash(RouterRecord, to_hash(router)) == router
+    assert from_hash(CompartmentRecord, to_hash(RECORD), compartment_id="shoes@v2").files == {}  # written before
+    for bad in (
+        '["manifest.json"]',
+        '{"m": {"uri": "u", "sha256": "s"}}',
+        '{"m": {"uri": "u", "sha256": "s", "size": "12"}}',
+        '{"m": {"uri": "u", "sha256": "s", "size": true}}',
+        '{"m": {"uri": "u", "sha256": "s", "size": 1, "extra": 0}}',
+        "{not json",
+    ):
+        with pytest.raises(RecordError, match=r"CompartmentRecord\.files"):
+            from_hash(CompartmentRecord, h | {"files": bad}, compartment_id="shoes@v2")
+
+
+def test_json_of_the_wrong_shape_is_a_record_error() -> None:
+    """Valid JSON of another type (a number for a list, a list for a map) is named like any malformed value."""
+    for name, bad in (("class_counts", "5"), ("class_counts", '{"a": 1}'), ("sha256", "[1, 2]"), ("lineage", "3")):
+        with pytest.raises(RecordError, match=rf"CompartmentRecord\.{name}"):
+            from_hash(CompartmentRecord, to_hash(RECORD) | {name: bad}, compartment_id="shoes@v2")
+
+
+def test_tombstone_round_trip() -> None:
+    tomb = Tombstone("shoes", 1_700_000_000.5, 7, "req-1", {"cdm.sources:0": 41}, ("a" * 64, "b" * 64))
+    h = to_hash(tomb)
+    assert "source" not in h and json.loads(h["files_sha256"]) == ["a" * 64, "b" * 64]
+    assert json.loads(h["through"]) == {"cdm.sources:0": 41}
+    assert from_hash(Tombstone, as_redis_reply(h), source="shoes") == tomb
+    with pytest.raises(RecordError, match="'forgotten_at'"):
+        from_hash(Tombstone, {"epoch": "1"}, source="shoes")

@@ -11,7 +11,7 @@ import redis
 
 from registry.errors import CompartmentNotFound, InvalidTransition, RecordError
 from registry.keys import Keys, compartment_id, parse_compartment_id
-from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, RoutingKind
+from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, RoutingKind, StoredFile
 from registry.writer import Registry
 from tests.registry.conftest import SHA, train_and_activate
 
@@ -202,7 +202,7 @@ def test_journal_and_receipts_once_per_request(registry: Registry) -> None:
 
 def test_activate_records_files_and_router_priors(registry: Registry) -> None:
     rec = registry.begin_training("shoes", "fp", {})
-    files = {"unet/w.safetensors": {"uri": "file:///s/w", "sha256": "cd" * 32, "size": 3}}
+    files = {"unet/w.safetensors": StoredFile("file:///s/w", "cd" * 32, 3)}
     active = registry.activate(
         rec.compartment_id,
         artifact_uri="file:///s/",
