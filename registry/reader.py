@@ -136,6 +136,40 @@ class RegistryClient:
         entries = self._r.xrange(self._keys.changes, min=start, max="+", count=count) or []
         return [from_hash(ChangeEvent, fields, stream_id=text(stream_id)) for stream_id, fields in entries]
 
+    def recent_changes(self, count: int = 50) -> list[ChangeEvent]:
+        """The newest ``count`` change-log entries, newest first (the epoch history of the status pages)."""
+        entries = self._r.xrevrange(self._keys.changes, max="+", min="-", count=count) or []
+        return [from_hash(ChangeEvent, fields, stream_id=text(stream_id)) for stream_id, fields in entries]
+
+    def latest_versions(self, sources: Sequence[str], per_source: int = 3) -> dict[str, list[CompartmentRecord]]:
+        """The newest ``per_source`` versions of each of ``sources``, newest first, in two round trips."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.hget(self._keys.source(source), "version")
+            versions = pipe.execute()
+        wanted = {
+            source: [compartment_id(source, v) for v in range(int(text(raw)), max(0, int(text(raw)) - per_source), -1)]
+            for source, raw in zip(sources, versions, strict=True)
+            if raw is not None
+        }
+        with self._r.pipeline(transaction=False) as pipe:
+            for cids in wanted.values():
+                for cid in cids:
+                    pipe.hgetall(self._keys.compartment(cid))
+            raws = iter(pipe.execute())
+        out: dict[str, list[CompartmentRecord]] = {}
+        for source, cids in wanted.items():
+            records = [(cid, next(raws)) for cid in cids]
+            out[source] = [from_hash(CompartmentRecord, raw, compartment_id=cid) for cid, raw in records if raw]
+        return out
+
+    def forget_receipts(self, receipt_ids: Sequence[str]) -> list[ForgetReceipt]:
+        """The receipts of ``receipt_ids``, in that order (unknown ids are left out), in one round trip."""
+        if not receipt_ids:
+            return []
+        raws = self._r.hmget(self._keys.forget_receipts, list(receipt_ids))
+        return [from_json(ForgetReceipt, raw) for raw in raws if raw is not None]
+
     def forget_receipt(self, receipt_id: str) -> ForgetReceipt | None:
         raw = self._r.hget(self._keys.forget_receipts, receipt_id)
         return from_json(ForgetReceipt, raw) if raw is not None else None

@@ -25,6 +25,7 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from api.auth import Authenticator
 from api.config import ServeConfig
+from api.ui import GridCache
 from cdm.artifacts import artifact_uri
 from cdm.config import ModelConfig, RouterConfig, SampleConfig, TrainConfig
 from cdm.data import SourceData, load_digits
@@ -138,7 +139,7 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> Iterator[Callable[..., Served]]:
-    """``serve(settings=..., sampler=..., sources=...)`` -> a Served app (closed after the test)."""
+    """``serve(settings=..., sampler=..., sources=..., grids=...)`` -> a Served app (closed after the test)."""
     opened: list[TestClient] = []
 
     def make(
@@ -147,6 +148,7 @@ def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> 
         sampler: Sampler | None = None,
         sources: Sequence[str] = SOURCES,
         clock: Callable[[], float] = time.time,
+        grids: GridCache | None = None,
     ) -> Served:
         keys = Keys(redis_namespace)
         reg = Registry(redis_client, keys)
@@ -170,6 +172,7 @@ def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> 
             ledger=ledger,
             sampler=sampler,
             sample_defaults=FAST,
+            grids=grids,
         )
         client = TestClient(app, raise_server_exceptions=False)
         opened.append(client)

@@ -148,3 +148,26 @@ def test_watch_rereads_after_reconnect(
         train_and_activate(registry, "shoes", "fp1")  # and events flow again afterwards
         watcher.wait_for(2, timeout=5)
     assert watcher.epochs == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------- status-page reads
+
+
+def test_recent_changes_latest_versions_and_forget_receipts(registry: Registry) -> None:
+    for v in range(1, 5):
+        train_and_activate(registry, "shoes", f"fp{v}")
+    train_and_activate(registry, "bags", "fp-b")
+    receipt = registry.forget_source("bags", "owner asked")
+    newest = registry.recent_changes(3)
+    assert [c.kind for c in newest] == ["forgotten", "activated", "training"]  # newest first
+    assert newest[0].source == "bags" and newest[0].detail["receipt_id"] == receipt.receipt_id
+    assert newest[0].epoch == registry.epoch()
+    everything = registry.changes()
+    assert [c.stream_id for c in registry.recent_changes(100)] == [c.stream_id for c in reversed(everything)]
+    latest = registry.latest_versions(["shoes", "bags", "never-seen"], per_source=2)
+    assert set(latest) == {"shoes", "bags"}  # a source never registered has no entry
+    assert [r.version for r in latest["shoes"]] == [4, 3]
+    assert [r.status for r in latest["shoes"]] == [CompartmentStatus.ACTIVE, CompartmentStatus.RETIRED]
+    assert [(r.version, r.status) for r in latest["bags"]] == [(1, CompartmentStatus.RETIRED)]
+    assert registry.forget_receipts([receipt.receipt_id, "unknown"]) == [receipt]
+    assert registry.forget_receipts([]) == []
