@@ -290,7 +290,10 @@ def _row(r: CompartmentRecord, served: bool, pending: bool) -> CompartmentRow:
 
 
 def _history_row(c: ChangeEvent) -> HistoryRow:
-    detail = ", ".join(f"{k}: {_short(v)}" for k, v in sorted(c.detail.items()) if v not in (None, "", [], {}))
+    shown = {k: v for k, v in sorted(c.detail.items()) if v not in (None, "", [], {})}
+    if "receipt_id" in shown:  # the receipts section has the rest; its first 12 characters find it there
+        shown["receipt_id"] = str(shown["receipt_id"])[:12]
+    detail = ", ".join(f"{k.replace('_', ' ')}: {_short(v)}" for k, v in shown.items())
     return HistoryRow(
         epoch=c.epoch,
         kind=c.kind,

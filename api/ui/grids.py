@@ -37,7 +37,7 @@ class GridSpec:
     steps: int = 10  # denoising steps
     scheduler: str = "ddim"
     seed: int = 0
-    tile_px: int = 48  # each image is scaled up (nearest) to about this many pixels
+    tile_px: int = 64  # each image is scaled up (nearest) to about this many pixels
 
     @classmethod
     def of(cls, sample: SampleConfig, max_steps: int = 20) -> GridSpec:

@@ -24,7 +24,8 @@ HEADERS = {
     "Content-Security-Policy": CSP,
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # not no-referrer: with it Chromium sends "Origin: null" on the sign-in form, which the same-origin check refuses
+    "Referrer-Policy": "same-origin",
 }
 
 
