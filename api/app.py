@@ -32,6 +32,7 @@ from api.ui.serve import build_ui_router
 from cdm.config import SampleConfig
 from cdm.errors import CdmError
 from registry.acl import ServeLedger
+from registry.coordination import Coordinator
 from registry.reader import RegistryClient
 from sampler.engine import PerRequestSampler, Sampler
 
@@ -119,7 +120,15 @@ def create_app(
         ready, body = readiness(ctx)
         return LocalStatus(ready=ready, reasons=() if ready else (body.reason,))
 
-    page = StatusPage(title="cdm serve", reader=registry_reader, live=live, grids=grids, local=local, clock=clock)
+    page = StatusPage(
+        title="cdm serve",
+        reader=registry_reader,
+        live=live,
+        grids=grids,
+        coordinator=Coordinator(auth.access.client, auth.access.keys),  # daemons' heartbeats: training progress
+        local=local,
+        clock=clock,
+    )
     app.include_router(build_ui_router(page, auth))
     app.router.routes.append(Route("/metrics", _Asgi(make_asgi_app(metrics_registry)), include_in_schema=False))
 

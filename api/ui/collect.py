@@ -36,7 +36,7 @@ from common.redact import safe
 from registry.acl import AccessView, allowed_sources
 from registry.coordination import Coordinator
 from registry.reader import RegistryClient
-from registry.records import ChangeEvent, CompartmentRecord, CompartmentStatus
+from registry.records import ChangeEvent, CompartmentRecord, CompartmentStatus, ForgetReceipt
 from sampler.live import Composition
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class StatusPage:
                 if d.daemon_id != self.own_daemon_id and d.info.get("job") not in (None, "", "idle")
             ]
             if access_of is not None:  # another principal's source in training is not the caller's business
-                others = [p for p in others if p.source in visible]
+                others = [p for p in others if not p.source or p.source in visible]  # router jobs concern all
             progress = (*local.progress, *others)
         except redis.RedisError as exc:
             registry_ok = False
@@ -305,7 +305,7 @@ def _history_row(c: ChangeEvent) -> HistoryRow:
     )
 
 
-def _receipt_view(r: Any) -> ReceiptView:
+def _receipt_view(r: ForgetReceipt) -> ReceiptView:
     return ReceiptView(
         receipt_id=r.receipt_id,
         source=r.source,

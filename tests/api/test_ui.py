@@ -88,10 +88,13 @@ def grid_colours(html: str) -> set[tuple[int, int, int]]:
 
 
 def test_serve_ui_shows_only_the_callers_sources_with_their_colours(
-    serve: Callable[..., Served], grids: GridCache
+    serve: Callable[..., Served], grids: GridCache, redis_client: redis.Redis, redis_namespace: str
 ) -> None:
     s = serve(grids=grids)
     tok = s.token("bob", "source:alpha", "tag:license=cc-by")  # alpha and beta, never gamma
+    daemons = Coordinator(redis_client, Keys(redis_namespace))
+    daemons.heartbeat("d-0", 30, {"job": "train", "source": "gamma", "step": 3, "steps": 9})
+    daemons.heartbeat("d-1", 30, {"job": "retrain-router", "source": "", "step": 4, "steps": 8})
     first = s.client.get("/ui", headers=auth(tok))
     assert first.status_code == 200 and first.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in first.headers["content-security-policy"]
@@ -100,7 +103,8 @@ def test_serve_ui_shows_only_the_callers_sources_with_their_colours(
     r = s.client.get("/ui", headers=auth(tok))
     page = r.text
     assert 'id="principal">bob<' in page and f'id="served-epoch">{s.registry.epoch()}<' in page
-    assert "gamma" not in page  # not in the tables, the history, the legend or the grid's names
+    assert "gamma" not in page  # not in the tables, the history, the legend, the grid's names or the progress
+    assert "4 / 8" in section(page, "progress") and "3 / 9" not in page  # the router's job concerns everyone
     assert swatches(page) == {"alpha": source_colour_hex("alpha"), "beta": source_colour_hex("beta")}
     assert page.count('class="state active">active<') >= 2
     assert '<meta http-equiv="refresh" content="10">' in page
