@@ -26,10 +26,13 @@ from api.config import ServeConfig
 from api.errors import ApiError
 from api.metrics import ServeMetrics
 from api.middleware import ObserveRequests
-from api.routes import LiveSource, ServeContext, build_router, validation_message
+from api.routes import LiveSource, ServeContext, build_router, readiness, validation_message
+from api.ui import GridCache, LocalStatus, StatusPage
+from api.ui.serve import build_ui_router
 from cdm.config import SampleConfig
 from cdm.errors import CdmError
 from registry.acl import ServeLedger
+from registry.coordination import Coordinator
 from registry.reader import RegistryClient
 from sampler.engine import PerRequestSampler, Sampler
 
@@ -70,6 +73,7 @@ def create_app(
     sampler: Sampler | None = None,
     sample_defaults: SampleConfig | None = None,
     lifespan: Lifespan | None = None,
+    grids: GridCache | None = None,
 ) -> FastAPI:
     """The ``cdm serve`` app.
 
@@ -84,6 +88,7 @@ def create_app(
         sampler: the compute behind the routes; default ``PerRequestSampler`` (a batcher replaces it).
         sample_defaults: ``[sample]`` (default scheduler, steps, mode).
         lifespan: started with the server and stopped after it (``cdm serve`` starts the registry watcher here).
+        grids: the status page's sample grids (``/ui``); None shows the page without a grid.
     """
     metrics = ServeMetrics(
         metrics_registry,
@@ -110,6 +115,21 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(build_router(ctx))
+
+    def local() -> LocalStatus:
+        ready, body = readiness(ctx)
+        return LocalStatus(ready=ready, reasons=() if ready else (body.reason,))
+
+    page = StatusPage(
+        title="cdm serve",
+        reader=registry_reader,
+        live=live,
+        grids=grids,
+        coordinator=Coordinator(auth.access.client, auth.access.keys),  # daemons' heartbeats: training progress
+        local=local,
+        clock=clock,
+    )
+    app.include_router(build_ui_router(page, auth))
     app.router.routes.append(Route("/metrics", _Asgi(make_asgi_app(metrics_registry)), include_in_schema=False))
 
     # every error is {"error", "message"}

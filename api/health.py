@@ -7,6 +7,9 @@
   ``{"ready": false, "reasons": ["no composition loaded"], "epoch": 0}``. ``readiness`` returns a ``Readiness``
   or a ``(ready, message)`` tuple.
 * ``/status``: the JSON of an optional ``status()`` callable (what the daemon is doing), 404 without one.
+* ``/ui``: the status page (HTML, ``api.ui``) of an optional ``StatusPage``, 404 without one; ``?refresh=N`` sets
+  its auto-refresh (0: off). Always 200 while the process runs: a registry that cannot be read is a banner on the
+  page, next to what the daemon knows by itself.
 
 The probes run on the server's event loop: they must only read state (the daemon computes readiness in the
 background and the probe reads that cache; see ``daemon.readiness``). A probe that raises answers 503 (500 for
@@ -27,9 +30,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.ui import StatusPage, refresh_of, status_page
 from common.redact import safe
 
-ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/status")
+ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/status", "/ui")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ def create_health_app(
     is_alive: Callable[[], bool],
     readiness: ReadyProbe,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    ui: StatusPage | None = None,
 ) -> Starlette:
     """The daemon's health app.
 
@@ -96,6 +101,7 @@ def create_health_app(
         is_alive: liveness probe (true while the main loop makes progress); must not block.
         readiness: readiness probe returning ``Readiness`` or ``(ready, message)``; must not block (read a cache).
         status: optional JSON-able description of the daemon's state for /status.
+        ui: optional status page for /ui (every source; this port is for operators, like /status).
 
     ``app.state.probes`` holds the probes (a ``HealthProbes``).
     """
@@ -123,6 +129,11 @@ def create_health_app(
         except Exception as exc:
             return JSONResponse({"error": safe(f"{type(exc).__name__}: {exc}")}, 500)
 
+    def ui_endpoint(request: Request) -> Response:  # sync: Starlette runs it in a worker thread (it reads Redis)
+        if ui is None:
+            return not_found(request)
+        return status_page(ui.collect(refresh_s=refresh_of(request.query_params.get("refresh"))))
+
     def not_found(request: Request, exc: Exception | None = None) -> Response:
         path = safe(request.url.path, 200)
         return JSONResponse({"error": f"no such endpoint {path!r}; try {', '.join(ENDPOINTS)}"}, 404)
@@ -132,6 +143,7 @@ def create_health_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/status", status_endpoint, methods=["GET", "HEAD"]),
+            Route("/ui", ui_endpoint, methods=["GET", "HEAD"]),
             Route("/metrics", _ASGIEndpoint(make_asgi_app(registry))),
         ],
         exception_handlers={404: not_found},

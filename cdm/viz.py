@@ -1,7 +1,13 @@
-"""PNG sample grids, optionally with a stacked attribution bar (one colour per source) under each image."""
+"""PNG sample grids, optionally with a stacked attribution bar (one colour per source) under each image.
+
+A source's colour is derived from its NAME (``source_colour``), never from its position among the sources shown,
+so it is the same in every grid, legend and status page (api/ui), and it does not change when another source
+is added or forgotten.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -14,15 +20,31 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cdm.errors import DataError
 
-# tab10: distinct, colour-blind-friendlier than a rainbow
-PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]  # fmt: skip
+# Kelly's 22 colours of maximum contrast (K. L. Kelly, "Twenty-two colors for maximum contrast", Color
+# Engineering 3(6), 1965) less white and black (the page and the text) and buff and greenish yellow (too faint on
+# white): 18 colours that stay distinct to the eye on the grids and the status pages.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0xF3, 0xC3, 0x00), (0x87, 0x56, 0x92), (0xF3, 0x84, 0x00), (0xA1, 0xCA, 0xF1), (0xBE, 0x00, 0x32),
+    (0x84, 0x84, 0x82), (0x00, 0x88, 0x56), (0xE6, 0x8F, 0xAC), (0x00, 0x67, 0xA5), (0xF9, 0x93, 0x79),
+    (0x60, 0x4E, 0x97), (0xF6, 0xA6, 0x00), (0xB3, 0x44, 0x6C), (0x88, 0x2D, 0x17), (0x8D, 0xB6, 0x00),
+    (0x65, 0x45, 0x22), (0xE2, 0x58, 0x22), (0x2B, 0x3D, 0x26),
+)  # fmt: skip
 
 
-def colour(i: int) -> tuple[int, int, int]:
-    return PALETTE[i % len(PALETTE)]
+def source_colour(name: str) -> tuple[int, int, int]:
+    """The colour of source ``name``: sha256 of the name into ``PALETTE``.
+
+    Stable across processes, pages and grids, and independent of the other sources shown (so forgetting one
+    never recolours another). With 18 colours two sources can share one; legends always name them.
+    """
+    digest = hashlib.sha256(name.encode("utf-8")).digest()
+    return PALETTE[int.from_bytes(digest[:8], "big") % len(PALETTE)]
+
+
+def source_colour_hex(name: str) -> str:
+    """``source_colour`` as CSS ``#rrggbb`` (the status pages' swatches and bars)."""
+    r, g, b = source_colour(name)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def save_grid(
@@ -34,7 +56,10 @@ def save_grid(
     attribution: np.ndarray | None = None,
     source_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write uint8 images (N,H,W[,C]) as a PNG grid; with ``attribution`` (N,K) add bars and a legend."""
+    """Write uint8 images (N,H,W[,C]) as a PNG grid; with ``attribution`` (N,K) add bars and a legend.
+
+    Column k of ``attribution`` is source ``source_names[k]`` (default ``"source k"``) and is drawn in its colour.
+    """
     canvas = grid_image(images, nrow=nrow, scale=scale, attribution=attribution, source_names=source_names)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +135,7 @@ def grid_image(
         if source_names is not None
         else ([f"source {i}" for i in range(att.shape[1])] if att is not None else [])
     )
+    colours = [source_colour(name) for name in names]
     font = ImageFont.load_default()
     legend_h = (12 * math.ceil(len(names) / 4) + 6) if att is not None else 0
     width = cols * (cw + pad) + pad
@@ -130,7 +156,7 @@ def grid_image(
                 right = left + share * cw
                 x0, x1 = round(left), round(right) - 1
                 if x1 >= x0:
-                    draw.rectangle([x0, y + ch, x1, y + ch + bar - 1], fill=colour(k))
+                    draw.rectangle([x0, y + ch, x1, y + ch + bar - 1], fill=colours[k])
                 left = right
     if att is not None:
         y0 = rows * (ch + bar + pad) + pad + 2
@@ -138,6 +164,6 @@ def grid_image(
             r, c = divmod(k, 4)
             x = pad + c * (width // 4)
             y = y0 + r * 12
-            draw.rectangle([x, y + 2, x + 8, y + 10], fill=colour(k))
+            draw.rectangle([x, y + 2, x + 8, y + 10], fill=colours[k])
             draw.text((x + 11, y), name, fill=(0, 0, 0), font=font)
     return canvas

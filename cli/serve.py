@@ -87,6 +87,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     from api.app import create_app
     from api.auth import Authenticator
     from api.metrics import SwapMetrics
+    from api.ui import GridCache, GridSpec
     from registry.acl import AccessRegistry, ServeLedger
     from registry.client import connect
     from registry.keys import Keys
@@ -115,6 +116,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
         resync_s=cfg.serve.resync_s,
     )
     access = AccessRegistry(client, keys)
+    grids = GridCache(GridSpec.of(sc))
 
     @asynccontextmanager
     async def lifespan(_: Any) -> AsyncIterator[None]:
@@ -123,7 +125,8 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
         try:
             yield
         finally:
-            # 2. reverse order: stop following, then close the Redis client
+            # 2. reverse order: stop drawing status-page grids, stop following, then close the Redis client
+            grids.close()
             live.stop()
             client.close()
 
@@ -136,6 +139,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
         ledger=ServeLedger(client, keys, audit_maxlen=cfg.serve.audit_maxlen),
         sample_defaults=sc,
         lifespan=lifespan,
+        grids=grids,
     )
 
 

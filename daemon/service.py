@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import threading
@@ -35,6 +36,7 @@ from prometheus_client import CollectorRegistry
 import cdm
 from api.health import Readiness, create_health_app
 from api.server import AppServer
+from api.ui import GridCache, GridSpec, LocalStatus, Progress, StatusPage
 from cdm.artifacts import ArtifactStore, open_store
 from cdm.lifecycle import Tombstone
 from cdm.training import check_trainable
@@ -121,10 +123,18 @@ def start_identity(
     return lambda: coordinator.clear_heartbeat(daemon_id)
 
 
-def start_http(http: AppServer) -> Stop:
-    """Serve /metrics, /healthz, /readyz and /status (uvicorn in a thread, read timeout, connection cap)."""
+def start_http(http: AppServer, grids: GridCache) -> Stop:
+    """Serve /metrics, /healthz, /readyz, /status and /ui (uvicorn in a thread, read timeout, connection cap); the
+    stop also ends the status page's grid drawing."""
     http.start()
-    return http.stop
+
+    def stop() -> None:
+        try:
+            http.stop()
+        finally:
+            grids.close()
+
+    return stop
 
 
 def start_readiness(readiness: ReadinessCache) -> Stop:
@@ -297,8 +307,34 @@ class Service:
             + cfg.redis.socket_connect_timeout_s
             + cfg.redis.socket_timeout_s,
         )
+        self.live = LiveComposition(
+            RegistryClient(self.redis, keys),
+            CompositionLoader.from_config(
+                cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+                default_dir=Path(cfg.daemon.artifact_dir),
+                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+                device=cfg.daemon.device,
+                vectorize=cfg.library.sample.vectorize,
+                metrics=self.metrics,
+            ),
+            sample=cfg.library.sample,
+            metrics=self.metrics,
+            resync_s=cfg.scheduler.registry_resync_s,
+            on_swap=self._on_swap,
+        )
+        # /ui: every source, the sample grid drawn in the background per epoch (a page view never samples)
+        self.grids = GridCache(GridSpec.of(cfg.library.sample))
+        self.ui = StatusPage(
+            title="cdm daemon",
+            reader=self.registry,
+            live=self.live,
+            grids=self.grids,
+            coordinator=self.coordinator,
+            local=self.ui_local,
+            own_daemon_id=self.daemon_id,
+        )
         self.http = AppServer(
-            create_health_app(self.metrics_registry, self.is_alive, self.readiness.current, self.status),
+            create_health_app(self.metrics_registry, self.is_alive, self.readiness.current, self.status, ui=self.ui),
             cfg.daemon.http_host,
             cfg.daemon.http_port,
             read_timeout_s=cfg.daemon.http_read_timeout_s,
@@ -326,21 +362,6 @@ class Service:
                 initial_s=cfg.daemon.job_retry_initial_s,
                 max_s=cfg.daemon.job_retry_max_s,
             ),
-        )
-        self.live = LiveComposition(
-            RegistryClient(self.redis, keys),
-            CompositionLoader.from_config(
-                cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
-                default_dir=Path(cfg.daemon.artifact_dir),
-                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
-                device=cfg.daemon.device,
-                vectorize=cfg.library.sample.vectorize,
-                metrics=self.metrics,
-            ),
-            sample=cfg.library.sample,
-            metrics=self.metrics,
-            resync_s=cfg.scheduler.registry_resync_s,
-            on_swap=self._on_swap,
         )
         self.kafka = KafkaIngest(
             cfg.kafka,
@@ -385,7 +406,7 @@ class Service:
                     self.identity,
                 ),
             ),
-            Step("http", functools.partial(start_http, self.http)),
+            Step("http", functools.partial(start_http, self.http, self.grids)),
             Step("readiness", functools.partial(start_readiness, self.readiness)),
             Step("spool", functools.partial(start_spool, self.spool, self.metrics)),
             Step("training worker", functools.partial(start_worker, self.worker)),
@@ -536,6 +557,42 @@ class Service:
             "worker": vars(self.worker.status),
         }
 
+    def ui_local(self) -> LocalStatus:
+        """What the status page (/ui) shows of this daemon alone: readiness, its job, queue and dead letters."""
+        st = self.worker.status
+        ready = self.readiness.current()
+        progress: tuple[Progress, ...] = ()
+        if st.job != "idle":
+            progress = (
+                Progress(
+                    daemon_id=self.daemon_id,
+                    job=st.job,
+                    source=st.source,
+                    step=st.step,
+                    steps=st.steps,
+                    loss=st.loss if st.steps and math.isfinite(st.loss) else None,
+                    eta_s=st.eta_s(time.monotonic()),
+                ),
+            )
+        return LocalStatus(
+            ready=ready.ready,
+            reasons=ready.reasons,
+            problems=(f"last failed job: {safe(st.last_error, 300)}",) if st.last_error else (),
+            progress=progress,
+            queued_jobs=self.worker.pending(),
+            dlq=self.dlq_counts(),
+            facts={"daemon": self.daemon_id, "version": cdm.__version__},
+        )
+
+    def dlq_counts(self) -> dict[str, float]:
+        """Records dead-lettered by this process since it started, by reason (from its metrics)."""
+        return {
+            sample.labels["reason"]: sample.value
+            for metric in self.metrics.dlq_messages.collect()
+            for sample in metric.samples
+            if sample.name.endswith("_total") and "reason" in sample.labels
+        }
+
     def _heartbeat_info(self) -> dict[str, Any]:
         status = self.worker.status
         return {
@@ -545,6 +602,10 @@ class Service:
             "job": status.job,
             "source": status.source,
             "step": status.step,
+            # training progress for the other replicas' and cdm serve's status pages
+            "steps": status.steps,
+            "loss": status.loss if status.steps and math.isfinite(status.loss) else None,
+            "eta_s": status.eta_s(time.monotonic()),
         }
 
     def heartbeat(self) -> None:

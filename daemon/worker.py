@@ -104,6 +104,16 @@ class WorkerStatus:
     last_error: str = ""
     retrying: int = 0  # jobs waiting for a retry
     router_dirty_since: float | None = None  # monotonic time of the first unrouted change
+    first_step: int = 0  # the first step this job reported (a resumed training starts past 0) ...
+    first_step_at: float | None = None  # ... and its monotonic time: the step rate, hence the ETA, starts there
+
+    def eta_s(self, now: float) -> float | None:
+        """Seconds left in the job in progress at the rate since its first step (``now``: monotonic); None when
+        no rate is known yet."""
+        done = self.step - self.first_step
+        if self.first_step_at is None or done <= 0 or self.steps <= 0:
+            return None
+        return max(0.0, (self.steps - self.step) * (now - self.first_step_at) / done)
 
 
 @dataclass(frozen=True)
@@ -258,6 +268,7 @@ class TrainingWorker:
             self._failed(job, exc)
         finally:
             self.status.job, self.status.source, self.status.step = "idle", "", 0
+            self.status.first_step, self.status.first_step_at = 0, None
         return False
 
     def _failed(self, job: Job, exc: Exception) -> None:
@@ -317,6 +328,8 @@ class TrainingWorker:
     # -- training ---------------------------------------------------------------------------------
     def _on_step(self, source: str, step: int, steps: int, loss: float) -> None:
         self.status.step, self.status.steps, self.status.loss = step, steps, loss
+        if self.status.first_step_at is None:
+            self.status.first_step, self.status.first_step_at = step, time.monotonic()
         if self.metrics is not None:
             self.metrics.training_loss.set(loss)
         now = time.monotonic()

@@ -193,6 +193,40 @@ class RegistryClient:
         raw = self._r.hget(self._keys.forget_receipts, request_id)
         return dict(json.loads(raw)) if raw is not None else None
 
+    def receipts(self, request_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The receipts of ``request_ids`` in that order (unknown or incomplete ones left out), in one round trip."""
+        if not request_ids:
+            return []
+        raws = self._r.hmget(self._keys.forget_receipts, list(request_ids))
+        return [dict(json.loads(raw)) for raw in raws if raw is not None]
+
+    def recent_changes(self, count: int = 50) -> list[ChangeEvent]:
+        """The newest ``count`` change-log entries, newest first (the epoch history of the status pages)."""
+        entries = self._r.xrevrange(self._keys.changes, max="+", min="-", count=count) or []
+        return [from_hash(ChangeEvent, fields, stream_id=text(stream_id)) for stream_id, fields in entries]
+
+    def latest_versions(self, sources: Sequence[str], per_source: int = 3) -> dict[str, list[CompartmentRecord]]:
+        """The newest ``per_source`` versions of each of ``sources``, newest first, in two round trips."""
+        with self._r.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.hget(self._keys.source(source), "version")
+            versions = pipe.execute()
+        wanted = {
+            source: [compartment_id(source, v) for v in range(int(text(raw)), max(0, int(text(raw)) - per_source), -1)]
+            for source, raw in zip(sources, versions, strict=True)
+            if raw is not None
+        }
+        with self._r.pipeline(transaction=False) as pipe:
+            for cids in wanted.values():
+                for cid in cids:
+                    pipe.hgetall(self._keys.compartment(cid))
+            raws = iter(pipe.execute())
+        out: dict[str, list[CompartmentRecord]] = {}
+        for source, cids in wanted.items():
+            records = [(cid, next(raws)) for cid in cids]
+            out[source] = [from_hash(CompartmentRecord, raw, compartment_id=cid) for cid, raw in records if raw]
+        return out
+
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` audit entries, newest first."""
         return [json.loads(x) for x in self._r.lrange(self._keys.audit, 0, limit - 1)]

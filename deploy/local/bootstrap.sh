@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: system packages (Fashion-MNIST, redis-server, prometheus) and the .venv.
+# Idempotent set-up for a fresh machine: system packages (Fashion-MNIST, redis-server, prometheus; chromium with --dev)
+# and the .venv.
 # Usage: deploy/local/bootstrap.sh [--dev]    (--dev also installs test/lint tools)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,6 +11,9 @@ command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 # promtool (check config / check rules / test rules in tests/deploy) comes with Debian's prometheus package
 # (--no-install-recommends: no node exporter; where systemd runs, the package also enables a Prometheus service)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+# --dev: the status pages' browser test (tests/api/test_ui_browser.py) drives Debian's headless Chromium through
+# playwright, which never downloads a browser of its own here
+if [ "${1:-}" = "--dev" ]; then command -v chromium >/dev/null 2>&1 || need_apt+=(chromium); fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo ">> installing system packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

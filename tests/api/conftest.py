@@ -25,9 +25,11 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from api.auth import Authenticator
 from api.config import ServeConfig
+from api.ui import GridCache
 from cdm.artifacts import ArtifactsConfig, artifact_uri
 from cdm.config import ModelConfig, RouterConfig, SampleConfig, TrainConfig
 from cdm.data import SourceData, load_digits
+from cdm.lifecycle import ForgetReceipt
 from cdm.routing import save_router, train_router
 from cdm.training import train_compartment
 from registry.acl import AccessRegistry, Grant, ServeLedger
@@ -140,7 +142,7 @@ def auth(token: str) -> dict[str, str]:
 def serve(
     trained: Trained, redis_client: redis.Redis, redis_namespace: str, tmp_path: Path
 ) -> Iterator[Callable[..., Served]]:
-    """``serve(settings=..., sampler=..., sources=...)`` -> a Served app (closed after the test)."""
+    """``serve(settings=..., sampler=..., sources=..., grids=...)`` -> a Served app (closed after the test)."""
     opened: list[TestClient] = []
     lives: list[LiveComposition] = []
 
@@ -150,6 +152,7 @@ def serve(
         sampler: Sampler | None = None,
         sources: Sequence[str] = SOURCES,
         clock: Callable[[], float] = time.time,
+        grids: GridCache | None = None,
     ) -> Served:
         keys = Keys(redis_namespace)
         reg = Registry(redis_client, keys)
@@ -179,6 +182,7 @@ def serve(
             ledger=ledger,
             sampler=sampler,
             sample_defaults=FAST,
+            grids=grids,
         )
         client = TestClient(app, raise_server_exceptions=False)
         opened.append(client)
@@ -207,3 +211,30 @@ def decode_images(doc: dict[str, Any]) -> np.ndarray:
             a = np.asarray(im)
         out.append(a[..., None] if a.ndim == 2 else a)
     return np.stack(out)
+
+
+def forget_with_receipt(registry: Registry, source: str, reason: str) -> ForgetReceipt:
+    """Forget ``source`` in the registry and store the receipt the lifecycle writes once the request completes
+    (the status pages read both; the lifecycle itself is tested in tests/cdm and tests/daemon)."""
+    tomb = registry.forget_source(source, reason, request_id=f"forget-{source}-{time.time_ns()}")
+    receipt = ForgetReceipt(
+        request_id=tomb.request_id,
+        kind="forget-source",
+        source=source,
+        outcome="forgotten",
+        detail=reason,
+        n_samples_removed=0,
+        fingerprint="",
+        new_fingerprint=None,
+        retired=tomb.compartment_ids,
+        new_compartment=None,
+        deleted_files=(),
+        untouched={},
+        router_before=None,
+        router_after=None,
+        router_sha256_before=None,
+        router_sha256_after=None,
+        epoch=tomb.epoch,
+    )
+    assert registry.put_receipt(receipt.request_id, receipt.to_dict())
+    return receipt

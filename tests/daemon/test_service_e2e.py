@@ -143,6 +143,12 @@ def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, caps
     assert 0 <= (metric(body, "cdm_router_accuracy") or -1) <= 1
     assert http_get(port, "/healthz")[0] == 200
     assert http_get(port, "/readyz")[0] == 200
+    # 6. the status page: every source with its state, the epoch, the receipt of d1 (tests/api/test_ui*.py has more)
+    status, page = http_get(port, "/ui?refresh=0")
+    assert status == 200 and f'id="served-epoch">{snap.epoch}<' in page
+    assert all(f'data-source="{s}"' in page for s in ("d0", "d1", "d2", "d3"))
+    assert 'class="state forgotten">forgotten<' in page
+    assert "d1@v1" in page.split('id="receipts"')[1].split("</section>")[0]
 
 
 def test_bad_messages_go_to_the_dlq_and_the_daemon_stays_healthy(env: DaemonEnv) -> None:

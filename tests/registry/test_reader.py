@@ -207,3 +207,28 @@ def test_iter_checks_yields_on_subscribe_on_events_and_on_resync(
     client = RegistryClient(watch_client(), keys)
     assert count_checks(30.0, publish=True, want=2) < 5, "a check on subscribing, one per event long before resync"
     assert count_checks(0.2, publish=False, want=3) < 5, "and one at least every resync_s without events"
+
+
+# --------------------------------------------------------------------------------------------- status-page reads
+
+
+def test_recent_changes_latest_versions_and_receipts(registry: Registry) -> None:
+    for v in range(1, 5):
+        train_and_activate(registry, "shoes", f"fp{v}")
+    train_and_activate(registry, "bags", "fp-b")
+    tomb = registry.forget_source("bags", "owner asked", request_id="req-bags")
+    newest = registry.recent_changes(3)
+    assert [c.kind for c in newest] == ["forgotten", "activated", "training"]  # newest first
+    assert newest[0].source == "bags" and newest[0].detail["request_id"] == tomb.request_id == "req-bags"
+    assert newest[0].epoch == registry.epoch()
+    everything = registry.changes()
+    assert [c.stream_id for c in registry.recent_changes(100)] == [c.stream_id for c in reversed(everything)]
+    latest = registry.latest_versions(["shoes", "bags", "never-seen"], per_source=2)
+    assert set(latest) == {"shoes", "bags"}  # a source never registered has no entry
+    assert [r.version for r in latest["shoes"]] == [4, 3]
+    assert [r.status for r in latest["shoes"]] == [CompartmentStatus.ACTIVE, CompartmentStatus.RETIRED]
+    assert [(r.version, r.status) for r in latest["bags"]] == [(1, CompartmentStatus.RETIRED)]
+    assert registry.receipts(["req-bags"]) == [], "a receipt exists only once its request is complete"
+    doc = {"request_id": "req-bags", "source": "bags", "outcome": "forgotten"}
+    assert registry.put_receipt("req-bags", doc)
+    assert registry.receipts(["req-bags", "unknown"]) == [doc] and registry.receipts([]) == []
