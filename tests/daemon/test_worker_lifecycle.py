@@ -471,7 +471,7 @@ def test_train_and_forget_on_an_s3_store_lists_the_deleted_objects(
     snap = a.registry.snapshot()
     low = snap.by_source()["low"]
     assert low.artifact_uri == f"s3://{s3_bucket}/cdm/compartments/low@v1/"
-    assert all(f["uri"].startswith(f"s3://{s3_bucket}/cdm/compartments/low@v1/") for f in low.files.values())
+    assert all(f.uri.startswith(f"s3://{s3_bucket}/cdm/compartments/low@v1/") for f in low.files.values())
     objects = {s3.url(k) for k in s3.list("compartments/low@v1")} | {s3.url(data_key("low", low.fingerprint))}
     assert a.run(Job("forget-source", "low", origin=control(8), request_id="s3-forget"))
     receipt = a.registry.receipt("s3-forget") or {}
