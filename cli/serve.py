@@ -87,6 +87,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     from api.app import create_app
     from api.auth import Authenticator
     from api.metrics import SwapMetrics
+    from api.process_metrics import VolumeCollector
     from registry.acl import AccessRegistry, ServeLedger
     from registry.client import connect
     from registry.keys import Keys
@@ -98,13 +99,16 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     keys = Keys(cfg.redis.namespace)
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()
+    metrics_registry.register(VolumeCollector({"cache": cfg.artifacts.cache_dir}, used=("cache",)))
+    swap_metrics = SwapMetrics(metrics_registry)
     sc = cfg.library.sample
     live = LiveComposition(
         reader,
         CompositionLoader(device=sc.device, vectorize=sc.vectorize),
         sample=sc,
-        metrics=SwapMetrics(metrics_registry),
+        metrics=swap_metrics,
         resync_s=cfg.serve.resync_s,
+        on_swap=lambda _: swap_metrics.hotswap_last_success.set_to_current_time(),
     )
     access = AccessRegistry(client, keys)
 

@@ -14,7 +14,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from daemon.config import DaemonConfig, SchedulerConfig
 from daemon.metrics import Metrics
-from daemon.spool import Spool
+from daemon.spool import Spool, SpoolError, SpoolState
 from daemon.worker import Job, TrainingWorker
 from registry.coordination import Coordinator
 from registry.reader import RegistryClient
@@ -75,6 +75,7 @@ class Jobs:
                 if self.spool.seal_idle(source) is not None:
                     log.info("sealed idle source %s after %.0fs without chunks", source, idle_s)
                     self.metrics.sources_sealed.inc()
+                    self.metrics.stages.reached(source, "sealed", since=first_staged_at(self.spool, source))
                     self.worker.submit(Job("train", source))
             except Exception as exc:  # a broken source must not stop the other jobs
                 log.warning("could not seal idle source %s: %s", source, exc)
@@ -111,7 +112,25 @@ class Jobs:
             self.coordinator.release_job_lock(GC_LOCK, self.daemon_id)
 
     def export_gauges(self) -> None:
-        self.metrics.staged_bytes.set(self.spool.staged_bytes())
+        """The spool's gauges, then the registry's epoch (last: it needs Redis)."""
+        m = self.metrics
+        m.staged_bytes.set(self.spool.staged_bytes())
+        staged = self.spool.sources(SpoolState.STAGED)
+        for state in SpoolState:
+            count = len(staged) if state is SpoolState.STAGED else len(self.spool.sources(state))
+            m.spool_sources.labels(state=state.value).set(count)
+        firsts = [t for source in staged if (t := first_staged_at(self.spool, source)) is not None]
+        m.spool_oldest_unsealed_age.set(max(0.0, time.time() - min(firsts)) if firsts else 0.0)
+        m.registry_latest_epoch.set(self.registry.epoch())
+
+
+def first_staged_at(spool: Spool, source: str) -> float | None:
+    """Unix time the spool staged the first chunk of ``source``; None when it holds none (dropped meanwhile)."""
+    try:
+        chunks = spool.lineage(source).chunks
+    except SpoolError:
+        return None
+    return min((c.staged_at for c in chunks), default=None)
 
 
 def build_scheduler(jobs: Jobs, sc: SchedulerConfig) -> BackgroundScheduler:

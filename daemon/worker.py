@@ -13,6 +13,7 @@ Jobs run one at a time, off the Kafka poll thread. Each job is crash-safe:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -190,7 +191,8 @@ class TrainingWorker:
                 continue
             self.status.job, self.status.source = job.kind, job.source
             try:
-                self.run_job(job)
+                with self.metrics.job(job.kind) if self.metrics is not None else contextlib.nullcontext():
+                    self.run_job(job)
                 self.status.jobs_done += 1
             except Exception as exc:  # one bad job must not kill the worker; the record stays uncommitted
                 self.status.last_error = f"{job.kind} {job.source}: {type(exc).__name__}: {exc}"
@@ -221,7 +223,7 @@ class TrainingWorker:
         def on_step(step: int, loss: float) -> None:
             self.status.step, self.status.steps, self.status.loss = step, steps, loss
             if self.metrics is not None:
-                self.metrics.training_loss.set(loss)
+                self.metrics.progress.step(self.status.job, source, step, steps, loss)
             now = time.monotonic()
             if now - self._last_refresh > self.lock_ttl_s / 3:
                 self._last_refresh = now
