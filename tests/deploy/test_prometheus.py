@@ -27,8 +27,8 @@ from tests.deploy.common import (
     RULE_FILES,
     anchors,
     daemon_series_names,
-    series_names,
     run,
+    series_names,
     tool,
 )
 
