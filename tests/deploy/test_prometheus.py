@@ -219,3 +219,23 @@ def test_promtool_tests_use_real_dead_letter_reasons() -> None:
         if name == "cdm_dlq_messages_total"
     }
     assert used and used <= set(REASONS), sorted(used - set(REASONS))
+
+
+# -- the Prometheus of deploy/local (the live test's) --------------------------------------------------------------
+
+
+def test_local_prometheus_config_is_valid_and_uses_the_shipped_jobs_and_rules(tmp_path: Path) -> None:
+    import json
+
+    from deploy.local.services import PROMETHEUS_JOBS, ServicesError, prometheus_config
+
+    shipped = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert set(PROMETHEUS_JOBS) <= {job["job_name"] for job in shipped["scrape_configs"]}
+    config = prometheus_config({"cdm-daemon": ["127.0.0.1:9464"], "cdm-serve": ["127.0.0.1:8000"]})
+    assert {Path(p) for p in config["rule_files"]} == {p.resolve() for p in RULE_FILES}  # type: ignore[union-attr]
+    path = tmp_path / "prometheus.json"
+    path.write_text(json.dumps(config))
+    result = run([tool("promtool"), "check", "config", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(ServicesError, match="unknown scrape job"):
+        prometheus_config({"daemon": ["127.0.0.1:1"]})
