@@ -7,10 +7,11 @@ caller start and stop them with the server (``cdm serve`` does).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import redis
 from fastapi import FastAPI, Request
@@ -24,7 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.auth import Authenticator
 from api.config import ServeConfig
 from api.errors import ApiError
-from api.metrics import ServeMetrics
+from api.metrics import ReadinessPoll, ServeMetrics
 from api.middleware import ObserveRequests
 from api.routes import LiveSource, ServeContext, build_router, readiness, validation_message
 from api.ui import GridCache, LocalStatus, StatusPage
@@ -59,6 +60,21 @@ class _Asgi:
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _with_poll(inner: Lifespan | None, poll: ReadinessPoll) -> Lifespan:
+    """``inner`` (the caller's lifespan), with the readiness poll running inside it (after it started)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with inner(app) if inner is not None else contextlib.nullcontext():
+            poll.start()
+            try:
+                yield
+            finally:
+                poll.stop()
+
+    return lifespan
 
 
 def create_app(
@@ -108,11 +124,17 @@ def create_app(
         metrics=metrics,
         clock=clock,
     )
+
+    def probe() -> tuple[bool, int | None]:
+        ready, body = readiness(ctx)
+        return ready, body.registry_epoch
+
+    poll = ReadinessPoll(probe, metrics, interval_s=settings.resync_s)
     app = FastAPI(
         title="cdm serve",
         version="1",
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=_with_poll(lifespan, poll),
     )
     app.include_router(build_router(ctx))
 

@@ -9,19 +9,31 @@ cdm_serve_principal_requests_total{principal,status}     per caller; at most [se
 cdm_serve_epoch                                          registry epoch of the served composition (-1: none)
 cdm_serve_sampling_seconds                               compute time per sampling request
 cdm_serve_audit_failures_total                           audit stream appends that failed
-cdm_serve_hotswap_seconds / _hotswap_failures_total / _registry_epoch / _registry_epoch_seen /
-_registry_watch_errors_total{reason} / _registry_watch_last_check_timestamp_seconds / _composition_degraded /
-_artifact_loads_total{kind} / _artifact_blobs_purged_total    (``SwapMetrics`` of the live composition)
+cdm_serve_hotswap_seconds / _hotswap_failures_total / _hotswap_last_success_timestamp_seconds / _registry_epoch /
+_registry_epoch_seen / _registry_watch_errors_total{reason} / _registry_watch_last_check_timestamp_seconds /
+_composition_degraded / _artifact_loads_total{kind} / _artifact_blobs_purged_total
+                                                         (``SwapMetrics`` of the live composition)
+cdm_ready                                                1 while /readyz answers 200 (``ReadinessPoll``)
+cdm_registry_latest_epoch                                the registry's epoch, read every [serve] resync_s
+
+This module (with ``api.process_metrics`` and ``sampler.metrics``) is the one source of serve's metric names: the
+rules and dashboards of deploy/observability are checked against, or generated from, ``ServeMetrics`` and
+``SwapMetrics``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from api.process_metrics import ready_gauge, registry_latest_epoch_gauge
+from common.redact import safe
 from sampler.metrics import SamplerMetrics
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OTHER = "other"
@@ -85,6 +97,8 @@ class ServeMetrics:
         )
         self.epoch = Gauge("cdm_serve_epoch", "Registry epoch of the served composition (-1: none)", registry=registry)
         self.epoch.set_function(lambda: float(e) if (e := served_epoch()) is not None else -1.0)
+        self.ready = ready_gauge(registry)  # set by ReadinessPoll
+        self.registry_latest_epoch = registry_latest_epoch_gauge(registry)
         self.principal_label = PrincipalLabels(max_principals)
 
     def observe(self, *, route: str, method: str, status: int, seconds: float, principal: str | None) -> None:
@@ -93,3 +107,55 @@ class ServeMetrics:
         self.latency.labels(route, method, str(status)).observe(seconds)
         if principal is not None:
             self.principal_requests.labels(self.principal_label(principal), str(status)).inc()
+
+
+class ReadinessPoll:
+    """Runs ``probe()`` (serve's readiness: it reads the registry's epoch from Redis) every ``interval_s`` on its own
+    thread and exports the result as ``cdm_ready`` and ``cdm_registry_latest_epoch``, so a scrape never waits on
+    Redis and the served epoch can be compared with the registry's by a rule.
+
+    Args:
+        probe: returns (ready, the registry's epoch or None when it could not be read); exceptions count as not ready.
+        metrics: where the two gauges are.
+        interval_s: seconds between two probes ([serve] resync_s).
+    """
+
+    def __init__(
+        self, probe: Callable[[], tuple[bool, int | None]], metrics: ServeMetrics, *, interval_s: float
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"ReadinessPoll interval_s = {interval_s} must be > 0")
+        self.probe = probe
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll(self) -> None:
+        """Probe once and set the gauges."""
+        try:
+            ready, epoch = self.probe()
+        except Exception as exc:  # any failure means "not ready"; the epoch keeps its last value
+            log.warning("readiness probe failed: %s", safe(f"{type(exc).__name__}: {exc}"))
+            ready, epoch = False, None
+        self.metrics.ready.set(1.0 if ready else 0.0)
+        if epoch is not None:
+            self.metrics.registry_latest_epoch.set(epoch)
+        self.polls += 1
+
+    def start(self) -> None:
+        self._stop.clear()
+        self.poll()
+        self._thread = threading.Thread(target=self._run, name="cdm-serve-readiness", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()

@@ -87,6 +87,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     from api.app import create_app
     from api.auth import Authenticator
     from api.metrics import SwapMetrics
+    from api.process_metrics import VolumeCollector
     from api.ui import GridCache, GridSpec
     from registry.acl import AccessRegistry, ServeLedger
     from registry.client import connect
@@ -99,8 +100,9 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     keys = Keys(cfg.redis.namespace)
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()
-    sc = cfg.library.sample
+    metrics_registry.register(VolumeCollector({"cache": cfg.artifacts.cache_dir}, used=("cache",)))
     swap_metrics = SwapMetrics(metrics_registry)
+    sc = cfg.library.sample
     live = LiveComposition(
         reader,
         CompositionLoader.from_config(

@@ -10,11 +10,13 @@ import logging
 import time
 from collections.abc import Callable
 
+import redis
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from common.redact import safe
 from daemon.config import DaemonConfig, SchedulerConfig
 from daemon.metrics import Metrics
-from daemon.spool import Spool
+from daemon.spool import Spool, SpoolError, SpoolState
 from daemon.worker import Job, TrainingWorker
 from registry.coordination import Coordinator
 from registry.reader import RegistryClient
@@ -38,6 +40,7 @@ class Jobs:
         daemon_id: this replica's id (the job locks' owner).
         heartbeat: refreshes this daemon's heartbeat in the registry.
         clock: monotonic seconds, the clock of ``WorkerStatus.router_dirty_since`` (injectable for tests).
+        wall_clock: unix seconds, the spool's clock (its chunks' ``staged_at``), for the age of unsealed sources.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class Jobs:
         daemon_id: str,
         heartbeat: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
         self.worker = worker
@@ -62,6 +66,7 @@ class Jobs:
         self.daemon_id = daemon_id
         self._heartbeat = heartbeat
         self._clock = clock
+        self._wall_clock = wall_clock
         self._unrouted_since: float | None = None
 
     def heartbeat(self) -> None:
@@ -75,6 +80,7 @@ class Jobs:
                 if self.spool.seal_idle(source) is not None:
                     log.info("sealed idle source %s after %.0fs without chunks", source, idle_s)
                     self.metrics.sources_sealed.inc()
+                    self.metrics.stages.reached(source, "sealed", since=first_staged_at(self.spool, source))
                     self.worker.submit(Job("train", source))
             except Exception as exc:  # a broken source must not stop the other jobs
                 log.warning("could not seal idle source %s: %s", source, exc)
@@ -115,7 +121,28 @@ class Jobs:
             self.coordinator.release_job_lock(GC_LOCK, self.daemon_id)
 
     def export_gauges(self) -> None:
-        self.metrics.staged_bytes.set(self.spool.staged_bytes())
+        """The spool's gauges, then the registry's epoch (last: it needs Redis)."""
+        m = self.metrics
+        m.staged_bytes.set(self.spool.staged_bytes())
+        staged = self.spool.sources(SpoolState.STAGED)
+        for state in SpoolState:
+            count = len(staged) if state is SpoolState.STAGED else len(self.spool.sources(state))
+            m.spool_sources.labels(state=state.value).set(count)
+        firsts = [t for source in staged if (t := first_staged_at(self.spool, source)) is not None]
+        m.spool_oldest_unsealed_age.set(max(0.0, self._wall_clock() - min(firsts)) if firsts else 0.0)
+        try:
+            m.registry_latest_epoch.set(self.registry.epoch())
+        except redis.RedisError as exc:  # readiness reports Redis down; the gauge keeps its last value
+            log.warning("cannot read the registry's epoch for cdm_registry_latest_epoch: %s", safe(exc))
+
+
+def first_staged_at(spool: Spool, source: str) -> float | None:
+    """Unix time the spool staged the first chunk of ``source``; None when it holds none (dropped meanwhile)."""
+    try:
+        chunks = spool.lineage(source).chunks
+    except SpoolError:
+        return None
+    return min((c.staged_at for c in chunks), default=None)
 
 
 def build_scheduler(jobs: Jobs, sc: SchedulerConfig) -> BackgroundScheduler:

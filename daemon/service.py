@@ -46,11 +46,11 @@ from daemon.config import AppConfig, KafkaConfig, SchedulerConfig
 from daemon.errors import ColdShutdown, RegistryUnavailable, ShutdownRequested
 from daemon.identity import default_daemon_id, holder_is_dead, process_identity
 from daemon.ingest import Ingestor
-from daemon.jobs import Jobs, build_scheduler
-from daemon.metrics import Metrics
+from daemon.jobs import Jobs, build_scheduler, first_staged_at
+from daemon.metrics import FORGET_KINDS, Metrics
 from daemon.readiness import ReadinessCache
 from daemon.spool import Spool, SpoolLimits
-from daemon.wire import ControlCommand, Origin
+from daemon.wire import REASONS, ControlCommand, Origin
 from daemon.worker import Job, Notices, RetryPolicy, TrainingWorker
 from registry.client import connect
 from registry.coordination import Coordinator
@@ -298,7 +298,15 @@ class Service:
         self.redis = connect(cfg.redis)
         self.registry = Registry(self.redis, keys)
         self.coordinator = Coordinator(self.redis, keys)
-        self.metrics = Metrics(registry=self.metrics_registry)
+        self.metrics = Metrics(
+            registry=self.metrics_registry,
+            dlq_reasons=REASONS,
+            volumes={
+                "spool": cfg.daemon.spool_dir,
+                "artifacts": cfg.daemon.artifact_dir,
+                "cache": Path(cfg.daemon.artifact_dir).resolve().parent / cfg.artifacts.cache_dir,
+            },
+        )
         self.readiness = ReadinessCache(
             self.check_readiness,
             cfg.daemon.readiness_refresh_s,
@@ -343,6 +351,8 @@ class Service:
         )
         self.spool = open_spool(cfg)
         self.store: ArtifactStore = open_store(cfg.artifacts, default_dir=Path(cfg.daemon.artifact_dir))
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness.current().ready else 0.0)
+        self.metrics.spool_limit_bytes.set(cfg.daemon.spool_max_bytes)
         self.worker = TrainingWorker(
             registry=self.registry,
             coordinator=self.coordinator,
@@ -363,12 +373,13 @@ class Service:
                 max_s=cfg.daemon.job_retry_max_s,
             ),
         )
+        self.metrics.jobs_queued.set_function(self.worker.pending)
         self.kafka = KafkaIngest(
             cfg.kafka,
             client_id=f"{cfg.kafka.client_id}-{self.daemon_id}",
             spool=self.spool,
             metrics=self.metrics,
-            on_sealed=lambda source: self.worker.submit(Job("train", source)),
+            on_sealed=self._sealed,
             on_control=self._on_control,
             claim_check_root=Path(cfg.daemon.claim_check_dir).resolve() if cfg.daemon.claim_check_dir else None,
             max_ref_bytes=cfg.daemon.max_claim_check_bytes,
@@ -482,10 +493,16 @@ class Service:
             raise ColdShutdown()
 
     # -- callbacks from the worker and the ingestor --------------------------------------------------
+    def _sealed(self, source: str) -> None:
+        self.metrics.stages.reached(source, "sealed", since=first_staged_at(self.spool, source))
+        self.worker.submit(Job("train", source))
+
     def _registered(self, source: str) -> None:
+        self.metrics.stages.reached(source, "registered")
         self.kafka.ingestor.mark_source_registered(source)
 
     def _dropped(self, source: str) -> None:
+        self.metrics.stages.discard(source)
         self.kafka.ingestor.mark_source_dropped(source)
 
     def _control_done(self, origin: Origin) -> None:
@@ -504,6 +521,8 @@ class Service:
     def _on_control(self, cmd: ControlCommand, origin: Origin) -> None:
         if cmd.op in ("forget-source", "forget-samples") and not cmd.source:
             raise ValueError(f"{cmd.op} needs a source")  # dead-lettered as control-failed
+        if cmd.op in FORGET_KINDS:
+            self.metrics.forget_requests.labels(kind=cmd.op).inc()
         if cmd.op == "forget-source":
             self.worker.submit(Job("forget-source", cmd.source or "", origin=origin, request_id=cmd.request_id or ""))
         elif cmd.op == "forget-samples":
@@ -516,6 +535,9 @@ class Service:
 
     def _on_swap(self, comp: Composition | None) -> None:
         self.metrics.compartments_active.set(len(comp.compartment_ids) if comp else 0)
+        self.metrics.hotswap_last_success.set_to_current_time()
+        for source in comp.sources if comp else ():
+            self.metrics.stages.reached(source, "served")
 
     # -- health ---------------------------------------------------------------------------------------
     @property

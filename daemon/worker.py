@@ -19,6 +19,7 @@ its seal as ``training-failed`` and releases its offsets. Forget requests are re
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -257,7 +258,8 @@ class TrainingWorker:
         """Run ``job``; a failure is logged and retried later (see ``_failed``). True if it completed."""
         self.status.job, self.status.source = job.kind, job.source
         try:
-            self.run_job(job)
+            with self.metrics.job(job.kind) if self.metrics is not None else contextlib.nullcontext():
+                self.run_job(job)
             self.status.jobs_done += 1
             return True
         except TrainingInterrupted as exc:  # a stop request: the job reruns after the restart (uncommitted)
@@ -331,7 +333,7 @@ class TrainingWorker:
         if self.status.first_step_at is None:
             self.status.first_step, self.status.first_step_at = step, time.monotonic()
         if self.metrics is not None:
-            self.metrics.training_loss.set(loss)
+            self.metrics.progress.step(self.status.job, source, step, steps, loss)
         now = time.monotonic()
         if now - self._last_refresh > self.lock_ttl_s / 3:
             self._last_refresh = now

@@ -94,6 +94,7 @@ class SwapMetrics(Protocol):
 
     hotswap_seconds: Histogram
     hotswap_failures: Counter
+    hotswap_last_success: Gauge
     registry_epoch: Gauge
     registry_epoch_seen: Gauge
     registry_watch_last_check: Gauge
@@ -316,6 +317,7 @@ class LiveComposition:
                 if self._metrics is not None:
                     self._metrics.hotswap_seconds.observe(seconds)
                     self._metrics.registry_epoch.set(snap.epoch)
+                    self._metrics.hotswap_last_success.set_to_current_time()
         else:
             self.last_error = None  # read and current again (e.g. after a registry outage)
         if self._applied == target and not tombstones.unreadable:

@@ -59,6 +59,11 @@ class SamplerMetrics:
             buckets=HOTSWAP_BUCKETS,
             registry=registry,
         )
+        self.hotswap_last_success = Gauge(
+            f"{prefix}_hotswap_last_success_timestamp_seconds",
+            "Unix time of the last successful hot swap (0: none since start).",
+            registry=registry,
+        )
         self.hotswap_failures = Counter(
             f"{prefix}_hotswap_failures",
             "Hot swaps that failed to load (the previous composition, less what was removed, kept serving).",

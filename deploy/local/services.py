@@ -12,6 +12,11 @@ directory and keep everything in memory. ``start`` writes ``STATE/services.json`
 which the daemon (``daemon.config.with_services``), the CLI and the tests read. ``start`` is idempotent:
 when the recorded processes are alive and answering they are reused. ``deploy/local/README.md`` says how
 Tansu and moto behave (start-up time, topic auto-creation, consumer groups, offsets, what S3 features work).
+
+``start_prometheus(state_dir, targets)`` starts Debian's Prometheus (not part of ``start``: tests and demos that
+want one ask for it) on a free loopback port with a config made by ``prometheus_config``: the scrape jobs of
+deploy/observability/prometheus/prometheus.yml ("cdm-daemon", "cdm-serve") pointed at the given targets, short
+scrape and rule evaluation intervals, and the shipped rule files loaded. ``stop_prometheus`` stops it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +149,18 @@ def find_moto_server() -> list[str]:
     return [sys.executable, "-m", "moto.server"]
 
 
+def find_prometheus() -> Path:
+    """Debian's prometheus binary (PATH, /usr/bin); deploy/local/bootstrap.sh installs the package."""
+    found = shutil.which("prometheus")
+    for candidate in [Path(found)] if found else [Path("/usr/bin/prometheus")]:
+        if _is_executable(candidate):
+            return candidate
+    raise ServicesError(
+        "prometheus not found on PATH or in /usr/bin; install Debian's package with "
+        "`sudo apt-get install prometheus` (or run `make dev`)"
+    )
+
+
 def _is_executable(path: Path) -> bool:
     return path.is_file() and os.access(path, os.X_OK)
 
@@ -250,6 +267,102 @@ def read_services_file(state_dir: Path | str = DEFAULT_STATE_DIR) -> ServiceAddr
             f"{path} is not a services file of this version (missing or bad {exc}); "
             "run `make services-stop` then `make services-start`"
         ) from None
+
+
+# --------------------------------------------------------------------------------------------- Prometheus
+
+PROMETHEUS_RULES = REPO_ROOT / "deploy" / "observability" / "prometheus" / "rules"
+PROMETHEUS_JOBS = ("cdm-daemon", "cdm-serve")  # the job names of prometheus.yml, which the rules select
+
+
+@dataclass(frozen=True)
+class PrometheusServer:
+    """A running Prometheus: its HTTP API at ``url`` (http://127.0.0.1:PORT)."""
+
+    url: str
+    pid: int
+    config: Path
+    log: Path
+
+
+def prometheus_config(
+    targets: Mapping[str, Sequence[str]],
+    *,
+    scrape_interval_s: float = 1.0,
+    evaluation_interval_s: float = 1.0,
+    rule_files: Sequence[Path] | None = None,
+) -> dict[str, object]:
+    """A Prometheus config scraping ``targets`` (job name -> ["host:port", ...]) on /metrics and loading the rule
+    files (default: every deploy/observability/prometheus/rules/*.yml, by absolute path). Written as JSON, which
+    Prometheus reads as YAML."""
+    unknown = sorted(set(targets) - set(PROMETHEUS_JOBS))
+    if unknown:
+        raise ServicesError(f"unknown scrape job(s) {unknown}: the rules select only {list(PROMETHEUS_JOBS)}")
+    rules = sorted(PROMETHEUS_RULES.glob("*.yml")) if rule_files is None else list(rule_files)
+    interval = f"{round(scrape_interval_s * 1000)}ms"
+    return {
+        "global": {
+            "scrape_interval": interval,
+            "scrape_timeout": interval,
+            "evaluation_interval": f"{round(evaluation_interval_s * 1000)}ms",
+        },
+        "rule_files": [str(Path(p).resolve()) for p in rules],
+        "scrape_configs": [
+            {"job_name": job, "metrics_path": "/metrics", "static_configs": [{"targets": list(addresses)}]}
+            for job, addresses in targets.items()
+        ],
+    }
+
+
+def start_prometheus(
+    state_dir: Path | str,
+    targets: Mapping[str, Sequence[str]],
+    *,
+    scrape_interval_s: float = 1.0,
+    evaluation_interval_s: float = 1.0,
+    timeout_s: float = READY_TIMEOUT_S,
+) -> PrometheusServer:
+    """Start Prometheus on a free loopback port scraping ``targets`` (see ``prometheus_config``); its TSDB and log
+    live in ``state_dir``. Returns once ``/-/ready`` answers."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    binary = find_prometheus()
+    config = state / "prometheus.json"
+    config.write_text(
+        json.dumps(
+            prometheus_config(
+                targets, scrape_interval_s=scrape_interval_s, evaluation_interval_s=evaluation_interval_s
+            ),
+            indent=2,
+        )
+    )
+    port, pid = _start_with_free_port(
+        "prometheus",
+        lambda port: [
+            str(binary),
+            f"--config.file={config}",
+            f"--storage.tsdb.path={state / 'prometheus-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--storage.tsdb.retention.time=1d",
+        ],
+        _prometheus_answers,
+        state,
+        timeout_s,
+    )
+    return PrometheusServer(f"http://127.0.0.1:{port}", pid, config, _log_path(state, "prometheus"))
+
+
+def stop_prometheus(server: PrometheusServer) -> bool:
+    """SIGTERM (then SIGKILL) the Prometheus ``start_prometheus`` started; True if it was running."""
+    return _terminate(server.pid)
+
+
+def _prometheus_answers(port: int, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=timeout_s) as response:
+            return response.status == 200
+    except (OSError, http.client.HTTPException):
+        return False
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -475,14 +588,14 @@ def _alive(pid: int) -> bool:
 
 
 def _is_our_server(pid: int) -> bool:
-    """The pid is alive and still runs redis-server, tansu or moto.server (guards against pid reuse)."""
+    """The pid is alive and still runs redis-server, tansu, moto.server or prometheus (guards against pid reuse)."""
     if not _alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: trust the pid
-    return b"redis-server" in cmdline or b"tansu" in cmdline or b"moto.server" in cmdline
+    return any(name in cmdline for name in (b"redis-server", b"tansu", b"moto.server", b"prometheus"))
 
 
 def _terminate(pid: int) -> bool:

@@ -19,7 +19,9 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from fastapi.testclient import TestClient
 from PIL import Image
+from prometheus_client import CollectorRegistry
 
 from api.config import ServeConfig
 from cdm.image_attribution import ImageAttribution
@@ -519,3 +521,44 @@ def test_concurrent_requests_beyond_the_limit_get_429_and_the_sampler_is_replace
     (req,) = gate.requests
     assert req.sources == ("alpha", "gamma") and req.composition.epoch == s.registry.epoch() and req.n == 1
     assert sample(s, tok, n=1).status_code == 200, "the slot was given back"
+
+
+def test_readiness_and_the_registry_epoch_are_exported_while_the_app_runs(serve: Callable[..., Served]) -> None:
+    s = serve(ServeConfig(max_n=8, max_steps=4, resync_s=0.1))
+    m = s.metrics
+    assert m.get_sample_value("cdm_ready") == 0  # the poll runs with the app's lifespan only
+    with TestClient(s.app) as client:
+        assert m.get_sample_value("cdm_ready") == 1
+        assert m.get_sample_value("cdm_registry_latest_epoch") == s.registry.epoch()
+        s.registry.forget_source("beta", "test")  # the registry moves on; this app has no watcher running
+        deadline = time.monotonic() + 10
+        while m.get_sample_value("cdm_registry_latest_epoch") != s.registry.epoch() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert m.get_sample_value("cdm_registry_latest_epoch") == s.registry.epoch()
+        assert m.get_sample_value("cdm_serve_epoch") < s.registry.epoch()  # what the served-epoch alert compares
+        text = client.get("/metrics").text
+        assert "cdm_ready 1.0" in text and f"cdm_registry_latest_epoch {float(s.registry.epoch())}" in text
+
+
+def test_readiness_poll_counts_a_failing_probe_as_not_ready() -> None:
+    from api.metrics import ReadinessPoll, ServeMetrics
+
+    reg = CollectorRegistry()
+    metrics = ServeMetrics(reg, max_principals=1, served_epoch=lambda: None)
+    answers: list[tuple[bool, int | None] | Exception] = [(True, 7), RuntimeError("redis down"), (False, None)]
+
+    def probe() -> tuple[bool, int | None]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    poll = ReadinessPoll(probe, metrics, interval_s=1.0)
+    poll.poll()
+    assert (reg.get_sample_value("cdm_ready"), reg.get_sample_value("cdm_registry_latest_epoch")) == (1, 7)
+    poll.poll()
+    assert (reg.get_sample_value("cdm_ready"), reg.get_sample_value("cdm_registry_latest_epoch")) == (0, 7)
+    poll.poll()
+    assert (reg.get_sample_value("cdm_ready"), reg.get_sample_value("cdm_registry_latest_epoch")) == (0, 7)
+    with pytest.raises(ValueError, match="interval_s"):
+        ReadinessPoll(probe, metrics, interval_s=0)

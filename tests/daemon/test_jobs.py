@@ -48,11 +48,12 @@ def make_jobs(tmp_path: Path, client: redis.Redis, keys: Keys, daemon_id: str, c
         worker=worker,
         registry=registry,
         coordinator=coordinator,
-        metrics=Metrics(CollectorRegistry()),
+        metrics=Metrics(CollectorRegistry(), clock=clock),
         daemon=DaemonConfig(router_debounce_s=10.0),
         daemon_id=daemon_id,
         heartbeat=lambda: None,
         clock=clock,
+        wall_clock=clock,
     )
 
 
@@ -130,3 +131,38 @@ def test_idle_sources_are_sealed_and_staged_bytes_exported(
     jobs.seal_idle_sources()
     assert queued(jobs.worker) == [Job("train", "shoes")]
     assert jobs.metrics.registry.get_sample_value("cdm_sources_sealed_total") == 1
+
+
+def test_spool_and_registry_gauges_and_the_sealed_stage(tmp_path: Path, redis_client: redis.Redis, keys: Keys) -> None:
+    clock = Clock()
+    jobs = make_jobs(tmp_path, redis_client, keys, "a", clock)
+    v = jobs.metrics.registry.get_sample_value
+    jobs.export_gauges()
+    assert v("cdm_spool_oldest_unsealed_age_seconds") == 0 and v("cdm_spool_sources", {"state": "staged"}) == 0
+    assert jobs.spool.stage_chunk("shoes", 0, load_digits().subset(slice(0, 8)), ("cdm.sources", 0, 0))
+    clock.now += 50
+    Registry(redis_client, keys).set_routing("density")  # moves the registry's epoch
+    jobs.export_gauges()
+    assert v("cdm_spool_sources", {"state": "staged"}) == 1 and v("cdm_spool_sources", {"state": "sealed"}) == 0
+    assert v("cdm_spool_oldest_unsealed_age_seconds") == 50
+    assert v("cdm_registry_latest_epoch") == Registry(redis_client, keys).epoch() > 0
+    # idle-sealed: the "sealed" stage is timed from the first chunk
+    jobs.spool.set_live_partitions([("cdm.sources", 0)])
+    clock.now += jobs.daemon.source_idle_seal_s + 1
+    jobs.seal_idle_sources()
+    assert v("cdm_source_stage_seconds_count", {"stage": "sealed"}) == 1
+    assert v("cdm_source_stage_seconds_sum", {"stage": "sealed"}) == 50 + jobs.daemon.source_idle_seal_s + 1
+    jobs.export_gauges()
+    assert v("cdm_spool_sources", {"state": "sealed"}) == 1 and v("cdm_spool_oldest_unsealed_age_seconds") == 0
+
+
+def test_export_gauges_survives_an_unreachable_registry(tmp_path: Path, redis_client: redis.Redis, keys: Keys) -> None:
+    class Down:
+        def epoch(self) -> int:
+            raise redis.ConnectionError("connection refused")
+
+    jobs = make_jobs(tmp_path, redis_client, keys, "a", Clock())
+    jobs.metrics.registry_latest_epoch.set(4)
+    jobs.registry = Down()  # type: ignore[assignment]
+    jobs.export_gauges()  # logs, does not raise
+    assert jobs.metrics.registry.get_sample_value("cdm_registry_latest_epoch") == 4

@@ -56,7 +56,7 @@ def run(cmd: Sequence[str], *, cwd: Path = ROOT, timeout: float = 120) -> subpro
     return subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-# -- metric names: the one source is daemon/metrics.py ----------------------------------------------------------
+# -- metric names: the one source is the metric classes (daemon/metrics.py, api/metrics.py, api/process_metrics.py)
 
 _SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -67,23 +67,48 @@ _SUFFIXES = {
 }
 
 
-def daemon_series_names() -> frozenset[str]:
-    """Every series name the daemon's /metrics can expose, from ``Metrics(CollectorRegistry())``.
+def _series_names(registry: Any) -> frozenset[str]:
+    """Every series name a registry can expose. Families whose samples only appear with labels (e.g. dead letters
+    by reason) may have no sample yet, so the names are derived from the family's type as the exposition writes them."""
+    names: set[str] = set()
+    for family in registry.collect():
+        names.update(sample.name for sample in family.samples)
+        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return frozenset(names)
 
-    Families whose samples only appear with labels (e.g. dead letters by reason) have no sample yet, so the names
-    are derived from the family's type as the text exposition writes them.
-    """
+
+def daemon_series_names() -> frozenset[str]:
+    """Every series name the daemon's /metrics can expose, from ``Metrics(CollectorRegistry())``."""
     from prometheus_client import CollectorRegistry
 
     from daemon.metrics import Metrics
 
     registry = CollectorRegistry()
     Metrics(registry)
-    names: set[str] = set()
-    for family in registry.collect():
-        names.update(sample.name for sample in family.samples)
-        names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
-    return frozenset(names)
+    return _series_names(registry)
+
+
+def serve_series_names() -> frozenset[str]:
+    """Every series name ``cdm serve``'s /metrics can expose: ``ServeMetrics``, ``SwapMetrics`` and the volumes
+    (what cli/serve.py registers)."""
+    from prometheus_client import CollectorRegistry
+
+    from api.metrics import ServeMetrics, SwapMetrics
+    from api.process_metrics import VolumeCollector
+
+    registry = CollectorRegistry()
+    ServeMetrics(registry, max_principals=1, served_epoch=lambda: None)
+    SwapMetrics(registry)
+    registry.register(VolumeCollector({}))
+    return _series_names(registry)
+
+
+def series_names(job: str | None = None) -> frozenset[str]:
+    """The series of one scrape job ("cdm-daemon", "cdm-serve"), or of both."""
+    by_job = {"cdm-daemon": daemon_series_names, "cdm-serve": serve_series_names}
+    if job is not None:
+        return by_job[job]()
+    return daemon_series_names() | serve_series_names()
 
 
 # -- config: the deploy config.toml files must load with the project's config loader ---------------------------

@@ -2,8 +2,10 @@
 
 * promtool (Debian's prometheus package) checks prometheus.yml and the rule files and runs the rule unit tests
   (tests/*.test.yml: synthetic series, each alert firing and silent).
-* Metric names have one source, daemon/metrics.py: every series a rule or a promtool test uses must be one that
-  ``Metrics(CollectorRegistry())`` registers (or a recording rule defined here, or Prometheus' own ``up``).
+* Metric names have one source, the metric classes: every series a rule or a promtool test uses must be one that
+  the selected job registers (``Metrics(CollectorRegistry())`` of daemon/metrics.py for job="cdm-daemon",
+  ``ServeMetrics`` / ``SwapMetrics`` of api/metrics.py for job="cdm-serve"), a recording rule defined here, or
+  Prometheus' own ``up``.
   Expressions are parsed with promql-parser (a PromQL AST), not matched with regular expressions.
 """
 
@@ -26,6 +28,7 @@ from tests.deploy.common import (
     anchors,
     daemon_series_names,
     run,
+    series_names,
     tool,
 )
 
@@ -97,20 +100,20 @@ def test_promtool_test_rules() -> None:
 # -- one source of truth for metric names ---------------------------------------------------------------------
 
 
-def test_rules_use_only_metrics_the_daemon_registers() -> None:
-    registered = daemon_series_names()
+def test_rules_use_only_metrics_their_job_registers() -> None:
     recorded = {rule["record"] for rule in _records()}
-    unknown = {
-        f"{name} (in {rule.get('alert') or rule.get('record')})"
-        for rule in _rules()
-        for name, _ in _selectors(rule["expr"])
-        if name not in registered | recorded | PROMETHEUS_SERIES
-    }
-    assert not unknown, f"rules use series daemon/metrics.py does not register: {sorted(unknown)}"
+    unknown = set()
+    for rule in _rules():
+        for name, matchers in _selectors(rule["expr"]):
+            job = matchers.get("job", ("", ""))[1]
+            registered = series_names(job) if job in JOBS else frozenset()
+            if name not in registered | recorded | PROMETHEUS_SERIES:
+                unknown.add(f"{name}{{job={job!r}}} (in {rule.get('alert') or rule.get('record')})")
+    assert not unknown, f"rules use series their job's metric classes do not register: {sorted(unknown)}"
 
 
 def test_promtool_tests_use_only_registered_series() -> None:
-    registered = daemon_series_names() | PROMETHEUS_SERIES
+    registered = series_names() | PROMETHEUS_SERIES
     recorded = {rule["record"] for rule in _records()}
     unknown: set[str] = set()
     for path, group in _promtool_tests():
@@ -119,7 +122,7 @@ def test_promtool_tests_use_only_registered_series() -> None:
         for case in group.get("promql_expr_test", []):
             names = {name for name, _ in _selectors(case["expr"])}
             unknown |= {f"{name} ({path.name})" for name in names - registered - recorded - {"ALERTS"}}
-    assert not unknown, f"promtool tests feed series daemon/metrics.py does not register: {sorted(unknown)}"
+    assert not unknown, f"promtool tests feed series no metric class registers: {sorted(unknown)}"
 
 
 def test_the_metric_name_check_catches_a_renamed_metric() -> None:
@@ -145,8 +148,8 @@ def test_rules_select_the_scrape_jobs() -> None:
 
 
 def test_recording_rules_follow_the_naming_convention() -> None:
-    """level:metric:operations, where metric is a daemon metric (counters without _total)."""
-    registered = daemon_series_names()
+    """level:metric:operations, where metric is a cdm metric (counters without _total)."""
+    registered = series_names()
     for rule in _records():
         match = re.fullmatch(r"([a-z_]+):([a-z0-9_]+):([a-z0-9_]+)", rule["record"])
         assert match, f"{rule['record']} is not level:metric:operations"
@@ -185,7 +188,13 @@ def test_every_alert_is_tested_firing_and_silent() -> None:
 
 
 def test_every_recording_rule_is_tested() -> None:
-    tested = {case["expr"] for _, group in _promtool_tests() for case in group.get("promql_expr_test", [])}
+    """Each recording rule is read by some promql_expr_test (directly, or inside e.g. round() for ratios)."""
+    tested = {
+        name
+        for _, group in _promtool_tests()
+        for case in group.get("promql_expr_test", [])
+        for name, _ in _selectors(case["expr"])
+    }
     untested = {rule["record"] for rule in _records()} - tested
     assert not untested, f"recording rules without a promql_expr_test: {sorted(untested)}"
 
@@ -210,3 +219,23 @@ def test_promtool_tests_use_real_dead_letter_reasons() -> None:
         if name == "cdm_dlq_messages_total"
     }
     assert used and used <= set(REASONS), sorted(used - set(REASONS))
+
+
+# -- the Prometheus of deploy/local (the live test's) --------------------------------------------------------------
+
+
+def test_local_prometheus_config_is_valid_and_uses_the_shipped_jobs_and_rules(tmp_path: Path) -> None:
+    import json
+
+    from deploy.local.services import PROMETHEUS_JOBS, ServicesError, prometheus_config
+
+    shipped = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    assert set(PROMETHEUS_JOBS) <= {job["job_name"] for job in shipped["scrape_configs"]}
+    config = prometheus_config({"cdm-daemon": ["127.0.0.1:9464"], "cdm-serve": ["127.0.0.1:8000"]})
+    assert {Path(p) for p in config["rule_files"]} == {p.resolve() for p in RULE_FILES}  # type: ignore[union-attr]
+    path = tmp_path / "prometheus.json"
+    path.write_text(json.dumps(config))
+    result = run([tool("promtool"), "check", "config", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(ServicesError, match="unknown scrape job"):
+        prometheus_config({"daemon": ["127.0.0.1:1"]})
