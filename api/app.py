@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import anyio.to_thread
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,7 +32,9 @@ from cdm.config import SampleConfig
 from cdm.errors import CdmError
 from registry.acl import ServeLedger
 from registry.reader import RegistryClient
+from sampler.batching import BatchingSampler, Iteration
 from sampler.engine import PerRequestSampler, Sampler
+from sampler.errors import SamplerUnavailable
 
 log = logging.getLogger(__name__)
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -58,6 +61,23 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
+def default_sampler(settings: ServeConfig, metrics: ServeMetrics | None = None) -> Sampler:
+    """The sampler ``[serve]`` asks for: ``BatchingSampler`` (``batching = true``) or ``PerRequestSampler``."""
+    if not settings.batching:
+        return PerRequestSampler(threads=settings.sampling_threads)
+
+    def observe(it: Iteration) -> None:
+        if metrics is not None:
+            metrics.observe_iteration(it.rows, len(it.requests))
+
+    return BatchingSampler(
+        max_batch_rows=settings.max_batch_rows,
+        max_wait_s=settings.max_wait_ms / 1000,
+        timeout_s=settings.sample_timeout_s,
+        on_iteration=observe,
+    )
+
+
 def create_app(
     settings: ServeConfig,
     *,
@@ -81,7 +101,8 @@ def create_app(
         metrics_registry: where the app's metrics are registered; /metrics exposes it.
         clock: wall-clock seconds (audit timestamps, readiness lag).
         ledger: concurrency slots and the audit stream; default: on the access registry's Redis client.
-        sampler: the compute behind the routes; default ``PerRequestSampler`` (a batcher replaces it).
+        sampler: the compute behind the routes; default ``default_sampler(settings)``: the cross-request batcher,
+            or ``PerRequestSampler`` with ``[serve] batching = false`` (a default one is closed with the app).
         sample_defaults: ``[sample]`` (default scheduler, steps, mode).
         lifespan: started with the server and stopped after it (``cdm serve`` starts the registry watcher here).
     """
@@ -99,15 +120,31 @@ def create_app(
         auth=auth,
         ledger=ledger,
         reader=registry_reader,
-        sampler=sampler or PerRequestSampler(threads=settings.sampling_threads),
+        sampler=sampler or default_sampler(settings, metrics),
         metrics=metrics,
         clock=clock,
     )
+    owned = ctx.sampler if sampler is None else None
+
+    @asynccontextmanager
+    async def lifespan_with_sampler(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            # the default sampler stops with the app (the batching engine thread; queued requests get 503)
+            close = getattr(owned, "close", None)
+            if close is not None:
+                await anyio.to_thread.run_sync(close)
+
     app = FastAPI(
         title="cdm serve",
         version="1",
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=lifespan_with_sampler,
     )
     app.include_router(build_router(ctx))
     app.router.routes.append(Route("/metrics", _Asgi(make_asgi_app(metrics_registry)), include_in_schema=False))
@@ -127,6 +164,10 @@ def create_app(
             return _error(422, "invalid_request", f"the request body cannot be parsed ({exc.detail}); send UTF-8 JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(SamplerUnavailable)
+    async def sampler_unavailable(_: Request, exc: SamplerUnavailable) -> JSONResponse:
+        return _error(503, "unavailable", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(CdmError)
     async def library_error(_: Request, exc: CdmError) -> JSONResponse:
