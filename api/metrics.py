@@ -1,16 +1,18 @@
 """Prometheus metrics of ``cdm serve``; every metric is registered on the registry passed in (tests build their own).
 
-    cdm_serve_requests_total{route,method,status}            requests answered
-    cdm_serve_request_seconds{route,method,status}           latency histogram
-    cdm_serve_in_flight                                      requests being answered now
-    cdm_serve_images_total                                   images returned
-    cdm_serve_principal_requests_total{principal,status}     per caller; at most [serve] metrics_max_principals
-                                                             names, the rest "other" (unauthenticated: "-")
-    cdm_serve_epoch                                          registry epoch of the served composition (-1: none)
-    cdm_serve_sampling_seconds                               compute time per sampling request
-    cdm_serve_batch_rows / cdm_serve_batch_requests          model rows and requests per batching engine iteration
-    cdm_serve_audit_failures_total                           audit stream appends that failed
-    cdm_serve_hotswap_seconds / _hotswap_failures_total / _registry_epoch    (``SwapMetrics`` of the live composition)
+cdm_serve_requests_total{route,method,status}            requests answered
+cdm_serve_request_seconds{route,method,status}           latency histogram
+cdm_serve_in_flight                                      requests being answered now
+cdm_serve_images_total                                   images returned
+cdm_serve_principal_requests_total{principal,status}     per caller; at most [serve] metrics_max_principals
+                                                         names, the rest "other" (unauthenticated: "-")
+cdm_serve_epoch                                          registry epoch of the served composition (-1: none)
+cdm_serve_sampling_seconds                               compute time per sampling request
+cdm_serve_batch_rows / cdm_serve_batch_requests          model rows and requests per batching engine iteration
+cdm_serve_audit_failures_total                           audit stream appends that failed
+cdm_serve_hotswap_seconds / _hotswap_failures_total / _registry_epoch / _registry_epoch_seen /
+_registry_watch_errors_total{reason} / _registry_watch_last_check_timestamp_seconds / _composition_degraded /
+_artifact_loads_total{kind} / _artifact_blobs_purged_total    (``SwapMetrics`` of the live composition)
 """
 
 from __future__ import annotations
@@ -20,30 +22,19 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sampler.metrics import SamplerMetrics
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OTHER = "other"
 UNAUTHENTICATED = "-"
 
 
-class SwapMetrics:
-    """What ``sampler.live.LiveComposition`` reports (its ``SwapMetrics`` protocol), built before the app."""
+class SwapMetrics(SamplerMetrics):
+    """What ``sampler.live.LiveComposition`` reports (``sampler.metrics.SamplerMetrics``), named ``cdm_serve_*``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.hotswap_seconds = Histogram(
-            "cdm_serve_hotswap_seconds", "Seconds to load a new composition", registry=registry
-        )
-        self.hotswap_failures = Counter(
-            "cdm_serve_hotswap_failures_total", "Compositions that failed to load (the last good one kept serving)",
-            registry=registry,
-        )  # fmt: skip
-        self.registry_epoch = Gauge(
-            "cdm_serve_registry_epoch", "Registry epoch of the last composition loaded", registry=registry
-        )
-        self.sampling_seconds = Histogram(
-            "cdm_serve_sampling_seconds", "Compute seconds per sampling request", buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )  # fmt: skip
+        super().__init__(registry, prefix="cdm_serve")
 
 
 class PrincipalLabels:

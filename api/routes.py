@@ -145,8 +145,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
                 "none of the sources you asked for is available to you; GET /v1/sources lists those you may use"
             )
         raise forbidden(
-            f"no source is available to principal {principal.name!r}; an operator grants access with "
-            "`cdm acl grant`"
+            f"no source is available to principal {principal.name!r}; an operator grants access with `cdm acl grant`"
         )
 
     @asynccontextmanager
@@ -550,4 +549,3 @@ def validation_message(errors: Sequence[Any]) -> str:
         parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}{shown}")
     more = f"; and {len(errors) - 10} more" if len(errors) > 10 else ""
     return "; ".join(parts) + more
-

@@ -112,8 +112,12 @@ class GuardedH11Protocol(H11Protocol):
         if not waiting:
             return False
         victim = min(waiting, key=lambda c: c.opened_at)
-        log.debug("connection cap %d reached: evicting %s (waiting since %.1fs)", self.max_connections,
-                  victim.client, time.monotonic() - victim.opened_at)
+        log.debug(
+            "connection cap %d reached: evicting %s (waiting since %.1fs)",
+            self.max_connections,
+            victim.client,
+            time.monotonic() - victim.opened_at,
+        )
         victim._reject(_408)
         return True
 

@@ -16,6 +16,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from bench.common import Profile, Result
+from cdm.artifacts import ArtifactsConfig
 from cdm.data import load_fashion_mnist
 from daemon.config import KafkaConfig
 from daemon.ingest import Ingestor
@@ -118,7 +119,10 @@ def _latencies(env: DaemonEnv, r: Result) -> None:
     reg = env.registry()
     env.push({names[0]: src[names[0]]})
     env.wait_serving({names[0]}, timeout=300)
-    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), CompositionLoader(), resync_s=0.2)
+    loader = CompositionLoader.from_config(
+        ArtifactsConfig(), default_dir=env.root / "artifacts", base_dir=env.root / "sampler"
+    )
+    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), loader, resync_s=0.2)
     swaps: list[tuple[float, tuple[str, ...]]] = []
     live._on_swap = lambda comp: swaps.append((time.time(), comp.sources if comp else ()))
     live.start()

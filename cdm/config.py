@@ -183,9 +183,7 @@ LIBRARY_SECTIONS: Mapping[str, Any] = {
 }
 
 
-def parse_library(
-    doc: Mapping[str, Any], *, origins: Mapping[str, Mapping[str, str]] | None = None
-) -> LibraryConfig:
+def parse_library(doc: Mapping[str, Any], *, origins: Mapping[str, Mapping[str, str]] | None = None) -> LibraryConfig:
     """The library sections of a parsed TOML document (other sections are the caller's)."""
     where = origins or {}
     built = {name: build(cls, doc.get(name), origins=where.get(name)) for name, cls in LIBRARY_SECTIONS.items()}

@@ -29,3 +29,12 @@ class MalformedArchive(DataError):
 class DataTooLarge(DataError):
     """Input data would exceed a configured size limit; detected from declared sizes, before it is decompressed
     or allocated."""
+
+
+class TrainingInterrupted(CdmError):
+    """Training stopped at a checkpoint because a stop was requested (warm shutdown); rerunning resumes it.
+    Nothing it would have registered was registered, and no forgetting receipt was written."""
+
+
+class SourceForgotten(CdmError):
+    """The source was forgotten (its tombstone is newer than the data at hand): nothing of it is trained."""

@@ -84,7 +84,7 @@ def attribute_images(
     if not isinstance(denoiser, ComposedDenoiser):
         raise ConfigError(
             f"image attribution reads a router's posterior; this composition is of the {denoiser.kind!r} routing kind, "
-            "which has no router (use a registry or store with [router] kind = \"learnt\")"
+            'which has no router (use a registry or store with [router] kind = "learnt")'
         )
     model = denoiser.model_config
     if images.dtype != np.uint8:

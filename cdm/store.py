@@ -1,33 +1,56 @@
-"""LocalStore: the offline artifact store (a directory), the embedded default with no services.
+"""LocalStore: the offline store (a directory), the embedded default with no services.
 
-Layout (docs/architecture.md): store.json, compartments/<source>/, router/, data/<source>.npz, work/<source>/
-(resume checkpoints), receipts/ (forgetting receipts).
+It runs the same lifecycle as the daemon (``cdm.lifecycle``) over a JSON catalogue and a local artifact store::
+
+    STORE/store.json                      format and [model] of the store
+    STORE/catalogue.json                  the catalogue (LocalCatalogue): compartments, router, tombstones, receipts
+    STORE/compartments/<source>@v<n>/     a compartment (unet/ + manifest.json)
+    STORE/routers/<router id>/            the learnt router
+    STORE/data/<source>/<fingerprint>.npz the kept copy of a source's data (router retraining, forget-samples)
+    STORE/work/<source>-<fp16>/           resume checkpoints while training
+    STORE/journal/<request id>.json       forget requests in progress (a rerun finishes them)
+    STORE/receipts/<ms>-<source>.json     forgetting receipts (one per request)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cdm.artifacts import read_json, remove_tree, write_json
+from cdm.artifacts import DirectoryStore, StoredFile, confined_path, read_json, stored_files_from_dict, write_json
 from cdm.compartment import Compartment, CompartmentManifest
 from cdm.compose import ComposedDenoiser, Mode, Vectorize
 from cdm.config import ModelConfig, RouterConfig, TrainConfig, build, to_dict
-from cdm.data import SourceData, fingerprint, load_npz, save_npz
+from cdm.data import SourceData, fingerprint, load_npz
 from cdm.errors import ConfigError, DataError, StoreError
+from cdm.lifecycle import (
+    Entry,
+    ForgetReceipt,
+    Lifecycle,
+    RouterEntry,
+    RouterKind,
+    Tombstone,
+    compartment_prefix,
+    data_key,
+    router_prefix,
+    source_of,
+)
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
-from cdm.routing import Router, RouterManifest, RouterResult, load_router, save_router, train_router
-from cdm.training import TrainResult, clear_train_state, train_compartment
+from cdm.routing import Router, RouterManifest, RouterResult, load_router
+from cdm.training import TrainResult
 
 SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FORMAT = 2  # 1: compartments/<source>/, router/, data/<source>.npz (before the shared lifecycle)
+
+__all__ = ["FORMAT", "ForgetReceipt", "LocalCatalogue", "LocalStore", "check_source_name"]
 
 
 def check_source_name(name: str) -> str:
@@ -39,34 +62,258 @@ def check_source_name(name: str) -> str:
     return name
 
 
-@dataclass(frozen=True)
-class ForgetReceipt:
-    """Proof of what a forgetting request deleted and what it left untouched."""
+# --------------------------------------------------------------------------------------------- the catalogue
 
-    kind: str  # "source" or "samples"
-    source: str
-    fingerprint: str  # data fingerprint that was forgotten (before)
-    n_samples_removed: int
-    deleted_files: list[str]
-    untouched: dict[str, str]  # other compartments -> sha256 of their weights (unchanged)
-    router_sha256_before: str | None
-    router_sha256_after: str | None
-    new_fingerprint: str | None = None  # for "samples": the retrained compartment's data
-    seconds: float = 0.0
-    created_at: float = field(default_factory=time.time)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def _files_doc(files: Mapping[str, StoredFile]) -> dict[str, dict[str, Any]]:
+    return {rel: dataclasses.asdict(f) for rel, f in files.items()}
+
+
+class LocalCatalogue:
+    """A ``cdm.lifecycle.Catalogue`` kept in one JSON file (rewritten atomically on every change), with forget
+    journals as files in ``journal/`` and receipts in ``receipts/`` beside it. One process at a time."""
+
+    def __init__(self, path: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.root = self.path.parent
+        self._clock = clock
+        if self.path.exists():
+            self._doc: dict[str, Any] = read_json(self.path)
+        else:
+            self._doc = {"format": 1, "epoch": 0, "versions": {}, "compartments": {}, "fingerprints": {}}
+            self._doc.update(router=None, tombstones={}, receipts={}, staged={})
+        if self._doc.get("format") != 1:
+            raise StoreError(f"{self.path} has catalogue format {self._doc.get('format')!r}; this cdm reads 1")
+
+    def _save(self) -> None:
+        write_json(self.path, self._doc)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._doc["epoch"])
+
+    def _entry(self, cid: str) -> Entry:
+        r = self._doc["compartments"][cid]
+        return Entry(
+            compartment_id=cid,
+            source=r["source"],
+            status=r["status"],
+            fingerprint=r.get("fingerprint", ""),
+            n_samples=int(r.get("n_samples", 0)),
+            files=stored_files_from_dict(r.get("files", {})),
+            lineage=r.get("lineage", {}),
+            prior=float(r.get("prior", 0.0)),
+        )
+
+    # -- staged data (offline only: `cdm train` stages, then trains)
+
+    def stage(self, source: str, fp: str) -> None:
+        self._doc["staged"][source] = fp
+        self._save()
+
+    def staged(self) -> dict[str, str]:
+        return dict(self._doc["staged"])
+
+    # -- the Catalogue protocol
+
+    def active(self) -> list[Entry]:
+        return [
+            self._entry(c)
+            for c in sorted(self._doc["compartments"])
+            if self._doc["compartments"][c]["status"] == "active"
+        ]
+
+    def versions(self, source: str) -> list[Entry]:
+        n = int(self._doc["versions"].get(source, 0))
+        return [self._entry(f"{source}@v{v}") for v in range(1, n + 1) if f"{source}@v{v}" in self._doc["compartments"]]
+
+    def router(self) -> RouterEntry | None:
+        r = self._doc["router"]
+        if r is None:
+            return None
+        return RouterEntry(
+            router_id=r["router_id"],
+            compartment_ids=tuple(r["compartment_ids"]),
+            files=stored_files_from_dict(r["files"]),
+            artifact_uri=r.get("artifact_uri", ""),
+            trained_at_epoch=int(r.get("trained_at_epoch", 0)),
+            metrics=r.get("metrics", {}),
+        )
+
+    def begin_training(self, source: str, fingerprint: str, lineage: Mapping[str, Any]) -> Entry:
+        comps = self._doc["compartments"]
+        existing = self._doc["fingerprints"].get(source, {}).get(fingerprint)
+        if existing is not None and comps.get(existing, {}).get("status") in ("training", "active"):
+            return self._entry(existing)
+        version = int(self._doc["versions"].get(source, 0)) + 1
+        cid = f"{source}@v{version}"
+        now = self._clock()
+        for other in self.versions(source):
+            if other.status == "training":
+                comps[other.compartment_id].update(status="retired", retired_reason=f"superseded by {cid}")
+        comps[cid] = {
+            "source": source,
+            "status": "training",
+            "fingerprint": fingerprint,
+            "lineage": json.loads(json.dumps(dict(lineage))),
+            "created_at": now,
+        }
+        self._doc["versions"][source] = version
+        self._doc["fingerprints"].setdefault(source, {})[fingerprint] = cid
+        self._save()
+        return self._entry(cid)
+
+    def activate(
+        self,
+        compartment_id: str,
+        *,
+        artifact_uri: str,
+        files: Mapping[str, StoredFile],
+        prior: float,
+        class_counts: Sequence[int],
+        n_samples: int,
+        train_metrics: Mapping[str, Any],
+    ) -> Entry:
+        comps = self._doc["compartments"]
+        record = comps.get(compartment_id)
+        if record is None:
+            raise StoreError(f"no compartment {compartment_id!r} in {self.path}")
+        if record["status"] == "active":
+            return self._entry(compartment_id)
+        if record["status"] == "retired":
+            raise StoreError(f"{compartment_id} is retired ({record.get('retired_reason')}); it cannot be activated")
+        for other in self.versions(record["source"]):
+            if other.status == "active":
+                comps[other.compartment_id].update(status="retired", retired_reason=f"replaced by {compartment_id}")
+        record.update(
+            status="active",
+            artifact_uri=artifact_uri,
+            files=_files_doc(files),
+            prior=float(prior),
+            class_counts=list(class_counts),
+            n_samples=int(n_samples),
+            train_metrics=json.loads(json.dumps(dict(train_metrics))),
+            updated_at=self._clock(),
+        )
+        self._doc["staged"].pop(record["source"], None)
+        self._doc["epoch"] += 1
+        self._save()
+        return self._entry(compartment_id)
+
+    def set_router(self, router: RouterEntry, *, priors: Mapping[str, float]) -> None:
+        for cid, prior in priors.items():
+            if self._doc["compartments"].get(cid, {}).get("status") == "active":
+                self._doc["compartments"][cid]["prior"] = float(prior)
+        self._doc["router"] = {
+            "router_id": router.router_id,
+            "compartment_ids": list(router.compartment_ids),
+            "files": _files_doc(router.files),
+            "artifact_uri": router.artifact_uri,
+            "trained_at_epoch": self.epoch,
+            "metrics": json.loads(json.dumps(dict(router.metrics))),
+        }
+        self._doc["epoch"] += 1
+        self._save()
+
+    def clear_router(self) -> None:
+        if self._doc["router"] is not None:
+            self._doc["router"] = None
+            self._doc["epoch"] += 1
+            self._save()
+
+    def forget_source(self, source: str, *, request_id: str, files_sha256: Sequence[str]) -> Tombstone:
+        existing = self.tombstone(source)
+        if existing is not None and existing.request_id == request_id:
+            return existing
+        comps = self._doc["compartments"]
+        live = [v for v in self.versions(source) if v.status != "retired"]
+        for v in self.versions(source):
+            record = comps[v.compartment_id]
+            record.pop("fingerprint", None)
+            record.pop("lineage", None)
+            if v.status != "retired":
+                record.update(status="retired", retired_reason=f"forgotten: {request_id}")
+        self._doc["fingerprints"].pop(source, None)
+        self._doc["staged"].pop(source, None)
+        if any(v.status == "active" for v in live):
+            self._doc["epoch"] += 1
+        tomb = Tombstone(
+            source=source,
+            forgotten_at=self._clock(),
+            request_id=request_id,
+            epoch=self.epoch,
+            files_sha256=tuple(sorted(set(files_sha256))),
+            compartment_ids=tuple(v.compartment_id for v in live),
+        )
+        self._doc["tombstones"][source] = dataclasses.asdict(tomb)
+        self._save()
+        return tomb
+
+    def scrub(self, compartment_id: str) -> None:
+        record = self._doc["compartments"][compartment_id]
+        if record["status"] != "retired":
+            raise StoreError(f"{compartment_id} is {record['status']}; only retired compartments are scrubbed")
+        fp = record.pop("fingerprint", None)
+        record.pop("lineage", None)
+        fps = self._doc["fingerprints"].get(record["source"], {})
+        if fp is not None and fps.get(fp) == compartment_id:
+            del fps[fp]
+        self._save()
+
+    def tombstone(self, source: str) -> Tombstone | None:
+        t = self._doc["tombstones"].get(source)
+        if t is None:
+            return None
+        return Tombstone(
+            **{**t, "files_sha256": tuple(t["files_sha256"]), "compartment_ids": tuple(t["compartment_ids"])}
+        )
+
+    def _journal_path(self, request_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", request_id) or request_id.startswith("."):
+            raise StoreError(f"request id {request_id!r} cannot name a journal file; use letters, digits, . _ : -")
+        return self.root / "journal" / f"{request_id}.json"
+
+    def journal(self, request_id: str) -> dict[str, Any] | None:
+        path = self._journal_path(request_id)
+        return dict(read_json(path)) if path.exists() else None
+
+    def save_journal(self, request_id: str, doc: Mapping[str, Any]) -> None:
+        write_json(self._journal_path(request_id), dict(doc))
+
+    def journals(self) -> list[dict[str, Any]]:
+        d = self.root / "journal"
+        return [dict(read_json(p)) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
+
+    def put_receipt(self, receipt: ForgetReceipt) -> bool:
+        if receipt.request_id in self._doc["receipts"]:
+            return False
+        name = f"{int(receipt.completed_at * 1000)}-{receipt.source}.json"
+        write_json(self.root / "receipts" / name, receipt.to_dict())
+        self._doc["receipts"][receipt.request_id] = name
+        self._save()
+        return True
+
+    def receipt(self, request_id: str) -> ForgetReceipt | None:
+        name = self._doc["receipts"].get(request_id)
+        return ForgetReceipt.from_dict(read_json(self.root / "receipts" / name)) if name else None
+
+
+# --------------------------------------------------------------------------------------------- the store
 
 
 class LocalStore:
-    """A directory holding compartments, the router and staged source data."""
+    """A directory holding compartments, the router and kept source data, run by ``cdm.lifecycle``."""
 
     def __init__(self, root: Path | str, *, model: ModelConfig | None = None) -> None:
         self.root = Path(root)
         meta = self.root / "store.json"
         if meta.exists():
             doc = read_json(meta)
+            if doc.get("format") != FORMAT:
+                raise StoreError(
+                    f"{self.root} is a format-{doc.get('format')} store; this cdm reads format {FORMAT} (compartments "
+                    "by id, kept data by fingerprint). Train into a new --store directory."
+                )
             stored = build(ModelConfig, doc["model"])
             if model is not None and model != stored:
                 raise StoreError(
@@ -76,46 +323,98 @@ class LocalStore:
             self.model = stored
         else:
             self.model = model or ModelConfig()
-            write_json(meta, {"format": 1, "model": to_dict(self.model)})
+            write_json(meta, {"format": FORMAT, "model": to_dict(self.model)})
+        self.artifacts = DirectoryStore(self.root.resolve())
+        self.catalogue = LocalCatalogue(self.root / "catalogue.json")
 
     @property
     def num_classes(self) -> int:
         return self.model.num_classes
 
-    # -- paths ----------------------------------------------------------------------------------
+    def lifecycle(
+        self,
+        *,
+        train: TrainConfig | None = None,
+        router: RouterConfig | None = None,
+        router_kind: RouterKind = "learnt",
+        progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+        on_step: Callable[[int, float], None] | None = None,
+        after_step: Callable[[str], None] | None = None,
+    ) -> Lifecycle:
+        """The shared lifecycle over this store (the daemon's worker runs the same one over the registry)."""
+        step = None
+        if on_step is not None:
+            callback = on_step
+
+            def step(source: str, i: int, steps: int, loss: float) -> None:
+                callback(i, loss)
+
+        return Lifecycle(
+            self.catalogue,
+            self.artifacts,
+            model=self.model,
+            train=train or TrainConfig(),
+            router=router or RouterConfig(),
+            work_root=self.root,
+            router_kind=router_kind,
+            trainer_id="offline",
+            progress=progress,
+            should_stop=should_stop,
+            on_step=step,
+            after_step=after_step,
+        )
+
+    # -- paths and queries -----------------------------------------------------------------------
+    def _current(self, name: str) -> Entry | None:
+        return next((e for e in self.catalogue.active() if e.source == check_source_name(name)), None)
+
+    def _local(self, key: str) -> Path:
+        return confined_path(self.artifacts.url(key), self.artifacts.root)
+
     def compartment_dir(self, name: str) -> Path:
-        return self.root / "compartments" / check_source_name(name)
+        """The directory of the newest version of ``name`` (it does not exist once forgotten)."""
+        versions = self.catalogue.versions(check_source_name(name))
+        if not versions:
+            return self.root / "compartments" / name
+        return self._local(compartment_prefix(versions[-1].compartment_id))
 
     def data_path(self, name: str) -> Path:
-        return self.root / "data" / f"{check_source_name(name)}.npz"
-
-    def work_dir(self, name: str) -> Path:
-        return self.root / "work" / check_source_name(name)
+        """The kept data file of ``name`` (its staged or active data; it does not exist once forgotten)."""
+        current = self._current(name)
+        fp = self.catalogue.staged().get(name) or (current.fingerprint if current else "")
+        return self._local(data_key(name, fp)) if fp else self.root / "data" / check_source_name(name)
 
     @property
     def router_dir(self) -> Path:
-        return self.root / "router"
+        router = self.catalogue.router()
+        return self._local(router_prefix(router.router_id)) if router else self.root / "routers"
 
-    # -- queries ---------------------------------------------------------------------------------
     def sources(self) -> list[str]:
-        """Sources with a trained compartment, sorted by name."""
-        d = self.root / "compartments"
-        return sorted(p.name for p in d.iterdir() if (p / "manifest.json").exists()) if d.exists() else []
+        """Sources with an active compartment, sorted by name."""
+        return sorted(e.source for e in self.catalogue.active())
 
     def staged(self) -> list[str]:
-        d = self.root / "data"
-        return sorted(p.stem for p in d.glob("*.npz")) if d.exists() else []
+        return sorted(set(self.catalogue.staged()) | set(self.sources()))
 
     def manifest(self, name: str) -> CompartmentManifest:
-        return CompartmentManifest.from_dict(read_json(self.compartment_dir(name) / "manifest.json"))
+        """The compartment's manifest, with its prior as the catalogue records it (the artifact is never edited)."""
+        current = self._current(name)
+        if current is None:
+            raise StoreError(f"no trained compartment {name!r} in {self.root}; known: {self.sources()}")
+        manifest = CompartmentManifest.from_dict(
+            read_json(self._local(compartment_prefix(current.compartment_id)) / "manifest.json")
+        )
+        return dataclasses.replace(manifest, prior=current.prior or None)
 
     def router_manifest(self) -> RouterManifest | None:
-        p = self.router_dir / "manifest.json"
-        return RouterManifest(**read_json(p)) if p.exists() else None
+        router = self.catalogue.router()
+        return RouterManifest(**read_json(self.router_dir / "manifest.json")) if router else None
 
     # -- data ------------------------------------------------------------------------------------
     def stage_data(self, name: str, data: SourceData) -> Path:
         """Keep a copy of the source's data (the router is retrained from it; forgetting deletes it)."""
+        check_source_name(name)
         if data.labels is not None and self.num_classes and int(data.labels.max()) >= self.num_classes:
             raise DataError(
                 f"source {name!r} has label {int(data.labels.max())} but the store has num_classes = "
@@ -126,21 +425,22 @@ class LocalStore:
                 f"source {name!r} has {data.images.shape[-1]} channel(s); this store expects "
                 f"{self.model.in_channels} ([model] in_channels)"
             )
-        path = self.data_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_npz(path, data)
-        return path
+        fp = fingerprint(data)
+        self.lifecycle(progress=False).keep_data(name, data, fp)
+        self.catalogue.stage(name, fp)
+        return self._local(data_key(name, fp))
 
     def load_data(self, name: str) -> SourceData:
         path = self.data_path(name)
-        if not path.exists():
+        if not path.is_file():
             raise StoreError(f"no staged data for source {name!r} in {self.root}; stage it with `cdm train --source`")
         return load_npz(path)
 
     # -- training --------------------------------------------------------------------------------
     def is_trained(self, name: str, fp: str) -> bool:
         """True if the compartment for ``name`` exists and was trained on data with fingerprint ``fp``."""
-        return name in self.sources() and self.manifest(name).fingerprint == fp
+        current = self._current(name)
+        return current is not None and current.fingerprint == fp
 
     def train_compartment(
         self,
@@ -151,64 +451,50 @@ class LocalStore:
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
     ) -> TrainResult:
-        """Train (or resume) the compartment of a staged source and save it durably."""
+        """Train (or resume) the compartment of a staged source and register it (the shared train plan)."""
         data = self.load_data(name)
-        result = train_compartment(
-            name,
-            data,
-            model=self.model,
-            train=train,
-            num_classes=self.num_classes,
-            workdir=self.work_dir(name),
-            progress=progress,
-            should_stop=should_stop,
-            on_step=on_step,
-        )
-        if result.compartment is not None:
-            result.compartment.save(self.compartment_dir(name))
-            clear_train_state(self.work_dir(name))
-            remove_tree(self.work_dir(name))
-        return result
+        lc = self.lifecycle(train=train, progress=progress, should_stop=should_stop, on_step=on_step)
+        outcome = lc.train(name, data, lineage={"source": name, "staged": str(self.data_path(name))})
+        if outcome.result is None:  # this data is trained already
+            return TrainResult(None, False, 0, float("nan"), 0.0, 0)
+        return outcome.result
 
     def train_router(
-        self, cfg: RouterConfig, *, progress: bool = True, should_stop: Callable[[], bool] | None = None
+        self,
+        cfg: RouterConfig,
+        *,
+        progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+        router_kind: RouterKind = "learnt",
     ) -> RouterResult | None:
         """Retrain the router over every trained source (None and no router when the store is empty)."""
-        names = self.sources()
-        if not names:
-            remove_tree(self.router_dir)
-            return None
-        datasets = {n: self.load_data(n) for n in names}
-        result = train_router(
-            datasets,
-            model=self.model,
-            router=cfg,
-            num_classes=self.num_classes,
-            progress=progress,
-            should_stop=should_stop,
-        )
-        manifest = save_router(result.router, result.manifest, self.router_dir)
-        # record lambda_i = n_i / N in each compartment's manifest (metadata only: weights are untouched)
-        for name, prior in zip(names, result.report.priors, strict=True):
-            m = dataclasses.replace(self.manifest(name), prior=prior)
-            write_json(self.compartment_dir(name) / "manifest.json", m.to_dict())
-        return dataclasses.replace(result, manifest=manifest)
+        outcome = self.lifecycle(router=cfg, progress=progress, should_stop=should_stop, router_kind=router_kind)
+        result = outcome.retrain_router()
+        return result.result if result is not None else None
 
     # -- loading and sampling ------------------------------------------------------------------------
     def load_compartment(self, name: str, *, device: str | torch.device = "cpu") -> Compartment:
-        return Compartment.load(self.compartment_dir(name), device=device)
+        current = self._current(name)
+        if current is None:
+            raise StoreError(f"no trained compartment {name!r} in {self.root}; known: {self.sources()}")
+        directory = self._local(compartment_prefix(current.compartment_id))
+        return Compartment.load(directory, device=device, expected_sha256=_manifest_sha(current.files))
+
+    def _router(self, *, device: str | torch.device = "cpu") -> tuple[Router, list[str]]:
+        router = self.catalogue.router()
+        if router is None:
+            raise StoreError(f"{self.root} has no router; run `cdm train --store {self.root}` first")
+        active = [e.compartment_id for e in self.catalogue.active()]
+        if sorted(router.compartment_ids) != sorted(active):
+            raise StoreError(
+                f"the router in {self.root} was trained on {list(router.compartment_ids)} but the store holds "
+                f"{active}; retrain it with `cdm train --store {self.root}`"
+            )
+        model, _ = load_router(self.router_dir, device=device, expected_sha256=_manifest_sha(router.files))
+        return model, [source_of(c) for c in router.compartment_ids]
 
     def load_router(self, *, device: str | torch.device = "cpu") -> Router:
-        if not (self.router_dir / "manifest.json").exists():
-            raise StoreError(f"{self.root} has no router; run `cdm train --store {self.root}` first")
-        router, manifest = load_router(self.router_dir, device=device)
-        stale = sorted(set(manifest.source_names) ^ set(self.sources()))
-        if stale:
-            raise StoreError(
-                f"the router in {self.root} was trained on {manifest.source_names} but the store holds "
-                f"{self.sources()}; retrain it with `cdm train --store {self.root}`"
-            )
-        return router
+        return self._router(device=device)[0]
 
     def composed(
         self,
@@ -222,9 +508,18 @@ class LocalStore:
         names = self.sources()
         if not names:
             raise StoreError(f"{self.root} holds no compartments; train some with `cdm train`")
-        router = self.load_router(device=device)
+        router, router_names = self._router(device=device)
         comps = [self.load_compartment(n, device=device) for n in names]
-        return ComposedDenoiser(comps, router, names, mode=mode, top_k=top_k, subset=subset, vectorize=vectorize)
+        return ComposedDenoiser(
+            comps,
+            router,
+            names,
+            router_names=router_names,
+            mode=mode,
+            top_k=top_k,
+            subset=subset,
+            vectorize=vectorize,
+        )
 
     def pipeline(
         self, *, device: str | torch.device = "cpu", scheduler: str = "dpm", vectorize: Vectorize = "auto"
@@ -234,76 +529,51 @@ class LocalStore:
         )
 
     # -- forgetting ------------------------------------------------------------------------------
-    def _weights_sha(self, name: str) -> str:
-        return self.manifest(name).sha256.get("unet/diffusion_pytorch_model.safetensors", "")
+    def _request_id(self, kind: str, name: str, ids: Sequence[int]) -> str:
+        """The unfinished request of the same forget (a rerun after a crash finishes it), or a new id."""
+        want = sorted({int(i) for i in ids})
+        for doc in self.catalogue.journals():
+            same = (doc.get("kind"), doc.get("source"), doc.get("sample_ids")) == (kind, name, want)
+            if same and "receipt" not in doc.get("done", ()):
+                return str(doc["request_id"])
+        return uuid.uuid4().hex
 
-    def _router_sha(self) -> str | None:
-        m = self.router_manifest()
-        return m.sha256.get("diffusion_pytorch_model.safetensors") if m else None
-
-    def forget_source(self, name: str, router: RouterConfig, *, progress: bool = True) -> ForgetReceipt:
-        """Exact forgetting of a whole source: drop its compartment, data and checkpoints; retrain the router."""
-        started = time.perf_counter()
-        if name not in self.sources() and name not in self.staged():
-            raise StoreError(f"no source {name!r} in {self.root}; known: {self.sources()}")
-        fp = self.manifest(name).fingerprint if name in self.sources() else fingerprint(self.load_data(name))
-        n = self.manifest(name).n_samples if name in self.sources() else len(self.load_data(name))
-        router_before = self._router_sha()
-        deleted = remove_tree(self.compartment_dir(name)) + remove_tree(self.data_path(name))
-        deleted += remove_tree(self.work_dir(name))
-        untouched = {o: self._weights_sha(o) for o in self.sources()}
-        self.train_router(router, progress=progress)
-        return self._receipt(
-            ForgetReceipt(
-                kind="source",
-                source=name,
-                fingerprint=fp,
-                n_samples_removed=n,
-                deleted_files=deleted,
-                untouched=untouched,
-                router_sha256_before=router_before,
-                router_sha256_after=self._router_sha(),
-                seconds=time.perf_counter() - started,
-            )
-        )
+    def forget_source(
+        self,
+        name: str,
+        router: RouterConfig,
+        *,
+        progress: bool = True,
+        request_id: str | None = None,
+        after_step: Callable[[str], None] | None = None,
+    ) -> ForgetReceipt:
+        """Exact forgetting of a whole source: retire it, retrain the router, delete every artifact of it."""
+        known = {v.source for v in self.catalogue.active()} | set(self.catalogue.staged())
+        rid = request_id or self._request_id("forget-source", name, ())
+        if name not in known and self.catalogue.journal(rid) is None:
+            raise StoreError(f"no source {name!r} in {self.root}; known: {sorted(known)}")
+        lc = self.lifecycle(router=router, progress=progress, after_step=after_step)
+        return lc.forget_source(name, request_id=rid)
 
     def forget_samples(
-        self, name: str, ids: Sequence[int], train: TrainConfig, router: RouterConfig, *, progress: bool = True
+        self,
+        name: str,
+        ids: Sequence[int],
+        train: TrainConfig,
+        router: RouterConfig,
+        *,
+        progress: bool = True,
+        request_id: str | None = None,
+        after_step: Callable[[str], None] | None = None,
     ) -> ForgetReceipt:
-        """Exact forgetting of some samples: retrain only this source's compartment (from scratch) and the router."""
-        started = time.perf_counter()
-        data = self.load_data(name)
-        drop = np.isin(data.ids, np.asarray(list(ids), dtype=np.int64))
-        unknown = sorted(set(int(i) for i in ids) - set(int(i) for i in data.ids[drop]))
-        if unknown:
-            raise DataError(f"source {name!r} has no samples with ids {unknown[:10]}")
-        if drop.all():
-            return self.forget_source(name, router, progress=progress)
-        fp_before = fingerprint(data)
-        router_before = self._router_sha()
-        kept = data.subset(~drop)
-        deleted = remove_tree(self.compartment_dir(name)) + remove_tree(self.work_dir(name))
-        self.stage_data(name, kept)
-        untouched = {o: self._weights_sha(o) for o in self.sources()}
-        self.train_compartment(name, train, progress=progress)
-        self.train_router(router, progress=progress)
-        return self._receipt(
-            ForgetReceipt(
-                kind="samples",
-                source=name,
-                fingerprint=fp_before,
-                n_samples_removed=int(drop.sum()),
-                deleted_files=deleted,
-                untouched=untouched,
-                router_sha256_before=router_before,
-                router_sha256_after=self._router_sha(),
-                new_fingerprint=fingerprint(kept),
-                seconds=time.perf_counter() - started,
-            )
-        )
+        """Exact forgetting of some samples: retrain only this source's compartment (from scratch) and the router.
 
-    def _receipt(self, receipt: ForgetReceipt) -> ForgetReceipt:
-        write_json(
-            self.root / "receipts" / f"{int(receipt.created_at * 1000)}-{receipt.source}.json", receipt.to_dict()
-        )
-        return receipt
+        Ids the source does not hold are listed in the receipt; when none matches, nothing changes."""
+        rid = request_id or self._request_id("forget-samples", name, ids)
+        lc = self.lifecycle(train=train, router=router, progress=progress, after_step=after_step)
+        return lc.forget_samples(name, ids, request_id=rid)
+
+
+def _manifest_sha(files: Mapping[str, StoredFile]) -> dict[str, str]:
+    """The {rel: sha256} a manifest records (every file but the manifest itself)."""
+    return {rel: f.sha256 for rel, f in files.items() if rel != "manifest.json"}

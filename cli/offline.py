@@ -227,7 +227,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         from sampler.loader import load_live_composition
 
-        den, model_cfg = load_live_composition(cfg.redis, url=args.redis, device=device, vectorize=sc.vectorize)
+        den, model_cfg = load_live_composition(
+            cfg.redis,
+            cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+            url=args.redis,
+            default_dir=Path(cfg.daemon.artifact_dir),
+            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            device=device,
+            vectorize=sc.vectorize,
+        )
     pipe = CompartmentalPipeline(den, make_scheduler(args.scheduler or sc.scheduler, model_cfg))
     out = pipe(
         batch_size=args.n,

@@ -99,11 +99,19 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()
     sc = cfg.library.sample
+    swap_metrics = SwapMetrics(metrics_registry)
     live = LiveComposition(
         reader,
-        CompositionLoader(device=sc.device, vectorize=sc.vectorize),
+        CompositionLoader.from_config(
+            cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+            default_dir=Path(cfg.daemon.artifact_dir),
+            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            device=sc.device,
+            vectorize=sc.vectorize,
+            metrics=swap_metrics,
+        ),
         sample=sc,
-        metrics=SwapMetrics(metrics_registry),
+        metrics=swap_metrics,
         resync_s=cfg.serve.resync_s,
     )
     access = AccessRegistry(client, keys)
@@ -217,7 +225,15 @@ def cmd_attribute(args: argparse.Namespace) -> int:
     else:
         from sampler.loader import load_live_composition
 
-        den, _ = load_live_composition(cfg.redis, url=args.redis, device=device, vectorize=sc.vectorize)
+        den, _ = load_live_composition(
+            cfg.redis,
+            cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+            url=args.redis,
+            default_dir=Path(cfg.daemon.artifact_dir),
+            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+            device=device,
+            vectorize=sc.vectorize,
+        )
     res = attribute_images(
         den,
         image,

@@ -1,5 +1,5 @@
 """Helpers every package may import (stdlib and pydantic only, no first-party imports).
 
-    redact.py    URLs without credentials, secret fields masked, details bounded: for logs, errors, status pages
-    settings.py  config sections on pydantic v2 (frozen, strict, range-checked), their error messages, env overrides
+redact.py    URLs without credentials, secret fields masked, details bounded: for logs, errors, status pages
+settings.py  config sections on pydantic v2 (frozen, strict, range-checked), their error messages, env overrides
 """

@@ -116,7 +116,6 @@ def build(cls: type[T], table: object, *, origins: Mapping[str, str] | None = No
         _ORIGINS.reset(token)
 
 
-
 def replace(obj: T, **overrides: Any) -> T:
     """``dataclasses.replace`` that ignores ``None`` overrides (CLI flags that were not given); validated again."""
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -210,8 +209,6 @@ def _show(value: object) -> str:
     return bound(redact_text(repr(value)), _VALUE_SHOWN)
 
 
-
-
 # ------------------------------------------------------------------------------------------ the environment
 
 
@@ -297,4 +294,3 @@ def merge(*docs: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 out[sec] = dict(table) if isinstance(table, Mapping) else table
     return out
-

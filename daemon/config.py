@@ -67,10 +67,13 @@ def _check_topic(topic: str) -> str:
     return topic
 
 
+DAEMON_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # a registry key part (registry.keys)
+
+
 def _check_daemon_id(daemon_id: str) -> str:
-    if daemon_id and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,252}", daemon_id):
+    if daemon_id and not DAEMON_ID.fullmatch(daemon_id):
         raise ValueError(
-            "must be empty (the hostname-pid) or 1-253 characters of [A-Za-z0-9._:-] starting alphanumeric"
+            "must be empty (the hostname) or 1-128 characters of [A-Za-z0-9._:-] starting with a letter or digit"
         )
     return daemon_id
 
@@ -189,12 +192,11 @@ class KafkaConfig:
         return kwargs
 
 
-
 @section("daemon", error=ConfigError)
 class DaemonConfig:
     """``[daemon]``: where the daemon keeps files, its HTTP endpoint and its timing."""
 
-    # unique per replica; "" = "<hostname>-<pid>" chosen at start-up
+    # stable per replica ("" = the hostname, stable in a StatefulSet); two live daemons never share one
     daemon_id: Annotated[str, AfterValidator(_check_daemon_id)] = ""
     artifact_dir: NonEmpty = "store/artifacts"  # compartment and router artifacts (when [artifacts] url = "")
     spool_dir: NonEmpty = "store/spool"  # staged message chunks, durable before offsets are committed
@@ -227,6 +229,10 @@ class DaemonConfig:
     spool_max_bytes: Bytes = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
     ingest_retry_initial_s: Annotated[float, Field(gt=0, le=3600)] = 0.5  # first back-off after a broker/spool error
     ingest_retry_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # the back-off doubles up to this
+    # a source whose training failed this often is dropped (dead-lettered: training-failed)
+    job_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
+    job_retry_initial_s: Seconds = 5.0  # first back-off after a failed training/forget job (a Redis outage, ...)
+    job_retry_max_s: Seconds = 300.0  # the job back-off doubles per failure up to this (forget jobs retry forever)
 
     @model_validator(mode="after")
     def _check(self) -> DaemonConfig:
@@ -234,6 +240,11 @@ class DaemonConfig:
             raise ValueError(
                 f"daemon.ingest_retry_initial_s = {self.ingest_retry_initial_s} must be <= "
                 f"daemon.ingest_retry_max_s = {self.ingest_retry_max_s}"
+            )
+        if self.job_retry_initial_s > self.job_retry_max_s:
+            raise ValueError(
+                f"daemon.job_retry_initial_s = {self.job_retry_initial_s} must be <= "
+                f"daemon.job_retry_max_s = {self.job_retry_max_s}"
             )
         if self.spool_max_source_bytes > self.spool_max_bytes:
             raise ValueError(

@@ -8,8 +8,12 @@ record whose effect is not durable yet:
 
 * chunk and seal records of a source: once the source's compartment is registered (or the source dropped);
 * dead-lettered records: once the dead-letter topic acknowledged the copy;
-* control records: once the command completed;
-* records ignored because their source was forgotten: at once.
+* control records: once the command completed (or was dead-lettered after failing, ``control-failed``);
+* records ignored because their source was forgotten: at once. A source record is forgotten when this
+  replica's spool dropped its source at or after its offset, or when the registry's tombstone of the source
+  (written by whichever replica ran the forget) is newer than the record's timestamp or covers its offset;
+* records of a source that failed to train ``daemon.job_max_attempts`` times: once its seal's copy is in the
+  dead-letter topic (``training-failed``) and the source is dropped from the spool.
 
 The commit per partition is the contiguous prefix of such records. Redeliveries (after a crash or a
 rebalance) are harmless because the spool stages idempotently.
@@ -40,9 +44,10 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from cdm.lifecycle import Tombstone
 from common.redact import safe
 from daemon.metrics import Metrics
-from daemon.spool import Spool, SpoolState
+from daemon.spool import Spool, SpoolError, SpoolState
 from daemon.wire import (
     DEFAULT_MAX_CHUNKS,
     DEFAULT_MAX_DECODED_BYTES,
@@ -61,6 +66,7 @@ from daemon.wire import (
     WireMessage,
     decode_source_message,
     encode_dlq,
+    encode_seal,
 )
 from daemon.wire import decode_control as decode_control_default
 
@@ -234,6 +240,8 @@ class Ingestor:
         decode_source, decode_control: the record decoders (default: ``daemon.wire``'s with the limits above);
             any exception they raise dead-letters the record (WireError with its reason, others as
             ``decode-failed``).
+        tombstone: the registry's tombstone of a source (None: never forgotten); a source record it covers is
+            ignored and committed. A failure to read it is an infrastructure failure (rewind, back off).
     """
 
     def __init__(
@@ -257,6 +265,7 @@ class Ingestor:
         retry_max_s: float = 30.0,
         decode_source: Callable[[RecordLike], Chunk | Seal] | None = None,
         decode_control: Callable[[RecordLike], ControlCommand] | None = None,
+        tombstone: Callable[[str], Tombstone | None] | None = None,
     ) -> None:
         if consumer.config.get("enable_auto_commit"):
             raise ValueError("the ingest consumer must have enable_auto_commit=False (it commits durable work only)")
@@ -295,6 +304,9 @@ class Ingestor:
         self._problem: str | None = None  # the last infrastructure failure, until a poll succeeds
         self._failure_kind = ""  # "record" | "poll" | "dlq"
         self._dlq_retry: list[tuple[Origin, WireMessage, str]] = []  # copies to send again (origin, message, reason)
+        self._tombstone = tombstone
+        self._failed_sources: list[tuple[str, str]] = []  # (source, why) given up by the worker, to dead-letter
+        self._failed_controls: list[tuple[Origin, str]] = []  # (control record, why) given up by the worker
         spool.add_drop_listener(self.mark_source_dropped)
 
     # ------------------------------------------------------------------------------------------- lifecycle
@@ -351,6 +363,18 @@ class Ingestor:
         with self._lock:
             self._tracker.release(("control", Origin(*origin)))
 
+    def mark_training_failed(self, source: str, detail: str) -> None:
+        """(Any thread.) ``source`` failed to train for good: at the next poll its seal is dead-lettered as
+        ``training-failed``, then the source is dropped from the spool, which releases its records."""
+        with self._lock:
+            self._failed_sources.append((source, detail))
+
+    def mark_control_failed(self, origin: Origin, detail: str) -> None:
+        """(Any thread.) The control command read at ``origin`` failed for good: at the next poll a copy naming it
+        is dead-lettered as ``control-failed`` and the record becomes committable once that is acknowledged."""
+        with self._lock:
+            self._failed_controls.append((Origin(*origin), detail))
+
     # ------------------------------------------------------------------------------------------- polling
 
     def problem(self) -> str | None:
@@ -375,6 +399,8 @@ class Ingestor:
             return report
         if self._dlq_retry:
             self._resend_dead_letters(report)
+        if not report.failure:
+            self._dead_letter_given_up(report)
         if not report.failure:
             self._apply_pause()
             batches = self._poll(report, timeout_ms)
@@ -530,7 +556,7 @@ class Ingestor:
     ) -> None:
         message = self._decode(self._decode_source, record)
         source = message.source
-        if self._spool.forgotten(source, origin):
+        if self._spool.forgotten(source, origin) or self._tombstoned(source, record):
             with self._lock:
                 self._tracker.add(tp, origin.offset, epoch, None)
             self._accepted(record)
@@ -558,6 +584,19 @@ class Ingestor:
         sealed = not isinstance(message, Chunk) and state == SpoolState.SEALED
         if sealed and self._announce(source):
             report.sealed.append(source)
+
+    def _tombstoned(self, source: str, record: RecordLike) -> bool:
+        """The registry's tombstone of ``source`` covers this record: produced at or before the forget (its
+        timestamp), or at or below the last forgotten offset of its partition."""
+        if self._tombstone is None:
+            return False
+        tomb = self._tombstone(source)
+        if tomb is None:
+            return False
+        if record.offset <= tomb.through.get(f"{record.topic}:{record.partition}", -1):
+            return True
+        timestamp = getattr(record, "timestamp", None)
+        return isinstance(timestamp, int) and timestamp >= 0 and timestamp <= tomb.forgotten_at * 1000
 
     def _announce(self, source: str) -> bool:
         with self._lock:
@@ -626,6 +665,44 @@ class Ingestor:
         except KafkaError as exc:
             future = _Failed(exc)
         self._dlq_inflight.append((origin, future, message, reason))
+
+    def _dead_letter_given_up(self, report: PollReport) -> None:
+        """Dead-letter what the worker gave up on (sources that never trained, control commands that failed)."""
+        with self._lock:
+            sources, self._failed_sources = self._failed_sources, []
+            controls, self._failed_controls = self._failed_controls, []
+        for origin, detail in controls:
+            error = WireError("control-failed", detail)
+            tp = TopicPartition(origin.topic, origin.partition)
+            record = _Copy(origin.topic, origin.partition, origin.offset, b"", None, [])  # a record needs a key
+            self._send_dead_letter(record, tp, origin, error, report, rewait=True)
+        for i, (source, detail) in enumerate(sources):
+            try:
+                lineage = self._spool.lineage(source)
+            except SpoolError:  # dropped meanwhile (forgotten): nothing is left to dead-letter
+                self.mark_source_dropped(source)
+                continue
+            where = lineage.seal_origin or (lineage.chunks[-1].origin if lineage.chunks else None)
+            if lineage.seal is None or where is None:
+                self._spool.drop(source)
+                continue
+            seal = encode_seal(lineage.seal)
+            record = _Copy(where.topic, where.partition, where.offset, seal.key, seal.value, seal.headers)
+            error = WireError("training-failed", detail)
+            log.warning("dead-lettering the seal of %s: training-failed: %s", source, detail[:500])
+            message = encode_dlq(record, error, max_record_bytes=self._config.max_message_bytes)
+            try:
+                self._dlq.send(
+                    self._config.dlq_topic, key=message.key, value=message.value, headers=message.headers
+                ).get(timeout=self._dlq_timeout_s)
+            except Exception as exc:  # retried at the next poll, after the back-off
+                with self._lock:
+                    self._failed_sources[:0] = sources[i:]
+                self._infra_failure("dlq", f"dead-lettering the seal of {source} failed: {exc}", report)
+                return
+            report.rejected["training-failed"] = report.rejected.get("training-failed", 0) + 1
+            self._metrics.dlq_messages.labels(reason="training-failed").inc()
+            self._spool.drop(source)  # its records are released (drop listener); redeliveries are ignored
 
     def _resend_dead_letters(self, report: PollReport) -> None:
         pending, self._dlq_retry = self._dlq_retry, []
@@ -699,6 +776,18 @@ class Ingestor:
         """Records consumed whose offsets wait (for a registration, a command or the dead-letter topic)."""
         with self._lock:
             return self._tracker.pending()
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """A record rebuilt from what the daemon kept (for dead-lettering after the original was handled)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
 
 
 class _Failed:

@@ -80,7 +80,11 @@ class Jobs:
                 log.warning("could not seal idle source %s: %s", source, exc)
 
     def router_check(self) -> None:
-        """Retrain the router (debounced, one replica) when it does not cover exactly the active compartments."""
+        """Retrain the router (debounced, one replica) when it does not cover exactly the active compartments.
+
+        Only a learnt router is trained; ``[router] kind = "density"`` needs none."""
+        if self.worker.router_kind != "learnt":
+            return
         snap = self.registry.snapshot()
         routed = set(snap.router.compartment_ids) if snap.router else set()
         active = set(snap.compartment_ids)

@@ -11,14 +11,14 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sampler.metrics import SamplerMetrics
+
 TRAINING_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
-HOTSWAP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-SAMPLING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 FORGETTING_BUCKETS = (0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
-class Metrics:
-    """The daemon's metrics.
+class Metrics(SamplerMetrics):
+    """The daemon's metrics (with those of the composition it serves, ``sampler.metrics.SamplerMetrics``).
 
     Args:
         registry: where to register (a fresh ``CollectorRegistry()`` per daemon or test; never the global
@@ -28,7 +28,7 @@ class Metrics:
     """
 
     def __init__(self, registry: CollectorRegistry, *, dlq_reasons: Iterable[str] = ()) -> None:
-        self.registry = registry
+        super().__init__(registry)
         # -- ingest
         self.messages_ingested = Counter(
             "cdm_messages_ingested", "Kafka records accepted (staged or applied).", registry=registry
@@ -80,25 +80,8 @@ class Metrics:
         self.compartments_active = Gauge(
             "cdm_compartments_active", "Compartments in the active composition.", registry=registry
         )
-        self.registry_epoch = Gauge(
-            "cdm_registry_epoch", "Registry epoch of the loaded composition.", registry=registry
-        )
-        self.hotswap_seconds = Histogram(
-            "cdm_hotswap_seconds",
-            "Time from noticing a new epoch to serving the new composition.",
-            buckets=HOTSWAP_BUCKETS,
-            registry=registry,
-        )
-        self.hotswap_failures = Counter(
-            "cdm_hotswap_failures",
-            "Hot swaps that failed to load (the previous composition kept serving).",
-            registry=registry,
-        )
         self.router_accuracy = Gauge(
             "cdm_router_accuracy", "Held-out accuracy of the active router (0..1).", registry=registry
-        )
-        self.sampling_seconds = Histogram(
-            "cdm_sampling_seconds", "Wall time of one sampling request.", buckets=SAMPLING_BUCKETS, registry=registry
         )
         self.forgetting_seconds = Histogram(
             "cdm_forgetting_seconds",

@@ -1,7 +1,7 @@
 """The daemon: services started in a declared order, stopped in reverse, warm then cold shutdown.
 
     Service(cfg)   builds every part; nothing connects yet (only the spool opens: it locks its directory, recovers)
-    run():  start-up steps, in order: redis -> heartbeat -> http -> readiness -> spool -> training worker -> hot swap ->
+    run():  start-up steps, in order: redis -> identity -> http -> readiness -> spool -> training worker -> hot swap ->
             kafka -> scheduler
               (each step starts one service and returns the function that stops it)
       -> loop: poll Kafka (paused while a compartment trains, so the group keeps us)
@@ -13,11 +13,11 @@ next step, nothing unregistered is committed. A second signal exits at once (col
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -35,19 +35,24 @@ from prometheus_client import CollectorRegistry
 import cdm
 from api.health import Readiness, create_health_app
 from api.server import AppServer
+from cdm.artifacts import ArtifactStore, open_store
+from cdm.lifecycle import Tombstone
 from cdm.training import check_trainable
 from common.redact import redact_url, safe
+from daemon.catalogue import tombstone_of
 from daemon.config import AppConfig, KafkaConfig, SchedulerConfig
 from daemon.errors import ColdShutdown, RegistryUnavailable, ShutdownRequested
+from daemon.identity import default_daemon_id, holder_is_dead, process_identity
 from daemon.ingest import Ingestor
 from daemon.jobs import Jobs, build_scheduler
 from daemon.metrics import Metrics
 from daemon.readiness import ReadinessCache
 from daemon.spool import Spool, SpoolLimits
 from daemon.wire import ControlCommand, Origin
-from daemon.worker import ArtifactLayout, Job, Notices, TrainingWorker
+from daemon.worker import Job, Notices, RetryPolicy, TrainingWorker
 from registry.client import connect
 from registry.coordination import Coordinator
+from registry.errors import IdentityInUse
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from registry.writer import Registry
@@ -78,8 +83,9 @@ class Started:
 # ------------------------------------------------------------------------------------------ start-up steps
 
 
-def start_redis(client: redis.Redis, url: str) -> Stop:
-    """Fail fast when the registry's Redis is unreachable; closing the client is the stop."""
+def start_redis(client: redis.Redis, url: str, registry: Registry, routing: str) -> Stop:
+    """Fail fast when the registry's Redis is unreachable; publish this daemon's ``[router] kind`` as the registry's
+    routing kind (readers compose by it); closing the client is the stop."""
     try:
         client.ping()
     except redis.RedisError as exc:
@@ -88,14 +94,30 @@ def start_redis(client: redis.Redis, url: str) -> Stop:
             f"cannot reach the registry's Redis at {redact_url(url)}: {safe(exc)}; check [redis] url, "
             "its credentials (CDM_REDIS__PASSWORD) and the network"
         ) from None
+    registry.set_routing(routing)
     return client.close
 
 
-def start_heartbeat(
-    coordinator: Coordinator, daemon_id: str, ttl_s: float, info: Callable[[], Mapping[str, Any]]
+def start_identity(
+    coordinator: Coordinator,
+    daemon_id: str,
+    ttl_s: float,
+    info: Callable[[], Mapping[str, Any]],
+    me: Mapping[str, Any],
 ) -> Stop:
-    """Announce this daemon (the scheduler refreshes it); the stop removes it so others see us gone at once."""
-    coordinator.heartbeat(daemon_id, ttl_s, info())
+    """Claim this replica's identity and announce it (the scheduler refreshes the heartbeat); then take back the
+    locks a dead predecessor under the same id still held. Refuses (IdentityInUse) while another live process
+    holds the id. The stop removes the heartbeat so others see us gone at once."""
+    predecessor = coordinator.claim_identity(
+        daemon_id, ttl_s, info(), holder_is_dead=lambda holder: holder_is_dead(holder, me)
+    )
+    if predecessor is not None:
+        log.warning(
+            "daemon id %s: replaced the heartbeat of a dead predecessor (pid %s)", daemon_id, predecessor.get("pid")
+        )
+    released = coordinator.release_locks(daemon_id)
+    if released:
+        log.warning("daemon id %s: took back %d lock(s) of a previous run: %s", daemon_id, len(released), released)
     return lambda: coordinator.clear_heartbeat(daemon_id)
 
 
@@ -152,6 +174,8 @@ class KafkaIngest:
         lag_interval_s: how often the consumer lag is exported.
         retry_initial_s: first back-off after a broker or spool I/O failure (doubling per failure)...
         retry_max_s: ...up to this.
+        tombstone: the registry tombstone of a source, None if it was never forgotten (records older than it
+            are ignored).
     """
 
     def __init__(
@@ -170,6 +194,7 @@ class KafkaIngest:
         lag_interval_s: float,
         retry_initial_s: float,
         retry_max_s: float,
+        tombstone: Callable[[str], Tombstone | None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
@@ -184,6 +209,7 @@ class KafkaIngest:
         self.lag_interval_s = lag_interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.tombstone = tombstone
         self._ingestor: Ingestor | None = None  # the clients connect when built, so only start() builds them
 
     def start(self) -> Stop:
@@ -207,6 +233,7 @@ class KafkaIngest:
             lag_interval_s=self.lag_interval_s,
             retry_initial_s=self.retry_initial_s,
             retry_max_s=self.retry_max_s,
+            tombstone=self.tombstone,
         )
         self._ingestor = ingestor
 
@@ -247,7 +274,8 @@ class Service:
         self, cfg: AppConfig, *, metrics_registry: CollectorRegistry | None = None, progress: bool = False
     ) -> None:
         self.cfg = cfg
-        self.daemon_id = cfg.daemon.daemon_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.daemon_id = cfg.daemon.daemon_id or default_daemon_id()
+        self.identity = process_identity()  # host, pid, boot id, start time, nonce: in every heartbeat
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.progress = progress
         self.started = threading.Event()
@@ -265,7 +293,8 @@ class Service:
             self.check_readiness,
             cfg.daemon.readiness_refresh_s,
             # a check blocked on a Redis timeout (connect + command) is not yet "stuck"
-            stale_after_s=3 * cfg.daemon.readiness_refresh_s + cfg.redis.socket_connect_timeout_s
+            stale_after_s=3 * cfg.daemon.readiness_refresh_s
+            + cfg.redis.socket_connect_timeout_s
             + cfg.redis.socket_timeout_s,
         )
         self.http = AppServer(
@@ -277,21 +306,37 @@ class Service:
             name="cdm-health",
         )
         self.spool = open_spool(cfg)
+        self.store: ArtifactStore = open_store(cfg.artifacts, default_dir=Path(cfg.daemon.artifact_dir))
         self.worker = TrainingWorker(
             registry=self.registry,
             coordinator=self.coordinator,
             spool=self.spool,
-            layout=ArtifactLayout(Path(cfg.daemon.artifact_dir)),
+            store=self.store,
+            work_root=Path(cfg.daemon.artifact_dir),
             library=cfg.library,
             daemon_id=self.daemon_id,
             lock_ttl_s=cfg.daemon.lock_ttl_s,
-            notices=Notices(self._registered, self._dropped, self._control_done),
+            notices=Notices(
+                self._registered, self._dropped, self._control_done, self._training_failed, self._control_failed
+            ),
             metrics=self.metrics,
             progress=progress,
+            retry=RetryPolicy(
+                max_attempts=cfg.daemon.job_max_attempts,
+                initial_s=cfg.daemon.job_retry_initial_s,
+                max_s=cfg.daemon.job_retry_max_s,
+            ),
         )
         self.live = LiveComposition(
             RegistryClient(self.redis, keys),
-            CompositionLoader(device=cfg.daemon.device, vectorize=cfg.library.sample.vectorize),
+            CompositionLoader.from_config(
+                cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
+                default_dir=Path(cfg.daemon.artifact_dir),
+                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+                device=cfg.daemon.device,
+                vectorize=cfg.library.sample.vectorize,
+                metrics=self.metrics,
+            ),
             sample=cfg.library.sample,
             metrics=self.metrics,
             resync_s=cfg.scheduler.registry_resync_s,
@@ -311,6 +356,7 @@ class Service:
             lag_interval_s=cfg.scheduler.lag_s,
             retry_initial_s=cfg.daemon.ingest_retry_initial_s,
             retry_max_s=cfg.daemon.ingest_retry_max_s,
+            tombstone=self._tombstone,
         )
         self.jobs = Jobs(
             spool=self.spool,
@@ -324,11 +370,19 @@ class Service:
         )
         # the start-up order; teardown runs the stops in reverse
         self.steps: tuple[Step, ...] = (
-            Step("redis", functools.partial(start_redis, self.redis, cfg.redis.url)),
             Step(
-                "heartbeat",
+                "redis",
+                functools.partial(start_redis, self.redis, cfg.redis.url, self.registry, cfg.library.router.kind),
+            ),
+            Step(
+                "identity",
                 functools.partial(
-                    start_heartbeat, self.coordinator, self.daemon_id, cfg.daemon.heartbeat_ttl_s, self._heartbeat_info
+                    start_identity,
+                    self.coordinator,
+                    self.daemon_id,
+                    cfg.daemon.heartbeat_ttl_s,
+                    self._heartbeat_info,
+                    self.identity,
                 ),
             ),
             Step("http", functools.partial(start_http, self.http)),
@@ -374,6 +428,9 @@ class Service:
             return 0
         except ShutdownRequested:
             return 0
+        except IdentityInUse as exc:
+            log.error("refusing to start: %s", exc)
+            return 2
         except ColdShutdown:
             log.warning("cold shutdown: exiting now; interrupted work resumes on restart")
             os._exit(130)
@@ -413,6 +470,16 @@ class Service:
     def _control_done(self, origin: Origin) -> None:
         self.kafka.ingestor.mark_control_done(origin)
 
+    def _training_failed(self, source: str, detail: str) -> None:
+        self.kafka.ingestor.mark_training_failed(source, detail)
+
+    def _control_failed(self, origin: Origin, detail: str) -> None:
+        self.kafka.ingestor.mark_control_failed(origin, detail)
+
+    def _tombstone(self, source: str) -> Tombstone | None:
+        record = self.registry.tombstone(source)
+        return tombstone_of(record) if record is not None else None
+
     def _on_control(self, cmd: ControlCommand, origin: Origin) -> None:
         if cmd.op in ("forget-source", "forget-samples") and not cmd.source:
             raise ValueError(f"{cmd.op} needs a source")  # dead-lettered as control-failed
@@ -441,18 +508,20 @@ class Service:
         return self.started.is_set() and fresh and self.worker.alive
 
     def check_readiness(self) -> Readiness:
-        """Redis reachable, ingest not backing off and a composition loaded (run by ``self.readiness``'s thread,
-        every [daemon] readiness_refresh_s; /readyz answers from its last result)."""
+        """Redis reachable, ingest not backing off, the registry watcher alive and current, a composition loaded
+        (run by ``self.readiness``'s thread, every [daemon] readiness_refresh_s; /readyz answers from its last
+        result)."""
         try:
             self.redis.ping()
         except redis.RedisError as exc:
             return Readiness(False, (f"redis unreachable at {redact_url(self.cfg.redis.url)}: {safe(exc)}",))
         if (problem := self.kafka.problem()) is not None:
             return Readiness(False, (f"ingest is backing off: {safe(problem)}",))
+        ready, message = self.live.readiness()  # watcher alive and current, and something to serve
+        if not ready:
+            return Readiness(False, (safe(message),))
         comp = self.live.current()
-        if comp is None:
-            return Readiness(False, ("no composition loaded yet (no compartment and router registered)",))
-        return Readiness(True, details={"detail": f"serving epoch {comp.epoch}", "epoch": comp.epoch})
+        return Readiness(True, details={"detail": message, "epoch": comp.epoch if comp else None})
 
     def status(self) -> dict[str, Any]:
         comp = self.live.current()
@@ -463,14 +532,14 @@ class Service:
             "sources": list(comp.sources) if comp else [],
             "pending": list(comp.pending) if comp else [],
             "hotswap_error": safe(self.live.last_error) if self.live.last_error is not None else None,
+            "watcher": dataclasses.asdict(self.live.status()),
             "worker": vars(self.worker.status),
         }
 
     def _heartbeat_info(self) -> dict[str, Any]:
         status = self.worker.status
         return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
+            **self.identity,
             "version": cdm.__version__,
             "http_port": self.http_port,
             "job": status.job,

@@ -68,7 +68,10 @@ Reason = Literal[
     "missing-chunks",  # seal arrived but chunks 0..N-1 are not all staged
     "seal-mismatch",  # staged chunks do not match the seal's n_samples/fingerprint, or extra chunks staged
     "control-failed",  # the daemon could not execute a valid control command
-    "decode-failed", "limit-exceeded", "incompatible",  # decoder crashed; over a spool limit; can never train
+    "decode-failed",
+    "limit-exceeded",
+    "incompatible",  # decoder crashed; over a spool limit; can never train
+    "training-failed",  # the sealed source failed to train daemon.job_max_attempts times; it is dropped
 ]
 REASONS: Final[tuple[str, ...]] = get_args(Reason)
 

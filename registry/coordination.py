@@ -1,8 +1,13 @@
 """Coordination between daemon replicas: leased locks and liveness heartbeats in Redis.
 
-Locks are ``SET NX PX`` keys holding the owner's token; only the owner releases or extends one, checked and
-done atomically in Lua (``registry/lua/release.lua``, ``refresh.lua``). A daemon is alive while its heartbeat
-key exists: liveness is the key's Redis TTL alone, so no daemon's clock is trusted.
+Locks are ``SET NX PX`` keys holding the owner's token (the daemon id); only the owner releases or extends one,
+checked and done atomically in Lua (``registry/lua/release.lua``, ``refresh.lua``). A daemon is alive while its
+heartbeat key exists: liveness is the key's Redis TTL alone, so no daemon's clock is trusted.
+
+A daemon id is a stable identity (the hostname in a StatefulSet): at start-up a daemon *claims* it
+(:meth:`Coordinator.claim_identity`), which fails while another live process holds it, and then takes back the
+locks its dead predecessor under the same id still held (:meth:`Coordinator.release_locks`) instead of waiting
+for their leases to run out.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import redis
 
 from registry import scripts
+from registry.errors import IdentityInUse
 from registry.keys import Keys
 from registry.records import DaemonInfo, text
 
@@ -43,6 +49,7 @@ class Coordinator:
         self._release_script = scripts.register(client, "release")
         self._refresh_script = scripts.register(client, "refresh")
         self._prune_script = scripts.register(client, "prune")
+        self._replace_script = scripts.register(client, "replace")
 
     # -- locks (SET NX PX; release / refresh only by the owner, atomically in Lua)
 
@@ -80,7 +87,68 @@ class Coordinator:
     def _refresh(self, key: str, owner: str, ttl_s: float) -> bool:
         return bool(self._refresh_script(keys=[key], args=[owner, _ms(ttl_s)]))
 
-    # -- daemon liveness
+    def release_locks(self, owner: str) -> list[str]:
+        """Release every lock ``owner`` holds (a restarted daemon taking back its dead predecessor's locks).
+
+        Returns the lock keys released. Only call this once ``claim_identity`` proved no other live process
+        uses ``owner``.
+        """
+        released = []
+        for key in self._r.scan_iter(match=self._keys.lock_prefix + "*", count=500):
+            name = text(key)
+            if self._release_script(keys=[name], args=[owner]):
+                released.append(name)
+        return sorted(released)
+
+    # -- daemon identity and liveness
+
+    def claim_identity(
+        self,
+        daemon_id: str,
+        ttl_s: float,
+        info: Mapping[str, Any],
+        *,
+        holder_is_dead: Callable[[Mapping[str, Any]], bool],
+    ) -> dict[str, Any] | None:
+        """Take ``daemon_id`` for this process: write its heartbeat unless another live process holds it.
+
+        Args:
+            daemon_id: the identity (stable across restarts).
+            ttl_s: heartbeat lifetime.
+            info: this process's heartbeat (JSON-able; must differ from any predecessor's, e.g. by a start nonce).
+            holder_is_dead: given the current holder's heartbeat info, True when that process is known to be gone
+                (e.g. it ran on this host and its pid is no longer that process).
+
+        Returns the dead predecessor's info when one was replaced, else None. Raises IdentityInUse when a live
+        (or not provably dead) process holds the id.
+        """
+        key, mine = self._keys.daemon(daemon_id), json.dumps(dict(info), sort_keys=True)
+        for _ in range(5):
+            if self._r.set(key, mine, nx=True, px=_ms(ttl_s)):
+                self._r.zadd(self._keys.daemons, {daemon_id: self._clock()})
+                return None
+            raw = self._r.get(key)
+            if raw is None:
+                continue  # expired meanwhile: try to take it again
+            try:
+                holder = json.loads(raw)
+            except ValueError:
+                holder = {}
+            if not isinstance(holder, dict) or not holder_is_dead(holder):
+                raise IdentityInUse(
+                    f"daemon id {daemon_id!r} is held by a live daemon (host {holder.get('host')!r}, pid "
+                    f"{holder.get('pid')!r}; its heartbeat expires in {self._r.pttl(key) / 1000:.0f}s); give this "
+                    "replica its own [daemon] daemon_id (default: the hostname) or stop the other one"
+                )
+            if self._replace_script(keys=[key], args=[raw, mine, _ms(ttl_s)]):
+                self._r.zadd(self._keys.daemons, {daemon_id: self._clock()})
+                return dict(holder)
+        raise IdentityInUse(f"daemon id {daemon_id!r} kept changing hands while this daemon tried to claim it")
+
+    def heartbeat_info(self, daemon_id: str) -> dict[str, Any] | None:
+        """The heartbeat info of ``daemon_id`` while it is alive, else None."""
+        raw = self._r.get(self._keys.daemon(daemon_id))
+        return dict(json.loads(raw)) if raw is not None else None
 
     def heartbeat(self, daemon_id: str, ttl_s: float, info: Mapping[str, Any]) -> None:
         """Announce that ``daemon_id`` is alive for ``ttl_s`` seconds, with ``info`` (JSON-able).

@@ -21,3 +21,7 @@ class CompartmentNotFound(RegistryError):
 
 class InvalidTransition(RegistryError):
     """A compartment status change that the lifecycle training -> active -> retired does not allow."""
+
+
+class IdentityInUse(RegistryError):
+    """Another live daemon holds this daemon id (its heartbeat is fresh and its process is not known dead)."""

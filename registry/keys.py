@@ -36,7 +36,14 @@ key                                        type         contents
 ``ns:lock:job:{name}``                     string       owner token of a singleton job lock (router, gc)
 ``ns:daemon:{daemon_id}``                  string       JSON heartbeat of a live daemon (PX TTL)
 ``ns:daemons``                             zset         daemon id -> last heartbeat (unix s); index for listing
-``ns:forget:receipts``                     hash         receipt id -> ForgetReceipt JSON
+``ns:tombstone:{source}``                  hash         a forgotten source (``Tombstone``): forgotten_at, epoch,
+                                                        request_id, through (JSON "topic:partition" -> offset),
+                                                        files_sha256 (JSON list of the forgotten artifacts' sha256,
+                                                        purged by readers), compartment_ids (JSON list)
+``ns:forget:journal``                      hash         request id -> JSON plan of a forget request in progress
+                                                        (``cdm.lifecycle``: old and new ids, steps done)
+``ns:forget:receipts``                     hash         request id -> the request's one receipt (JSON,
+                                                        ``cdm.lifecycle.ForgetReceipt``), written once
 ``ns:audit``                               list         JSON audit entries, newest first (forget, retire,
                                                         acl changes)
 ``ns:tags:{source}``                       hash         the source's tags (key -> value, e.g. license=cc-by);
@@ -196,10 +203,24 @@ class Keys:
         return self._k("daemons")
 
     # -- forgetting
+    def tombstone(self, source: str) -> str:
+        """Hash of a forgotten source (``Tombstone``)."""
+        return self._k("tombstone", check_source(source))
+
+    @property
+    def forget_journal(self) -> str:
+        """Hash request id -> JSON plan of a forget request (its steps, old and new ids)."""
+        return self._k("forget", "journal")
+
     @property
     def forget_receipts(self) -> str:
-        """Hash receipt id -> ForgetReceipt JSON."""
+        """Hash request id -> the request's receipt (JSON), written once when the request is complete."""
         return self._k("forget", "receipts")
+
+    @property
+    def lock_prefix(self) -> str:
+        """Every lock key starts with this (``SCAN`` pattern ``lock_prefix + "*"``)."""
+        return self._k("lock", "")
 
     @property
     def audit(self) -> str:

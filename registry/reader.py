@@ -9,25 +9,25 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.client
 
 from registry import scripts
-from registry.errors import CompartmentNotFound
+from registry.errors import CompartmentNotFound, RecordError
 from registry.keys import Keys, compartment_id
 from registry.records import (
     ChangeEvent,
     CompartmentRecord,
-    ForgetReceipt,
     RegistrySnapshot,
     RouterRecord,
     RoutingKind,
+    Tombstone,
     decode_hash,
     from_hash,
-    from_json,
     routing_kind,
     text,
 )
@@ -43,6 +43,23 @@ class _ReconnectAwarePubSub(redis.client.PubSub):
     def on_connect(self, connection: Any) -> None:
         self.reconnects += 1
         super().on_connect(connection)
+
+
+@dataclass(frozen=True)
+class Tombstones:
+    """The tombstones of a set of sources, read at one moment.
+
+    A tombstone hash that exists but cannot be decoded still means its source was forgotten: it is listed in
+    ``unreadable`` (with the reason) so that readers can refuse everything of that source (fail closed).
+    """
+
+    by_source: Mapping[str, Tombstone]
+    unreadable: Mapping[str, str]  # source -> why its tombstone cannot be decoded
+
+    @property
+    def sources(self) -> frozenset[str]:
+        """Every forgotten source, readable or not."""
+        return frozenset(self.by_source) | frozenset(self.unreadable)
 
 
 class RegistryClient:
@@ -86,6 +103,35 @@ class RegistryClient:
     def routing(self) -> RoutingKind:
         """The routing kind (learnt when never set)."""
         return routing_kind(self._r.get(self._keys.routing))
+
+    def active_ids(self) -> frozenset[str]:
+        """Ids of the active compartments (read even when a record of the composition cannot be decoded)."""
+        return frozenset(text(cid) for cid in self._r.smembers(self._keys.active))
+
+    # -- forgetting
+
+    def tombstone(self, source: str) -> Tombstone | None:
+        """The tombstone of ``source`` if it was forgotten (RecordError if it cannot be decoded)."""
+        raw = self._r.hgetall(self._keys.tombstone(source))
+        return from_hash(Tombstone, raw, source=source) if raw else None
+
+    def tombstones(self, also: Iterable[str] = ()) -> Tombstones:
+        """The tombstones of every registered source and of the sources in ``also``, in one round trip."""
+        sources = sorted(set(self.sources()) | set(also))
+        with self._r.pipeline(transaction=False) as pipe:
+            for source in sources:
+                pipe.hgetall(self._keys.tombstone(source))
+            raws = pipe.execute()
+        found: dict[str, Tombstone] = {}
+        unreadable: dict[str, str] = {}
+        for source, raw in zip(sources, raws, strict=True):
+            if not raw:
+                continue
+            try:
+                found[source] = from_hash(Tombstone, raw, source=source)
+            except RecordError as exc:
+                unreadable[source] = str(exc)
+        return Tombstones(found, unreadable)
 
     # -- records
 
@@ -136,9 +182,16 @@ class RegistryClient:
         entries = self._r.xrange(self._keys.changes, min=start, max="+", count=count) or []
         return [from_hash(ChangeEvent, fields, stream_id=text(stream_id)) for stream_id, fields in entries]
 
-    def forget_receipt(self, receipt_id: str) -> ForgetReceipt | None:
-        raw = self._r.hget(self._keys.forget_receipts, receipt_id)
-        return from_json(ForgetReceipt, raw) if raw is not None else None
+    def journal(self, request_id: str) -> dict[str, Any] | None:
+        """The stored plan of forget request ``request_id`` (``cdm.lifecycle``), None if unknown."""
+        raw = self._r.hget(self._keys.forget_journal, request_id)
+        return dict(json.loads(raw)) if raw is not None else None
+
+    def receipt(self, request_id: str) -> dict[str, Any] | None:
+        """The receipt of forget request ``request_id`` (JSON of ``cdm.lifecycle.ForgetReceipt``), None if the
+        request is unknown or not complete."""
+        raw = self._r.hget(self._keys.forget_receipts, request_id)
+        return dict(json.loads(raw)) if raw is not None else None
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The newest ``limit`` audit entries, newest first."""
@@ -146,25 +199,23 @@ class RegistryClient:
 
     # -- following the composition
 
-    def iter_snapshots(
+    def iter_checks(
         self,
         stop_event: threading.Event,
         *,
         resync_s: float = 5.0,
         poll_s: float = 0.5,
         retry_s: float = 1.0,
-    ) -> Iterator[RegistrySnapshot]:
-        """Yield a snapshot now and then whenever the epoch differs from the last one yielded.
+    ) -> Iterator[None]:
+        """Yield whenever the composition may have changed; the caller then reads what it needs.
 
-        Pub/sub events are only a hint (they are lost while disconnected or before subscribing), so the
-        epoch is also re-read (1) right after every (re)subscription, (2) after redis-py silently
-        reconnected, and (3) every ``resync_s`` seconds. Changes that happen between two reads are
-        coalesced: the newest composition is yielded, never a stale one. Epochs normally increase; a
-        smaller one means the registry was reset and is yielded too. Stops when ``stop_event`` is set
-        (checked at least every ``poll_s`` seconds). Connection errors are logged and retried every
-        ``retry_s`` seconds.
+        Pub/sub events are only a hint (they are lost while disconnected or before subscribing), so this also
+        yields (1) right after every (re)subscription, (2) after redis-py silently reconnected, and (3) every
+        ``resync_s`` seconds. Events that arrive between two checks are coalesced into one. Stops when
+        ``stop_event`` is set (checked at least every ``poll_s`` seconds). Connection errors of the
+        subscription are logged and retried every ``retry_s`` seconds (nothing is yielded meanwhile); errors of
+        the caller's own reads are the caller's to handle.
         """
-        last: int | None = None
         while not stop_event.is_set():
             pubsub = _ReconnectAwarePubSub(self._r.connection_pool, ignore_subscribe_messages=True)
             try:
@@ -176,11 +227,7 @@ class RegistryClient:
                     if check or pubsub.reconnects != reconnects or time.monotonic() >= next_resync:
                         reconnects, check = pubsub.reconnects, False
                         next_resync = time.monotonic() + resync_s
-                        if self.epoch() != last:
-                            snap = self.snapshot()
-                            if snap.epoch != last:
-                                last = snap.epoch
-                                yield snap
+                        yield
                     wait = max(0.0, min(poll_s, next_resync - time.monotonic()))
                     message = pubsub.get_message(timeout=wait)
                     if message is not None and message.get("type") == "message":
@@ -190,6 +237,34 @@ class RegistryClient:
                 stop_event.wait(retry_s)
             finally:
                 pubsub.close()
+
+    def iter_snapshots(
+        self,
+        stop_event: threading.Event,
+        *,
+        resync_s: float = 5.0,
+        poll_s: float = 0.5,
+        retry_s: float = 1.0,
+    ) -> Iterator[RegistrySnapshot]:
+        """Yield a snapshot now and then whenever the epoch differs from the last one yielded.
+
+        Checks happen as ``iter_checks`` describes. Changes that happen between two reads are coalesced: the
+        newest composition is yielded, never a stale one. Epochs normally increase; a smaller one means the
+        registry was reset and is yielded too. A connection error while reading is logged and the read is
+        retried at the next check; a snapshot that cannot be decoded (RecordError) is raised to the caller.
+        """
+        last: int | None = None
+        for _ in self.iter_checks(stop_event, resync_s=resync_s, poll_s=poll_s, retry_s=retry_s):
+            try:
+                if self.epoch() == last:
+                    continue
+                snap = self.snapshot()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("registry watch: %s; reading again at the next check", exc)
+                continue
+            if snap.epoch != last:
+                last = snap.epoch
+                yield snap
 
     def watch(
         self,

@@ -6,9 +6,9 @@ edit (the dataclass)::
     str             as is                     int     decimal text
     float           repr (round-trips)        StrEnum its value
     str | None      "" for None               dict    JSON, sorted keys
-    tuple[X, ...]   JSON list
+    tuple[X, ...]   JSON list                 dict[str, D]  JSON object of D's fields (D a flat dataclass)
 
-In JSON documents (forget receipts) numbers, lists and objects keep their JSON types. A field declared with
+In JSON documents numbers, lists and objects keep their JSON types. A field declared with
 ``metadata=KEY`` is not stored in the hash: it is part of the Redis key or the stream entry id and is passed to
 ``from_hash`` by the caller. A field missing from a stored record takes its dataclass default; a field without a
 default must be present (``RecordError`` names it), so the defaults also say which fields a record needs.
@@ -47,6 +47,15 @@ class CompartmentStatus(StrEnum):
 
 
 @dataclass(frozen=True)
+class StoredFile:
+    """One uploaded artifact file (field for field ``cdm.artifacts.StoredFile``; the registry does not import cdm)."""
+
+    uri: str  # file:///abs/root/key or s3://bucket/prefix/key, inside the artifact store
+    sha256: str  # hex digest of its bytes, verified by readers before anything decodes them
+    size: int  # bytes
+
+
+@dataclass(frozen=True)
 class CompartmentRecord:
     """One compartment as stored in ``ns:compartment:{id}``."""
 
@@ -58,13 +67,14 @@ class CompartmentRecord:
     lineage: dict[str, Any] = field(default_factory=dict)  # where the data came from: topic, partitions, offsets
     created_at: float = 0.0  # unix seconds (the registry's clock)
     updated_at: float = 0.0
-    artifact_uri: str = ""  # where the EMA weights + manifest are (set on activation)
-    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
+    artifact_uri: str = ""  # the artifact's prefix URI (file:///.../compartments/<id> or s3://.../compartments/<id>)
+    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex (derived from ``files``)
     prior: float = 0.0  # prior weight of the compartment in the composition
     class_counts: tuple[int, ...] = ()  # samples per class
     n_samples: int = 0
     train_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. final_loss, steps, seconds
     retired_reason: str = ""  # why it was retired ("replaced by x@v2", "forgotten: ...")
+    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file (set on activation)
 
 
 @dataclass(frozen=True)
@@ -72,12 +82,13 @@ class RouterRecord:
     """The active router, stored in ``ns:router``."""
 
     router_id: str  # unique per trained router
-    artifact_uri: str  # where router.safetensors + config + manifest are
-    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex
+    artifact_uri: str  # the artifact's prefix URI (where config + safetensors + manifest are)
+    sha256: dict[str, str] = field(default_factory=dict)  # artifact file -> sha256 hex (derived from ``files``)
     compartment_ids: tuple[str, ...] = ()  # the router's logit order (K outputs)
     trained_at_epoch: int = 0  # registry epoch of the snapshot it was trained on
     metrics: dict[str, Any] = field(default_factory=dict)  # e.g. held-out accuracy per noise level
     created_at: float = 0.0
+    files: dict[str, StoredFile] = field(default_factory=dict)  # relative path -> uploaded file
 
 
 @dataclass(frozen=True)
@@ -98,15 +109,21 @@ class RegistrySnapshot:
 
 
 @dataclass(frozen=True)
-class ForgetReceipt:
-    """Proof that a source was removed from the composition (also kept in ``ns:forget:receipts`` as JSON)."""
+class Tombstone:
+    """A forgotten source, stored in ``ns:tombstone:{source}`` and written in the forget transaction.
 
-    receipt_id: str
-    source: str
-    compartment_ids: tuple[str, ...]  # compartments retired by this request (may be empty: nothing left)
-    epoch: int  # registry epoch after the change (composition without the source)
-    reason: str
-    created_at: float
+    Every replica honours it: a source record read from Kafka with a timestamp at or before ``forgotten_at``, or
+    at or below the ``through`` offset of its partition, is ignored (and committed); staged data of the source
+    from before it is dropped instead of trained; readers purge the ``files_sha256`` from their caches.
+    """
+
+    source: str = field(metadata=KEY)  # the key, not a hash field
+    forgotten_at: float  # unix seconds (the registry's clock)
+    epoch: int  # registry epoch after the forget
+    request_id: str  # the forget request that wrote it
+    through: dict[str, Any] = field(default_factory=dict)  # "topic:partition" -> last forgotten offset
+    files_sha256: tuple[str, ...] = ()  # sha256 of every forgotten artifact file (compartments, routers, data)
+    compartment_ids: tuple[str, ...] = ()  # compartments this request retired
 
 
 @dataclass(frozen=True)
@@ -178,6 +195,20 @@ def _dict_text(value: Any) -> str:
     return json.dumps(dict(value), sort_keys=True)
 
 
+def _json_object(raw: str) -> dict[str, Any]:
+    doc = json.loads(raw)
+    if not isinstance(doc, dict):
+        raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _json_list(raw: str) -> list[Any]:
+    doc = json.loads(raw)
+    if not isinstance(doc, list):
+        raise ValueError(f"expected a JSON list, got {type(doc).__name__}")
+    return doc
+
+
 def _codec(tp: Any) -> _Codec:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is str:
@@ -190,17 +221,42 @@ def _codec(tp: Any) -> _Codec:
         return _Codec(lambda v: str(tp(v).value), tp, lambda v: tp(v).value, tp)
     if origin in (types.UnionType, typing.Union) and set(args) == {str, type(None)}:
         return _Codec(lambda v: v or "", lambda s: s or None, _same, _same)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return _record_map_codec(args[1])
     if origin is dict:
-        return _Codec(_dict_text, json.loads, dict, dict)
+        return _Codec(_dict_text, _json_object, dict, dict)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in (str, int, float):
         item: Callable[[Any], Any] = args[0]
         return _Codec(
             lambda v: json.dumps([item(x) for x in v]),
-            lambda s: tuple(item(x) for x in json.loads(s)),
+            lambda s: tuple(item(x) for x in _json_list(s)),
             lambda v: [item(x) for x in v],
             lambda v: tuple(item(x) for x in v),
         )
     raise TypeError(f"no registry codec for field type {tp!r}; use str, int, float, StrEnum, dict or tuple[X, ...]")
+
+
+def _record_map_codec(item: Any) -> _Codec:
+    """``dict[str, D]`` for a flat dataclass D of str/int/float fields: a JSON object of JSON objects."""
+    names = {f.name: typing.get_type_hints(item)[f.name] for f in dataclasses.fields(item)}
+
+    def dump(value: Any) -> dict[str, dict[str, Any]]:
+        return {str(k): {n: getattr(v, n) for n in names} for k, v in dict(value).items()}
+
+    def load(doc: Any) -> dict[str, Any]:
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object of {item.__name__} objects, got {type(doc).__name__}")
+        out = {}
+        for key, fields in doc.items():
+            if not isinstance(fields, dict) or set(fields) != set(names):
+                raise ValueError(f"{key!r}: expected an object with exactly the fields {sorted(names)}")
+            for n, tp in names.items():  # bool is an int in Python, never a valid size
+                if not isinstance(fields[n], tp) or isinstance(fields[n], bool):
+                    raise ValueError(f"{key!r}: {n} = {fields[n]!r} is not a {tp.__name__}")
+            out[key] = item(**fields)
+        return out
+
+    return _Codec(lambda v: json.dumps(dump(v), sort_keys=True), lambda s: load(json.loads(s)), dump, load)
 
 
 @dataclass(frozen=True)
@@ -245,7 +301,7 @@ def from_hash(cls: type[R], raw: Any, **key_fields: Any) -> R:
         elif f.name in h:
             try:
                 kwargs[f.name] = f.codec.from_text(h[f.name])
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:  # JSON of the wrong shape raises either
                 raise RecordError(f"{cls.__name__}.{f.name} = {h[f.name]!r} cannot be decoded: {exc}") from exc
         elif not f.has_default:
             raise RecordError(f"stored {cls.__name__} {key_fields or ''} lacks the field {f.name!r}")

@@ -9,7 +9,7 @@ from typing import Literal
 import redis
 from redis.commands.core import Script
 
-ScriptName = Literal["snapshot", "release", "refresh", "prune", "acquire_slot"]
+ScriptName = Literal["snapshot", "release", "refresh", "prune", "replace", "acquire_slot"]
 
 
 @functools.cache

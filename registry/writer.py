@@ -37,14 +37,14 @@ from registry.records import (
     ChangeEvent,
     CompartmentRecord,
     CompartmentStatus,
-    ForgetReceipt,
     RouterRecord,
     RoutingKind,
+    StoredFile,
+    Tombstone,
     from_hash,
     routing_kind,
     text,
     to_hash,
-    to_json,
 )
 
 T = TypeVar("T")
@@ -195,11 +195,12 @@ class Registry(RegistryClient):
         compartment_id: str,
         *,
         artifact_uri: str,
-        sha256: Mapping[str, str],
+        sha256: Mapping[str, str] | None = None,
         prior: float,
         class_counts: Sequence[int],
         n_samples: int,
         train_metrics: Mapping[str, Any],
+        files: Mapping[str, StoredFile] | None = None,
     ) -> CompartmentRecord:
         """Make a trained compartment active, in one transaction with everything it implies.
 
@@ -208,12 +209,14 @@ class Registry(RegistryClient):
 
         Args:
             compartment_id: the id returned by ``begin_training``.
-            artifact_uri: where the saved compartment is (a directory path or URI).
-            sha256: artifact file name -> sha256 hex, as in the compartment's manifest.
+            artifact_uri: the artifact's prefix URI in the artifact store.
+            sha256: artifact file name -> sha256 hex (default: derived from ``files``).
             prior: the compartment's prior weight in the composition.
             class_counts: samples per class in its data.
             n_samples: number of training samples.
             train_metrics: JSON-able training summary (final_loss, steps, seconds, ...).
+            files: relative path -> the uploaded file (uri, sha256, size), as ``cdm.artifacts.upload_directory``
+                made it.
 
         Returns the record. Activating an already active compartment is a no-op. If a *newer* version of
         the source is already active, this one is retired as superseded instead (``status`` says so).
@@ -223,9 +226,11 @@ class Registry(RegistryClient):
         if n_samples < 0 or any(c < 0 for c in class_counts):
             raise ValueError(f"n_samples {n_samples} and class_counts {list(class_counts)} must be >= 0")
         ck, sk = self._keys.compartment(compartment_id), self._keys.source(source)
+        stored = {rel: StoredFile(str(f.uri), str(f.sha256), int(f.size)) for rel, f in (files or {}).items()}
         artifact = {
             "artifact_uri": artifact_uri,
-            "sha256": dict(sha256),
+            "sha256": dict(sha256) if sha256 is not None else {rel: f.sha256 for rel, f in stored.items()},
+            "files": stored,
             "prior": float(prior),
             "class_counts": tuple(int(c) for c in class_counts),
             "n_samples": int(n_samples),
@@ -317,18 +322,42 @@ class Registry(RegistryClient):
 
         return self._txn(fn, ck, sk, self._keys.epoch)
 
-    def forget_source(self, source: str, reason: str = "forget requested") -> ForgetReceipt:
-        """Remove every compartment of ``source`` from the composition and record a receipt.
+    def forget_source(
+        self,
+        source: str,
+        reason: str = "",
+        *,
+        request_id: str = "",
+        through: Mapping[str, int] | None = None,
+        files_sha256: Sequence[str] = (),
+    ) -> Tombstone:
+        """Remove every compartment of ``source`` from the composition and write its tombstone, atomically.
 
-        Retires its active and training compartments, clears its index and fingerprints (so the same
-        data sent again is trained afresh), bumps the epoch once if the composition changed, and appends
-        the receipt to the audit list. Deleting artifact files is the garbage collector's job.
-        Idempotent: forgetting an unknown or already forgotten source returns a receipt with no ids.
+        Retires its active and training compartments, scrubs the fingerprint and lineage of every version (only
+        the ids and what a receipt needs stay), clears its index and fingerprints (so the same data sent again
+        after the forget is a new source), writes ``ns:tombstone:{source}``, bumps the epoch once if the
+        composition changed, and appends an audit entry. Deleting artifacts is the caller's (``cdm.lifecycle``).
+
+        Args:
+            source: the source to forget.
+            reason: why (audit and ``retired_reason``).
+            request_id: the forget request; calling again with the same id returns the same tombstone unchanged
+                ("" = a new one-off request).
+            through: "topic:partition" -> the last offset of the source's records known to the caller.
+            files_sha256: sha256 of every artifact file being forgotten (readers purge them from caches).
         """
         check_source(source)
-        sk, fk = self._keys.source(source), self._keys.fingerprints(source)
+        request_id = request_id or f"registry-{uuid.uuid4().hex}"
+        sk, fk, tk = self._keys.source(source), self._keys.fingerprints(source), self._keys.tombstone(source)
+        through_doc = {str(k): int(v) for k, v in (through or {}).items()}
 
-        def fn(pipe: redis.client.Pipeline) -> ForgetReceipt:
+        def fn(pipe: redis.client.Pipeline) -> Tombstone:
+            raw = pipe.hgetall(tk)
+            if raw:
+                existing = from_hash(Tombstone, raw, source=source)
+                if existing.request_id == request_id:
+                    pipe.multi()
+                    return existing
             version = int(self._field(pipe, sk, "version") or 0)
             cids = [compartment_id(source, v) for v in range(1, version + 1)]
             if cids:
@@ -337,38 +366,102 @@ class Registry(RegistryClient):
             live = [r for r in records if r.status is not CompartmentStatus.RETIRED]
             epoch = self._epoch(pipe)
             now = self._clock()
-            why = f"forgotten: {reason}"
+            why = f"forgotten: {reason or request_id}"
             pipe.multi()
-            for record in live:
-                self._queue_retire(pipe, record, why, now)
+            for record in records:
+                scrubbed = dataclasses.replace(record, fingerprint="", lineage={})
+                if record in live:
+                    self._queue_retire(pipe, scrubbed, why, now)
+                else:
+                    pipe.hdel(self._keys.compartment(record.compartment_id), "fingerprint", "lineage")
             pipe.hdel(sk, "current", "training")
             pipe.delete(fk)
             if any(r.status is CompartmentStatus.ACTIVE for r in live):
                 epoch += 1
                 pipe.set(self._keys.epoch, epoch)
-            receipt = ForgetReceipt(
-                receipt_id=uuid.uuid4().hex,
+            tomb = Tombstone(
                 source=source,
-                compartment_ids=tuple(r.compartment_id for r in live),
+                forgotten_at=now,
                 epoch=epoch,
-                reason=reason,
-                created_at=now,
+                request_id=request_id,
+                through=through_doc,
+                files_sha256=tuple(sorted(set(files_sha256))),
+                compartment_ids=tuple(r.compartment_id for r in live),
             )
-            pipe.hset(self._keys.forget_receipts, receipt.receipt_id, to_json(receipt))
-            pipe.lpush(self._keys.audit, _audit("forget", now, receipt=json.loads(to_json(receipt))))
+            pipe.delete(tk)
+            pipe.hset(tk, mapping=_mapping(to_hash(tomb)))
+            retired = list(tomb.compartment_ids)
+            entry = _audit("forget", now, source=source, request_id=request_id, reason=reason, retired=retired)
+            pipe.lpush(self._keys.audit, entry)
             pipe.ltrim(self._keys.audit, 0, AUDIT_MAXLEN - 1)
-            detail = {"receipt_id": receipt.receipt_id, "compartment_ids": list(receipt.compartment_ids)}
+            detail = {"request_id": request_id, "compartment_ids": list(tomb.compartment_ids)}
             self._announce(pipe, epoch, "forgotten", source=source, detail=detail)
-            return receipt
+            return tomb
 
-        return self._txn(fn, sk, fk, self._keys.epoch)
+        return self._txn(fn, sk, fk, tk, self._keys.epoch)
 
-    def set_router(self, router: RouterRecord) -> int:
-        """Install ``router`` as the active router (replacing any); returns the new epoch."""
+    def scrub(self, compartment_id: str) -> CompartmentRecord:
+        """Clear the fingerprint and lineage of a retired compartment (its data was partly forgotten) and drop its
+        fingerprint from the source's index. Only retired records can be scrubbed (InvalidTransition otherwise)."""
+        source, _ = parse_compartment_id(compartment_id)
+        ck, fk = self._keys.compartment(compartment_id), self._keys.fingerprints(source)
+
+        def fn(pipe: redis.client.Pipeline) -> CompartmentRecord:
+            record = self._load(pipe, compartment_id)
+            if record is None:
+                raise CompartmentNotFound(f"no compartment {compartment_id!r} in the registry")
+            if record.status is not CompartmentStatus.RETIRED:
+                raise InvalidTransition(
+                    f"compartment {compartment_id!r} is {record.status}; only retired compartments are scrubbed"
+                )
+            mapped = self._field(pipe, fk, record.fingerprint) if record.fingerprint else None
+            pipe.multi()
+            if mapped == compartment_id:
+                pipe.hdel(fk, record.fingerprint)
+            pipe.hdel(ck, "fingerprint", "lineage")
+            return dataclasses.replace(record, fingerprint="", lineage={})
+
+        return self._txn(fn, ck, fk)
+
+    # -- forget requests: the journal (plan in progress) and the one receipt per request
+
+    def save_journal(self, request_id: str, doc: Mapping[str, Any]) -> None:
+        """Store the JSON plan of forget request ``request_id`` (replacing the previous state)."""
+        self._r.hset(self._keys.forget_journal, _request_id(request_id), json.dumps(dict(doc), sort_keys=True))
+
+    def put_receipt(self, request_id: str, doc: Mapping[str, Any]) -> bool:
+        """Write the receipt of ``request_id`` once (and its audit entry ``forget-complete``); False if one exists.
+
+        The first write wins, so a request completed twice (a redelivery racing a rerun) keeps one receipt.
+        """
+        entry = json.dumps(dict(doc), sort_keys=True)
+
+        def fn(pipe: redis.client.Pipeline) -> bool:
+            if pipe.hexists(self._keys.forget_receipts, _request_id(request_id)):
+                pipe.multi()
+                return False
+            pipe.multi()
+            pipe.hset(self._keys.forget_receipts, request_id, entry)
+            pipe.lpush(self._keys.audit, json.dumps({**dict(doc), "kind": "forget-complete", "at": self._clock()}))
+            pipe.ltrim(self._keys.audit, 0, AUDIT_MAXLEN - 1)
+            return True
+
+        return self._txn(fn, self._keys.forget_receipts)
+
+    def set_router(self, router: RouterRecord, *, priors: Mapping[str, float] | None = None) -> int:
+        """Install ``router`` as the active router (replacing any); returns the new epoch.
+
+        ``priors`` (compartment id -> lambda_i) are written to those of the compartments that are active, in the
+        same transaction (one epoch bump for both).
+        """
 
         def fn(pipe: redis.client.Pipeline) -> int:
             epoch = self._epoch(pipe) + 1
+            active = {text(c) for c in pipe.smembers(self._keys.active)}
             pipe.multi()
+            for cid, prior in (priors or {}).items():
+                if cid in active:
+                    pipe.hset(self._keys.compartment(cid), "prior", repr(float(prior)))
             pipe.delete(self._keys.router)
             pipe.hset(self._keys.router, mapping=_mapping(to_hash(router)))
             pipe.set(self._keys.epoch, epoch)
@@ -433,6 +526,12 @@ class Registry(RegistryClient):
 def _mapping(mapping: Mapping[str, str]) -> Any:
     """A str -> str hash for redis-py's HSET/XADD mappings (whose declared key and value types are invariant)."""
     return mapping
+
+
+def _request_id(request_id: str) -> str:
+    if not request_id or len(request_id) > 256:
+        raise ValueError(f"request id {request_id[:80]!r} must be 1-256 characters")
+    return request_id
 
 
 def _audit(kind: str, at: float, **fields: Any) -> str:

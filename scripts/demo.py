@@ -125,11 +125,19 @@ def wait_serving(
 
 
 def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
+    from cdm.artifacts import ArtifactsConfig
     from cdm.pipeline import CompartmentalPipeline, make_scheduler
     from cdm.viz import save_grid
     from sampler.loader import load_live_composition
 
-    den, model = load_live_composition(cfg.redis, url=redis_url, vectorize=cfg.library.sample.vectorize)
+    den, model = load_live_composition(
+        cfg.redis,
+        ArtifactsConfig(),  # the daemon's local artifact directory is the store
+        url=redis_url,
+        default_dir=Path(cfg.daemon.artifact_dir),
+        base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+        vectorize=cfg.library.sample.vectorize,
+    )
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
     # one class per grid column (0 T-shirt ... 9 boot): the router's P(source | x_t, t, c) picks the compartment
     out = pipe(
@@ -220,12 +228,12 @@ def serve_demo(cfg_path: Path, url: str, out: Path, n: int, seed: int) -> dict[s
     seen["indistinguishable"] = same
     _say("   what a user types (the token comes from `cdm token create`):")
     _say(f"     export CDM_TOKEN={acme}")
-    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" {url}/v1/sources")
+    _say(f'     curl -s -H "Authorization: Bearer $CDM_TOKEN" {url}/v1/sources')
     _say(
         f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -H 'Content-Type: application/json' "
-        f"-d '{{\"n\": 8, \"labels\": [7], \"format\": \"png\"}}' -o grid.png {url}/v1/samples"
+        f'-d \'{{"n": 8, "labels": [7], "format": "png"}}\' -o grid.png {url}/v1/samples'
     )
-    _say(f"     curl -s -H \"Authorization: Bearer $CDM_TOKEN\" -F image=@my-image.png {url}/v1/attribute")
+    _say(f'     curl -s -H "Authorization: Bearer $CDM_TOKEN" -F image=@my-image.png {url}/v1/attribute')
     _say(f"     curl -s {url}/metrics | grep cdm_serve_requests_total")
     return seen
 
@@ -339,7 +347,11 @@ def main(argv: list[str] | None = None) -> int:
         send_control(producer, cfg.kafka.control_topic, ControlCommand("forget-source", FORGET, request_id="demo"))
         producer.close()
         after_snap = wait_serving(registry, coordinator, set(SOURCES) - {FORGET}, daemon, log, args.timeout)
-        receipt = next((a for a in registry.audit(20) if a.get("kind") == "forget-complete"), None)
+        deadline = time.monotonic() + args.timeout
+        receipt = registry.receipt("demo")  # written once the request is complete (its deletes come after the swap)
+        while receipt is None and time.monotonic() < deadline and daemon.poll() is None:
+            time.sleep(0.2)
+            receipt = registry.receipt("demo")
         _say(f"   done in {time.perf_counter() - t0:.1f}s: epoch {snap.epoch} -> {after_snap.epoch}")
         if receipt:
             _say(

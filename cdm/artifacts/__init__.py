@@ -19,13 +19,22 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from cdm.artifacts.cache import ArtifactCache, CacheFullError, CacheUsage, Checkout, PathOutsideCacheError
+from cdm.artifacts.cache import (
+    ArtifactCache,
+    CacheFullError,
+    CacheUsage,
+    Checkout,
+    Discarded,
+    PathOutsideCacheError,
+)
 from cdm.artifacts.config import ArtifactsConfig
 from cdm.artifacts.files import (
     MANIFEST,
+    MAX_JSON_BYTES,
     artifact_path,
     artifact_uri,
     atomic_directory,
+    confined_path,
     fsync_dir,
     hash_tree,
     load_tensors,
@@ -51,6 +60,7 @@ from cdm.errors import ConfigError
 
 __all__ = [
     "MANIFEST",
+    "MAX_JSON_BYTES",
     "ArtifactCache",
     "ArtifactStore",
     "ArtifactsConfig",
@@ -58,6 +68,7 @@ __all__ = [
     "CacheUsage",
     "Checkout",
     "DirectoryStore",
+    "Discarded",
     "ObjectNotFoundError",
     "PathOutsideCacheError",
     "StoredFile",
@@ -66,6 +77,7 @@ __all__ = [
     "atomic_directory",
     "check_key",
     "check_sha256",
+    "confined_path",
     "fsync_dir",
     "hash_tree",
     "load_tensors",

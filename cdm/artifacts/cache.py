@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -52,6 +52,14 @@ class CacheUsage:
     blobs: int  # number of cached blobs
     pinned_bytes: int  # held by open checkouts (in any process); never evicted
     max_bytes: int  # the LRU bound
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """What ``ArtifactCache.discard`` did."""
+
+    removed: tuple[str, ...]  # sha256 of the blobs deleted now
+    pinned: tuple[str, ...]  # still held by an open checkout (in any process): not deleted, try again later
 
 
 class Checkout:
@@ -205,6 +213,23 @@ class ArtifactCache:
         returns the evicted sha256s (fewer than needed when the rest is pinned)."""
         with self._locked():
             return self._evict(self._total() - (self.max_bytes if max_bytes is None else max_bytes))
+
+    def discard(self, digests: Iterable[str]) -> Discarded:
+        """Delete these blobs (and the views that link them) now, e.g. the files of a forgotten source.
+
+        Blobs not in the cache are skipped; blobs pinned by an open checkout are kept and reported."""
+        wanted = sorted({check_sha256(d) for d in digests})
+        removed: list[str] = []
+        pinned: list[str] = []
+        with self._locked():
+            for digest in wanted:
+                blob = self._blob(digest)
+                if not blob.exists():
+                    continue
+                (removed if self._try_remove(blob) else pinned).append(digest)
+            if removed:
+                self._sweep_views()
+        return Discarded(tuple(removed), tuple(pinned))
 
     # ------------------------------------------------------------------------------------------- fetching
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is imported by the two tensor functions only: readers
     import torch
 
 MANIFEST = "manifest.json"
+MAX_JSON_BYTES = 16 * 1024 * 1024  # largest JSON document read from an artifact (manifests are a few KiB)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -61,13 +62,27 @@ def write_json(path: Path, obj: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Parse the JSON file ``path``, refusing one larger than ``max_bytes`` before reading it (StoreError)."""
     try:
-        return json.loads(path.read_text())
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise StoreError(
+                    f"{path} is {size} bytes, over the {max_bytes}-byte limit for JSON read from an artifact; "
+                    "the artifact is corrupt or not ours"
+                )
+            raw = f.read(max_bytes + 1)
     except FileNotFoundError as exc:
         raise StoreError(f"missing {path}; the artifact is incomplete or was deleted") from exc
-    except json.JSONDecodeError as exc:
-        raise StoreError(f"{path} is not valid JSON ({exc}); the artifact is corrupt") from exc
+    except IsADirectoryError as exc:
+        raise StoreError(f"{path} is a directory, not a JSON file; the artifact is corrupt") from exc
+    if len(raw) > max_bytes:  # grew while being read
+        raise StoreError(f"{path} is over the {max_bytes}-byte limit for JSON read from an artifact")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise StoreError(f"{path} is not valid JSON ({type(exc).__name__}: {exc}); the artifact is corrupt") from exc
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -154,8 +169,28 @@ def artifact_uri(path: Path) -> str:
     return path.resolve().as_uri()
 
 
+def confined_path(uri: str, root: Path) -> Path:
+    """The local path of a recorded artifact URI, resolved (symlinks included) and checked to lie below ``root``.
+
+    Registry records are written by whoever can write Redis: a path taken from one is used only through this.
+    Raises StoreError naming the URI and the root otherwise.
+    """
+    real_root = Path(root).resolve()
+    path = artifact_path(uri)
+    if not path.is_absolute():
+        raise StoreError(f"artifact URI {uri!r} is not an absolute file:// URI; refusing it")
+    real = path.resolve()
+    if real != real_root and not real.is_relative_to(real_root):
+        raise StoreError(
+            f"artifact URI {uri!r} resolves to {real}, outside the artifact store {real_root}; refusing to read or "
+            "delete it (check [artifacts] url and the registry's records)"
+        )
+    return real
+
+
 def artifact_path(uri: str) -> Path:
-    """A recorded artifact URI (``file:///abs/dir`` or a plain path) as a local path."""
+    """A recorded artifact URI (``file:///abs/dir`` or a plain path) as a local path (not confined: see
+    ``confined_path`` for paths taken from the registry)."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(urllib.parse.unquote(parsed.path if parsed.scheme else uri))

@@ -25,7 +25,7 @@ from starlette.testclient import TestClient
 from api.app import create_app
 from api.auth import Authenticator
 from api.config import ServeConfig
-from cdm.artifacts import artifact_uri
+from cdm.artifacts import ArtifactsConfig, artifact_uri
 from cdm.config import ModelConfig, RouterConfig, SampleConfig, TrainConfig
 from cdm.data import SourceData, load_digits
 from cdm.routing import save_router, train_router
@@ -137,9 +137,12 @@ def auth(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> Iterator[Callable[..., Served]]:
+def serve(
+    trained: Trained, redis_client: redis.Redis, redis_namespace: str, tmp_path: Path
+) -> Iterator[Callable[..., Served]]:
     """``serve(settings=..., sampler=..., sources=...)`` -> a Served app (closed after the test)."""
     opened: list[TestClient] = []
+    lives: list[LiveComposition] = []
 
     def make(
         settings: ServeConfig | None = None,
@@ -155,7 +158,13 @@ def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> 
         access = AccessRegistry(redis_client, keys)
         for source, tags in TAGS.items():
             access.set_tags(source, tags)
-        live = LiveComposition(RegistryClient(redis_client, keys), CompositionLoader(vectorize="loop"), sample=FAST)
+        loader = CompositionLoader.from_config(
+            ArtifactsConfig(url=trained.router_dir.parent.as_uri()),  # the artifacts' directory is the store
+            base_dir=tmp_path / f"reader-{len(lives)}",
+            vectorize="loop",
+        )
+        live = LiveComposition(RegistryClient(redis_client, keys), loader, sample=FAST)
+        lives.append(live)
         live.refresh()
         settings = settings or ServeConfig(max_n=8, max_steps=4, max_concurrent=2)
         ledger = ServeLedger(redis_client, keys, audit_maxlen=settings.audit_maxlen)
@@ -181,6 +190,8 @@ def serve(trained: Trained, redis_client: redis.Redis, redis_namespace: str) -> 
     yield make
     for client in opened:
         client.close()
+    for live in lives:
+        live.stop()  # unpins the cached artifact files
 
 
 def decode_images(doc: dict[str, Any]) -> np.ndarray:

@@ -36,7 +36,8 @@ def test_attribute_against_the_registry(
     monkeypatch.chdir(tmp_path)
     register(Registry(redis_client, Keys(redis_namespace)), trained)
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[redis]\nnamespace = "{redis_namespace}"\n')
+    store = trained.router_dir.parent  # artifacts are read only from the artifact store the config names
+    cfg.write_text(f'[redis]\nnamespace = "{redis_namespace}"\n[daemon]\nartifact_dir = "{store}"\n')
     img = write_png(tmp_path / "x.png", digit_sources(3)[0].images[0])
     argv = ["--config", str(cfg), "attribute", str(img), "--redis", redis_db_url, "--draws", "2", "--seed", "1"]
     assert main([*argv, "--sources", "alpha,gamma", "--timesteps", "10,200"]) == 0

@@ -60,6 +60,8 @@ namespace = "{redis_namespace}"
 num_inference_steps = 2
 scheduler = "ddim"
 vectorize = "loop"
+[daemon]
+artifact_dir = "{trained.router_dir.parent}"
 [serve]
 port = {port}
 max_n = 4

@@ -11,7 +11,7 @@ import torch
 
 from cdm.artifacts import sha256_file
 from cdm.compartment import WEIGHTS
-from cdm.errors import ConfigError, DataError, StoreError
+from cdm.errors import ConfigError, StoreError
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
 from cdm.store import LocalStore
 from tests.cdm.conftest import TINY_MODEL, TINY_ROUTER, TINY_TRAIN
@@ -81,11 +81,12 @@ def test_forget_source_deletes_everything_and_leaves_others_untouched(store: Loc
         if "low" in p.relative_to(store.root).as_posix() and p.parent.name != "receipts"
     ]
     assert leftovers == [], f"forgetting left derived artifacts behind: {leftovers}"
-    assert receipt.untouched == {"high": high_weights}
+    assert receipt.untouched == {"high@v1": high_weights}
+    assert receipt.outcome == "forgotten" and receipt.retired == ("low@v1",)
     assert sha256_file(store.compartment_dir("high") / WEIGHTS) == high_weights
     assert receipt.router_sha256_after != receipt.router_sha256_before
     rm = store.router_manifest()
-    assert rm is not None and rm.source_names == ["high"]
+    assert rm is not None and rm.source_names == ["high@v1"]
     assert list(store.root.glob("receipts/*-low.json"))
     out = store.pipeline().__call__(batch_size=2, num_inference_steps=2, progress=False)
     assert out.source_names == ["high"]
@@ -101,8 +102,12 @@ def test_forget_samples_retrains_only_that_compartment(store: LocalStore) -> Non
     assert not np.isin(store.load_data("low").ids, ids).any()
     assert store.manifest("low").fingerprint == receipt.new_fingerprint != receipt.fingerprint
     assert sha256_file(store.compartment_dir("high") / WEIGHTS) == high_weights
-    with pytest.raises(DataError, match="no samples"):
-        store.forget_samples("low", [10**9], TINY_TRAIN, TINY_ROUTER, progress=False)
+    assert receipt.untouched == {"high@v1": high_weights} and receipt.new_compartment == "low@v2"
+    # no sample matches: a no-op with a receipt saying so (the live compartment and its data stay)
+    before = store.manifest("low")
+    none = store.forget_samples("low", [10**9], TINY_TRAIN, TINY_ROUTER, progress=False)
+    assert none.outcome == "no-match" and none.n_samples_removed == 0 and none.deleted_files == ()
+    assert none.unmatched_ids == (10**9,) and store.manifest("low") == before and store.data_path("low").exists()
 
 
 def test_store_refuses_other_architecture_and_stale_router(store: LocalStore, two_class_disjoint_sources) -> None:

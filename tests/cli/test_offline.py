@@ -81,7 +81,7 @@ def test_offline_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     listing = run(capsys, *c, "ls", "--store", store, "--json")
     assert [r["name"] for r in listing["compartments"]] == ["hi", "lo"]
     receipt = run(capsys, *c, "forget", "--store", store, "--source", "lo", "--no-progress")
-    assert receipt["kind"] == "source" and receipt["source"] == "lo" and receipt["deleted_files"]
+    assert receipt["kind"] == "forget-source" and receipt["source"] == "lo" and receipt["deleted_files"]
     sub = run(capsys, *c, "sample", "--store", store, "--n", "2", "--out", str(out), "--no-progress")
     assert list(sub["dominant_source_counts"]) == ["hi"]
 

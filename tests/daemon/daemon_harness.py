@@ -37,11 +37,13 @@ steps = {steps}
 batch_size = 32
 warmup_steps = 2
 checkpoint_every = {checkpoint_every}
+threads = 1
 [router]
 steps = 30
 batch_size = 64
 channels = [16, 32]
 eval_samples = 64
+threads = 1
 [sample]
 num_inference_steps = 3
 [kafka]
@@ -56,6 +58,7 @@ heartbeat_interval_ms = 1000
 url = "{redis_url}"
 namespace = "{namespace}"
 [daemon]
+daemon_id = "{daemon_id}"
 artifact_dir = "{root}/artifacts"
 spool_dir = "{spool}"
 http_port = 0
@@ -63,7 +66,7 @@ router_debounce_s = 0.5
 gc_grace_s = 3600
 poll_timeout_ms = 200
 heartbeat_ttl_s = 5
-lock_ttl_s = 10
+lock_ttl_s = {lock_ttl_s}
 source_idle_seal_s = 3600
 [scheduler]
 heartbeat_s = 1
@@ -107,6 +110,7 @@ class DaemonEnv:
     namespace: str
     steps: int = 40
     checkpoint_every: int = 10
+    lock_ttl_s: float = 10.0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[Any] = field(default_factory=list)
     _spools: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # spool slot -> its daemon
@@ -115,14 +119,17 @@ class DaemonEnv:
     def config_path(self) -> Path:
         return self.root / "config.toml"
 
-    def write_config(self, path: Path | None = None, spool: Path | None = None) -> Path:
-        """The shared config (for CLI commands), or one daemon's (``path``) with its own spool directory."""
+    def write_config(self, path: Path | None = None, spool: Path | None = None, daemon_id: str = "cli") -> Path:
+        """The shared config (for CLI commands), or one daemon's (``path``) with its own spool directory and
+        replica id."""
         path = path or self.config_path
         self.root.mkdir(parents=True, exist_ok=True)
         path.write_text(
             TINY.format(
                 steps=self.steps,
                 checkpoint_every=self.checkpoint_every,
+                lock_ttl_s=self.lock_ttl_s,
+                daemon_id=daemon_id,
                 bootstrap=self.bootstrap,
                 prefix=self.prefix,
                 redis_url=self.redis_url,
@@ -134,13 +141,16 @@ class DaemonEnv:
         return path
 
     # -- processes ----------------------------------------------------------------------------------
-    def start_daemon(self, name: str = "a") -> subprocess.Popen[bytes]:
-        """Start a daemon; each running daemon has its own spool directory (a spool takes an exclusive lock),
-        and a daemon started after one exited (a restart) takes over the spool it left."""
+    def start_daemon(self, name: str = "a", daemon_id: str | None = None) -> subprocess.Popen[bytes]:
+        """Start a daemon; each running daemon has its own spool directory (a spool takes an exclusive lock) and
+        replica id ``replica-<slot>`` (as a StatefulSet pod has its volume and hostname), and a daemon started
+        after one exited (a restart) takes over the spool and the id it left."""
         self.write_config()
         free = [i for i, p in self._spools.items() if p.poll() is not None]
         slot = min(free) if free else len(self._spools)
-        config = self.write_config(self.root / f"config-{name}.toml", self.root / f"spool-{slot}")
+        config = self.write_config(
+            self.root / f"config-{name}.toml", self.root / f"spool-{slot}", daemon_id or f"replica-{slot}"
+        )
         log = open(self.root / f"daemon-{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
         self._logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -46,8 +46,23 @@ values = st.one_of(
     st.integers(min_value=-3, max_value=70_000),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=40),
-    st.sampled_from(["cpu", "cuda", "cosine", "dpm", "top_k", "PLAINTEXT", "SASL_SSL", "redis://u:pw@h:1/0",
-                     "s3://bucket-1/p", "file:///tmp/x", "127.0.0.1:9092", "", "squaredcos_cap_v2"]),
+    st.sampled_from(
+        [
+            "cpu",
+            "cuda",
+            "cosine",
+            "dpm",
+            "top_k",
+            "PLAINTEXT",
+            "SASL_SSL",
+            "redis://u:pw@h:1/0",
+            "s3://bucket-1/p",
+            "file:///tmp/x",
+            "127.0.0.1:9092",
+            "",
+            "squaredcos_cap_v2",
+        ]
+    ),
     st.lists(st.integers(min_value=-5, max_value=5000), max_size=8),
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )

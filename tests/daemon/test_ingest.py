@@ -430,9 +430,7 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
     def decode_source(record: RecordLike) -> Chunk | Seal:
         if record.key == b"boom":  # a decoder bug on one record must not stop ingestion
             raise RecursionError("maximum recursion depth exceeded")
-        return decode_source_message(
-            record, max_value_bytes=MAX_MESSAGE_BYTES, claim_check_root=tmp_path / "claims"
-        )
+        return decode_source_message(record, max_value_bytes=MAX_MESSAGE_BYTES, claim_check_root=tmp_path / "claims")
 
     def check(source: str, data: SourceData) -> None:
         if data.labels is None:
@@ -474,7 +472,8 @@ def test_bad_records_go_to_the_dlq_with_their_reason_and_ingest_goes_on(
     h.poll_until(lambda: "good" in h.sealed and len(h.controls) == 2 and h.rejected().total() == len(rejected))
     assert sorted(h.sealed) == ["dup", "good"]
     assert h.rejected() == Counter(rejected.values())
-    assert set(rejected.values()) == set(REASONS)  # every reason code is exercised
+    # every reason code a record can earn is exercised (training-failed is the worker's: test_ingest_lifecycle.py)
+    assert set(rejected.values()) == set(REASONS) - {"training-failed"}
 
     dead = read_dlq(config, len(rejected))
     by_origin = {}

@@ -8,13 +8,14 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
+from cdm.artifacts import DirectoryStore
 from cdm.config import LibraryConfig
 from cdm.data import load_digits
 from daemon.config import DaemonConfig, SchedulerConfig
 from daemon.jobs import GC_LOCK, ROUTER_LOCK, Jobs, build_scheduler
 from daemon.metrics import Metrics
 from daemon.spool import Spool
-from daemon.worker import ArtifactLayout, Job, Notices, TrainingWorker
+from daemon.worker import Job, Notices, TrainingWorker
 from registry.coordination import Coordinator
 from registry.keys import Keys
 from registry.writer import Registry
@@ -35,11 +36,12 @@ def make_jobs(tmp_path: Path, client: redis.Redis, keys: Keys, daemon_id: str, c
         registry=registry,
         coordinator=coordinator,
         spool=spool,
-        layout=ArtifactLayout(tmp_path / daemon_id / "artifacts"),
+        store=DirectoryStore(tmp_path / daemon_id / "artifacts"),
+        work_root=tmp_path / daemon_id / "artifacts",
         library=LibraryConfig(),
         daemon_id=daemon_id,
         lock_ttl_s=60.0,
-        notices=Notices(lambda _: None, lambda _: None, lambda _: None),
+        notices=Notices(lambda _: None, lambda _: None, lambda _: None, lambda *_: None, lambda *_: None),
     )
     return Jobs(
         spool=spool,

@@ -15,7 +15,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, TopicPartition
 
-from cdm.artifacts import artifact_path
+from cdm.artifacts import ArtifactsConfig, artifact_path
 from cli import main
 from registry.keys import Keys
 from registry.reader import RegistryClient
@@ -73,7 +73,10 @@ def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, caps
     assert sorted(z["sources"].tolist()) == ["d0", "d1", "d2"] and z["attribution"].shape == (6, 3)
     # 3. a sampling loop runs while a 4th source arrives: hot-swapped in, no failed request, no restart
     client = redis.Redis.from_url(env.redis_url)
-    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), CompositionLoader(), resync_s=0.5)
+    loader = CompositionLoader.from_config(
+        ArtifactsConfig(), default_dir=env.root / "artifacts", base_dir=env.root / "sampler"
+    )
+    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), loader, resync_s=0.5)
     live.start()
     failures: list[str] = []
     served: set[tuple[str, ...]] = set()
@@ -114,11 +117,13 @@ def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, caps
     )
     snap = env.wait_serving({"d0", "d2", "d3"})
     assert snap.epoch > before.epoch
-    assert not d1_dir.exists() and not (env.root / "artifacts" / "data" / "d1.npz").exists()
+    receipt = env.wait("the forget's receipt (written once it is complete)", lambda: env.registry().receipt("req-1"))
+    assert not d1_dir.exists() and not (env.root / "artifacts" / "data" / "d1").exists()
     assert not list((env.root / "artifacts" / "work").glob("d1-*"))
     audit = env.registry().audit(50)
     done = [a for a in audit if a.get("kind") == "forget-complete"]
-    assert done and done[0]["source"] == "d1" and done[0]["deleted_files"]
+    assert len(done) == 1 and done[0]["source"] == "d1" and done[0]["deleted_files"] == receipt["deleted_files"]
+    assert d1_dir.as_uri() + "/manifest.json" in receipt["deleted_files"]
     assert set(done[0]["untouched"]) == set(snap.compartment_ids)
     capsys.readouterr()
     assert main(["--config", str(env.config_path), "ls", "--redis", env.redis_url, "--json"]) == 0

@@ -201,9 +201,7 @@ def test_a_source_that_can_never_train_is_refused_at_its_seal_and_dropped(
 def test_an_idle_source_that_can_never_train_is_dropped(tmp_path: Path, digits: SourceData) -> None:
     now = [0.0]
     model = ModelConfig(num_classes=10)
-    spool = Spool(
-        tmp_path, monotonic=lambda: now[0], check=partial(check_trainable, model=model, num_classes=10)
-    )
+    spool = Spool(tmp_path, monotonic=lambda: now[0], check=partial(check_trainable, model=model, num_classes=10))
     dropped: list[str] = []
     spool.add_drop_listener(dropped.append)
     stage(spool, "nolabels", parts_of(validate_arrays(digits.images, None, digits.ids)))

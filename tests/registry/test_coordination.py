@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from registry.coordination import Coordinator
+from registry.errors import IdentityInUse
 from registry.keys import Keys
 
 pytestmark = pytest.mark.services
@@ -75,3 +76,31 @@ def test_heartbeat_ttl(coordinator: Coordinator, redis_client: redis.Redis, keys
     assert [d.daemon_id for d in coordinator.live_daemons()] == ["d1", "d2"]
     coordinator.clear_heartbeat("d2")
     assert [d.daemon_id for d in coordinator.live_daemons()] == ["d1"]
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def test_claim_identity_refuses_a_live_holder_and_replaces_a_dead_one(coordinator: Coordinator) -> None:
+    first = {"host": "h", "pid": 10, "nonce": "a"}
+    assert coordinator.claim_identity("cdm-0", 30, first, holder_is_dead=lambda h: False) is None
+    assert coordinator.heartbeat_info("cdm-0") == first
+    second = {"host": "h", "pid": 11, "nonce": "b"}
+    with pytest.raises(IdentityInUse, match=r"cdm-0.*held by a live daemon.*pid 10"):
+        coordinator.claim_identity("cdm-0", 30, second, holder_is_dead=lambda h: False)
+    assert coordinator.heartbeat_info("cdm-0") == first  # untouched
+    seen: list[dict] = []
+    predecessor = coordinator.claim_identity("cdm-0", 30, second, holder_is_dead=lambda h: seen.append(h) or True)
+    assert predecessor == first and seen == [first]
+    assert coordinator.heartbeat_info("cdm-0") == second
+    assert [d.daemon_id for d in coordinator.live_daemons()] == ["cdm-0"]
+
+
+def test_release_locks_takes_back_only_the_owners(coordinator: Coordinator) -> None:
+    assert coordinator.acquire_source_lock("shoes", "cdm-0", ttl_s=60)
+    assert coordinator.acquire_source_lock("bags", "cdm-1", ttl_s=60)
+    assert coordinator.acquire_job_lock("router", "cdm-0", ttl_s=60)
+    released = coordinator.release_locks("cdm-0")
+    assert len(released) == 2 and all(k.endswith((":shoes", ":router")) for k in released)
+    assert coordinator.source_lock_owner("shoes") is None and coordinator.source_lock_owner("bags") == "cdm-1"
+    assert coordinator.acquire_source_lock("shoes", "cdm-0", ttl_s=60)  # at once, no lease to wait out

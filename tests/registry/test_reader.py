@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,9 +10,10 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from registry.errors import RecordError
 from registry.keys import Keys
-from registry.reader import RegistryClient
-from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord
+from registry.reader import RegistryClient, Tombstones
+from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, Tombstone, to_hash
 from registry.writer import Registry
 from tests.registry.conftest import train_and_activate
 
@@ -148,3 +150,60 @@ def test_watch_rereads_after_reconnect(
         train_and_activate(registry, "shoes", "fp1")  # and events flow again afterwards
         watcher.wait_for(2, timeout=5)
     assert watcher.epochs == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------- tombstones
+
+
+def test_tombstones_are_read_per_source_and_unreadable_ones_still_count(
+    registry: Registry, keys: Keys, redis_client: redis.Redis
+) -> None:
+    train_and_activate(registry, "shoes", "fp1")
+    train_and_activate(registry, "bags", "fp1")
+    reader = RegistryClient(redis_client, keys)
+    assert reader.tombstone("shoes") is None and reader.tombstones() == Tombstones({}, {})
+    assert reader.active_ids() == {"shoes@v1", "bags@v1"}
+    tomb = Tombstone("shoes", 1_700_000_100.0, 3, "req-1", {"t:0": 9}, ("a" * 64,))
+    redis_client.hset(keys.tombstone("shoes"), mapping=to_hash(tomb))  # type: ignore[arg-type]
+    redis_client.hset(keys.tombstone("bags"), mapping={"forgotten_at": "yesterday"})
+    # a tombstone of a source the registry never registered (forgotten before it trained) is read when asked for
+    redis_client.hset(keys.tombstone("hats"), mapping=to_hash(dataclasses.replace(tomb, source="hats")))  # type: ignore[arg-type]
+    assert reader.tombstone("shoes") == tomb
+    with pytest.raises(RecordError, match=r"Tombstone\.forgotten_at = 'yesterday'"):
+        reader.tombstone("bags")
+    found = reader.tombstones()
+    assert found.by_source == {"shoes": tomb} and set(found.unreadable) == {"bags"}
+    assert "forgotten_at" in found.unreadable["bags"] and found.sources == {"shoes", "bags"}
+    assert set(reader.tombstones(also=["hats"]).by_source) == {"shoes", "hats"}
+
+
+def test_iter_checks_yields_on_subscribe_on_events_and_on_resync(
+    keys: Keys, watch_client: Callable[[], redis.Redis]
+) -> None:
+    def count_checks(resync_s: float, publish: bool, want: int) -> float:
+        """Seconds until ``iter_checks`` yielded ``want`` times (one event published after the first check)."""
+        stop = threading.Event()
+        checks: list[float] = []
+        start = time.monotonic()
+
+        def run() -> None:
+            for _ in client.iter_checks(stop, resync_s=resync_s):
+                checks.append(time.monotonic())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            while len(checks) < want and time.monotonic() - start < 10:
+                if publish and len(checks) == 1:
+                    watch_client().publish(keys.events, "{}")
+                    publish = False
+                time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+        assert not thread.is_alive() and len(checks) >= want, checks
+        return checks[want - 1] - start
+
+    client = RegistryClient(watch_client(), keys)
+    assert count_checks(30.0, publish=True, want=2) < 5, "a check on subscribing, one per event long before resync"
+    assert count_checks(0.2, publish=False, want=3) < 5, "and one at least every resync_s without events"

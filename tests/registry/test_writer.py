@@ -11,7 +11,7 @@ import redis
 
 from registry.errors import CompartmentNotFound, InvalidTransition, RecordError
 from registry.keys import Keys, compartment_id, parse_compartment_id
-from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, RoutingKind
+from registry.records import CompartmentStatus, RegistrySnapshot, RouterRecord, RoutingKind, StoredFile
 from registry.writer import Registry
 from tests.registry.conftest import SHA, train_and_activate
 
@@ -143,25 +143,79 @@ def test_retire(registry: Registry) -> None:
 def test_forget_source(registry: Registry, redis_client: redis.Redis, keys: Keys) -> None:
     train_and_activate(registry, "shoes", "fp1")
     train_and_activate(registry, "bags", "fp1")
-    registry.begin_training("shoes", "fp2", {})  # v2 still training
-    receipt = registry.forget_source("shoes", reason="GDPR request 42")
-    assert receipt.source == "shoes"
-    assert set(receipt.compartment_ids) == {"shoes@v1", "shoes@v2"}
-    assert receipt.epoch == 3 == registry.epoch()  # exactly one bump for the forget
+    registry.begin_training("shoes", "fp2", {"chunks": [{"origin": ["t", 0, 5]}]})  # v2 still training
+    tomb = registry.forget_source(
+        "shoes", request_id="gdpr-42", reason="GDPR request 42", through={"t:0": 5}, files_sha256=["ab" * 32]
+    )
+    assert tomb.source == "shoes" and tomb.request_id == "gdpr-42" and tomb.through == {"t:0": 5}
+    assert set(tomb.compartment_ids) == {"shoes@v1", "shoes@v2"} and tomb.files_sha256 == ("ab" * 32,)
+    assert tomb.epoch == 3 == registry.epoch()  # exactly one bump for the forget
     assert registry.snapshot().compartment_ids == ("bags@v1",)
+    assert registry.tombstone("shoes") == tomb and registry.tombstone("bags") is None
     for record in registry.history("shoes"):
         assert record.status is CompartmentStatus.RETIRED
         assert record.retired_reason == "forgotten: GDPR request 42"
+        # scrubbed: nothing of the forgotten data's identity or origin stays
+        assert record.fingerprint == "" and record.lineage == {}
+        raw = redis_client.hgetall(keys.compartment(record.compartment_id))
+        assert b"fingerprint" not in raw or raw[b"fingerprint"] == b""
+        assert b"fp1" not in b"".join(raw.values()) and b"origin" not in b"".join(raw.values())
     assert registry.compartment_for_fingerprint("shoes", "fp1") is None  # same data again trains afresh
-    assert registry.forget_receipt(receipt.receipt_id) == receipt
     audit = registry.audit()
-    assert audit[0]["kind"] == "forget" and audit[0]["receipt"]["receipt_id"] == receipt.receipt_id
+    assert audit[0]["kind"] == "forget" and audit[0]["request_id"] == "gdpr-42"
     assert redis_client.hget(keys.source("shoes"), "current") is None
-    # idempotent
-    again = registry.forget_source("shoes")
-    assert again.compartment_ids == () and again.epoch == 3
+    # idempotent per request: the same request returns the same tombstone and changes nothing
+    assert registry.forget_source("shoes", request_id="gdpr-42") == tomb and registry.epoch() == 3
     # the version counter is not reset: ids are never reused
     assert registry.begin_training("shoes", "fp1", {}).compartment_id == "shoes@v3"
+    # a later request replaces the tombstone (retiring what was trained since)
+    later = registry.forget_source("shoes", request_id="gdpr-43")
+    assert later.compartment_ids == ("shoes@v3",) and later.forgotten_at > tomb.forgotten_at
+    assert registry.epoch() == 3  # only a training compartment went: the composition did not change
+    # a one-off forget (no request id: an operator at the registry) gets an id of its own
+    one_off = registry.forget_source("bags", "operator")
+    assert one_off.request_id.startswith("registry-") and one_off.compartment_ids == ("bags@v1",)
+
+
+def test_scrub_only_retired(registry: Registry) -> None:
+    train_and_activate(registry, "shoes", "fp1")
+    with pytest.raises(InvalidTransition, match="only retired"):
+        registry.scrub("shoes@v1")
+    train_and_activate(registry, "shoes", "fp2")
+    scrubbed = registry.scrub("shoes@v1")
+    assert scrubbed.fingerprint == "" and registry.get("shoes@v1").lineage == {}
+    assert registry.compartment_for_fingerprint("shoes", "fp1") is None
+    assert registry.compartment_for_fingerprint("shoes", "fp2") is not None
+
+
+def test_journal_and_receipts_once_per_request(registry: Registry) -> None:
+    assert registry.journal("r1") is None and registry.receipt("r1") is None
+    registry.save_journal("r1", {"done": ["plan"], "source": "shoes"})
+    registry.save_journal("r1", {"done": ["plan", "retire"], "source": "shoes"})
+    assert registry.journal("r1") == {"done": ["plan", "retire"], "source": "shoes"}
+    assert registry.put_receipt("r1", {"request_id": "r1", "deleted_files": ["file:///a"]})
+    assert not registry.put_receipt("r1", {"request_id": "r1", "deleted_files": []})  # first write wins
+    assert registry.receipt("r1") == {"request_id": "r1", "deleted_files": ["file:///a"]}
+    done = [a for a in registry.audit() if a["kind"] == "forget-complete"]
+    assert len(done) == 1 and done[0]["deleted_files"] == ["file:///a"]
+
+
+def test_activate_records_files_and_router_priors(registry: Registry) -> None:
+    rec = registry.begin_training("shoes", "fp", {})
+    files = {"unet/w.safetensors": StoredFile("file:///s/w", "cd" * 32, 3)}
+    active = registry.activate(
+        rec.compartment_id,
+        artifact_uri="file:///s/",
+        prior=1.0,
+        class_counts=[1],
+        n_samples=1,
+        train_metrics={},
+        files=files,
+    )
+    assert active.files == files and active.sha256 == {"unet/w.safetensors": "cd" * 32}
+    train_and_activate(registry, "bags", "fp", n=3)
+    registry.set_router(RouterRecord("r1", "/r", {}, ("shoes@v1", "bags@v1"), 2), priors={"shoes@v1": 0.25, "x@v1": 1})
+    assert registry.get("shoes@v1").prior == 0.25 and registry.get("bags@v1").prior == 3.0  # only those given
 
 
 def test_set_router_bumps_epoch_and_is_in_snapshot(registry: Registry) -> None:
@@ -267,7 +321,7 @@ def test_concurrent_activations_each_bump_epoch_exactly_once(
 def test_change_stream_entries(registry: Registry) -> None:
     train_and_activate(registry, "shoes", "fp1")
     train_and_activate(registry, "shoes", "fp2")
-    registry.forget_source("shoes")
+    registry.forget_source("shoes", request_id="r1")
     changes = registry.changes()
     assert [(c.kind, c.compartment_id, c.epoch) for c in changes] == [
         ("training", "shoes@v1", 0),

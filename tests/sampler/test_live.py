@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
 import redis
 
-from cdm.artifacts import artifact_path, artifact_uri
+from cdm.artifacts import ArtifactsConfig, artifact_path, artifact_uri
 from cdm.compartment import WEIGHTS
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.errors import CdmError
@@ -64,15 +65,25 @@ def register(reg: Registry, root: Path, sources: dict, *, router_over: list[str]
 
 
 def test_swaps_new_epochs_and_keeps_the_last_good_composition(
-    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str, redis_db_url: str
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    redis_namespace: str,
+    redis_db_url: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     keys = Keys(redis_namespace)
     reg = Registry(redis_client, keys)
     src = digit_sources(3)
-    live = LiveComposition(RegistryClient(redis_client, keys), CompositionLoader())
+    artifacts = ArtifactsConfig(url=tmp_path.as_uri())
+    loader = CompositionLoader.from_config(artifacts, base_dir=tmp_path / "reader")
+    live = LiveComposition(RegistryClient(redis_client, keys), loader)
+    request.addfinalizer(live.stop)  # unpins the cached files
     assert live.refresh() is None, "nothing registered yet: nothing to serve"
+    one_shot = functools.partial(
+        load_live_composition, RedisConfig(namespace=redis_namespace), artifacts, base_dir=tmp_path / "cli"
+    )
     with pytest.raises(CdmError, match="serves nothing yet"):
-        load_live_composition(RedisConfig(namespace=redis_namespace), url=redis_db_url)
+        one_shot(url=redis_db_url)
     register(reg, tmp_path, {"d0": src["d0"], "d1": src["d1"]}, router_over=["d0", "d1"])
     first = live.refresh()
     assert first is not None and sorted(first.sources) == ["d0", "d1"]
@@ -116,19 +127,21 @@ def test_swaps_new_epochs_and_keeps_the_last_good_composition(
     fixed = live.refresh()
     assert fixed is not None and sorted(fixed.sources) == ["d0", "d1", "d2"] and live.last_error is None
     # the one-shot loader of `cdm sample --redis` sees the same composition
-    denoiser, model = load_live_composition(RedisConfig(namespace=redis_namespace), url=redis_db_url)
+    denoiser, model = one_shot(url=redis_db_url)
     assert sorted(denoiser.source_names) == ["d0", "d1", "d2"] and model == MODEL
 
 
 def test_the_routing_kind_decides_what_is_served(
-    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str
+    tmp_path: Path, redis_client: redis.Redis, redis_namespace: str, request: pytest.FixtureRequest
 ) -> None:
     from cdm.routing import ComposedDenoiser, DensityComposition
 
     keys = Keys(redis_namespace)
     reg = Registry(redis_client, keys)
     src = digit_sources(2)
-    live = LiveComposition(RegistryClient(redis_client, keys), CompositionLoader())
+    loader = CompositionLoader.from_config(ArtifactsConfig(url=tmp_path.as_uri()), base_dir=tmp_path / "reader")
+    live = LiveComposition(RegistryClient(redis_client, keys), loader)
+    request.addfinalizer(live.stop)  # unpins the cached files
     register(reg, tmp_path, {"d0": src["d0"], "d1": src["d1"]}, router_over=None)
     assert live.refresh() is None, "learnt routing (the default) serves nothing without a router"
     # density: served as soon as compartments are active, no router, priors from the records' n_samples

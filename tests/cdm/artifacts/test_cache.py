@@ -18,6 +18,7 @@ from cdm.artifacts import (
     ArtifactsConfig,
     ArtifactStore,
     CacheFullError,
+    Discarded,
     PathOutsideCacheError,
     StoredFile,
 )
@@ -119,6 +120,23 @@ def test_full_cache_of_pinned_blobs_refuses_more(store: ArtifactStore, tmp_path:
     with pytest.raises(CacheFullError, match="raise \\[artifacts\\] cache_max_bytes"):
         cache.checkout({"a": a, "b": b, "c": c})  # one composition bigger than the bound
     assert not leftovers(cache)
+
+
+def test_discard_deletes_the_listed_blobs_unless_pinned(local_store: ArtifactStore, tmp_path: Path) -> None:
+    """A forgotten source's files leave the cache at once; a file still in use stays and is reported."""
+    a, b, c = (put(local_store, f"k/{n}", n.encode() * 100) for n in "abc")
+    cache = ArtifactCache(tmp_path / "cache", local_store, 1 << 20)
+    with cache.checkout({"a": a}) as in_use:
+        view = cache.checkout({"b": b, "c": c})
+        view_path = view.path
+        view.close()
+        done = cache.discard([b.sha256, a.sha256, "d" * 64])
+        assert done == Discarded(removed=(b.sha256,), pinned=(a.sha256,))
+        assert blobs(cache) == {a.sha256, c.sha256} and not view_path.exists()  # the view linking b went too
+        assert (in_use.path / "a").read_bytes() == b"a" * 100
+    assert cache.discard([a.sha256]) == Discarded(removed=(a.sha256,), pinned=())
+    with pytest.raises(StoreError, match="not 64 lowercase hex"):
+        cache.discard(["../x"])
 
 
 def test_corrupt_cached_blob_is_dropped_and_fetched_again(local_store: ArtifactStore, tmp_path: Path) -> None:

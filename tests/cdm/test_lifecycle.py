@@ -1,0 +1,201 @@
+"""cdm/lifecycle.py through the offline store: the same plans the daemon runs, over a JSON catalogue.
+
+A crash after any step is finished by running the request again (``cdm forget`` again finds the unfinished
+request), with one receipt; a request whose journal is complete is only acknowledged again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cdm.store
+from cdm.artifacts import sha256_file
+from cdm.compartment import WEIGHTS
+from cdm.config import ModelConfig, RouterConfig, TrainConfig
+from cdm.data import SourceData, fingerprint, load_digits, save_npz
+from cdm.errors import CdmError, StoreError
+from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, Lifecycle, data_key, work_dir, work_dirs
+from cdm.store import LocalStore
+
+MODEL = ModelConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=10)
+TRAIN = TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, lr=1e-3, threads=1)
+ROUTER = RouterConfig(steps=8, batch_size=32, channels=(8, 16), eval_samples=32, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads() -> Iterator[None]:
+    """The configs here train on one thread (``threads = 1`` sets torch's global count): put it back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+class SimulatedCrash(BaseException):
+    """The process dies between two steps."""
+
+
+@pytest.fixture(scope="module")
+def sources() -> dict[str, SourceData]:
+    d = load_digits()
+    assert d.labels is not None
+    return {
+        "low": d.subset(np.flatnonzero(d.labels <= 2)[:120]),
+        "high": d.subset(np.flatnonzero(d.labels >= 3)[:120]),
+    }
+
+
+@pytest.fixture
+def store(tmp_path: Path, sources: dict[str, SourceData]) -> LocalStore:
+    s = LocalStore(tmp_path / "store", model=MODEL)
+    for name, data in sources.items():
+        s.stage_data(name, data)
+        s.train_compartment(name, TRAIN, progress=False)
+    s.train_router(ROUTER, progress=False)
+    return s
+
+
+def receipt_files(store: LocalStore) -> list[Path]:
+    return sorted((store.root / "receipts").glob("*.json"))
+
+
+def files_of(store: LocalStore) -> list[str]:
+    """Every file of the store but its bookkeeping (catalogue, journal, receipts)."""
+    skip = ("catalogue.json", "store.json", "journal/", "receipts/")
+    rels = (p.relative_to(store.root).as_posix() for p in store.root.rglob("*") if p.is_file())
+    return sorted(r for r in rels if not r.startswith(skip))
+
+
+def test_the_offline_store_runs_the_shared_lifecycle_and_its_one_receipt_type(store: LocalStore) -> None:
+    assert cdm.store.ForgetReceipt is ForgetReceipt
+    assert isinstance(store.lifecycle(), Lifecycle)
+    receipt = store.forget_source("low", ROUTER, progress=False)
+    assert isinstance(receipt, ForgetReceipt) and receipt.kind == "forget-source"
+    (path,) = receipt_files(store)
+    assert ForgetReceipt.from_dict(json.loads(path.read_text())) == receipt
+    assert all(u.startswith("file:///") for u in receipt.deleted_files)
+    assert not [f for f in files_of(store) if "low" in f]
+
+
+@pytest.mark.parametrize("kind", ["forget-source", "forget-samples"])
+@pytest.mark.parametrize("crash_after", FORGET_STEPS[:-1])
+def test_a_crash_after_any_step_is_finished_by_running_the_request_again(
+    store: LocalStore, sources: dict[str, SourceData], kind: str, crash_after: str
+) -> None:
+    high_weights = sha256_file(store.compartment_dir("high") / WEIGHTS)
+    ids = [int(i) for i in sources["low"].ids[:4]]
+
+    def forget(after_step: object = None) -> ForgetReceipt:
+        if kind == "forget-source":
+            return store.forget_source("low", ROUTER, progress=False, after_step=after_step)  # type: ignore[arg-type]
+        return store.forget_samples("low", ids, TRAIN, ROUTER, progress=False, after_step=after_step)  # type: ignore[arg-type]
+
+    def crash(step: str) -> None:
+        if step == crash_after:
+            raise SimulatedCrash(step)
+
+    with pytest.raises(SimulatedCrash):
+        forget(crash)
+    assert receipt_files(store) == []
+    receipt = forget()  # `cdm forget` run again: the unfinished request is found and finished
+    assert len(receipt_files(store)) == 1 and receipt.untouched == {"high@v1": high_weights}
+    assert sha256_file(store.compartment_dir("high") / WEIGHTS) == high_weights
+    router = store.catalogue.router()
+    assert router is not None and sum(f.startswith("routers/") for f in files_of(store)) == 3  # only the active one
+    if kind == "forget-source":
+        assert store.sources() == ["high"] and router.compartment_ids == ("high@v1",)
+        assert not [f for f in files_of(store) if "low" in f], "nothing of the forgotten source may be left"
+    else:
+        assert store.sources() == ["high", "low"] and sorted(router.compartment_ids) == ["high@v1", "low@v2"]
+        assert not np.isin(store.load_data("low").ids, ids).any()
+        assert [f for f in files_of(store) if "low" in f and "low@v2" not in f] == [
+            f"data/low/{store.manifest('low').fingerprint}.npz"
+        ]
+
+
+def test_a_completed_request_is_acknowledged_again_without_redoing_anything(store: LocalStore) -> None:
+    first = store.forget_samples("low", [0, 1], TRAIN, ROUTER, progress=False, request_id="req-1")
+    files = files_of(store)
+    again = store.forget_samples("low", [0, 1], TRAIN, ROUTER, progress=False, request_id="req-1")
+    assert again == first and files_of(store) == files and len(receipt_files(store)) == 1
+    with pytest.raises(CdmError, match=r"req-1.*new request id"):
+        store.forget_source("high", ROUTER, progress=False, request_id="req-1")
+
+
+def test_forget_samples_that_match_nothing_change_nothing(store: LocalStore) -> None:
+    files, manifest = files_of(store), store.manifest("low")
+    receipt = store.forget_samples("low", [10**9], TRAIN, ROUTER, progress=False)
+    assert (receipt.outcome, receipt.n_samples_removed, receipt.deleted_files) == ("no-match", 0, ())
+    assert receipt.unmatched_ids == (10**9,) and "nothing changed" in receipt.detail
+    assert files_of(store) == files and store.manifest("low") == manifest
+    unknown = store.forget_samples("nope", [1], TRAIN, ROUTER, progress=False)
+    assert unknown.outcome == "unknown-source" and files_of(store) == files
+
+
+def test_forget_samples_matching_every_sample_forgets_the_source(store: LocalStore, sources: dict) -> None:
+    receipt = store.forget_samples("low", sources["low"].ids.tolist(), TRAIN, ROUTER, progress=False)
+    assert receipt.outcome == "forgotten" and receipt.retired == ("low@v1",)
+    assert store.sources() == ["high"] and not [f for f in files_of(store) if "low" in f]
+
+
+def test_with_the_density_router_a_forget_trains_nothing(tmp_path: Path, sources: dict[str, SourceData]) -> None:
+    s = LocalStore(tmp_path / "density", model=MODEL)
+    for name, data in sources.items():
+        s.stage_data(name, data)
+        s.train_compartment(name, TRAIN, progress=False)
+    assert s.train_router(ROUTER, progress=False, router_kind="density") is None
+    epoch = s.catalogue.epoch
+    lc = s.lifecycle(router=ROUTER, router_kind="density", progress=False)
+    receipt = lc.forget_source("low", request_id="density-1")
+    assert receipt.router_after is None and s.catalogue.router() is None
+    assert s.catalogue.epoch == epoch + 1  # retire: one composition change
+    assert [f for f in files_of(s) if "low" in f] == [] and s.sources() == ["high"]
+    # the per-source data copy is still kept (forget-samples retrains from it)
+    high = s.catalogue.active()[0]
+    assert s.artifacts.exists(data_key("high", high.fingerprint))
+
+
+def test_the_cli_forget_finishes_an_interrupted_request(
+    store: LocalStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli import main
+
+    with pytest.raises(SimulatedCrash):
+        store.forget_source("low", ROUTER, progress=False, after_step=lambda s: _raise(s == "router"))
+    config = tmp_path / "config.toml"
+    config.write_text("[router]\nsteps = 8\nbatch_size = 32\nchannels = [8, 16]\neval_samples = 32\nthreads = 1\n")
+    assert (
+        main(["--config", str(config), "forget", "--store", str(store.root), "--source", "low", "--no-progress"]) == 0
+    )
+    receipt = json.loads(capsys.readouterr().out)
+    assert receipt["kind"] == "forget-source" and receipt["source"] == "low" and receipt["deleted_files"]
+    assert len(receipt_files(store)) == 1 and LocalStore(store.root).sources() == ["high"]
+
+
+def _raise(crash: bool) -> None:
+    if crash:
+        raise SimulatedCrash("router")
+
+
+def test_work_dirs_match_the_source_exactly(tmp_path: Path, sources: dict[str, SourceData]) -> None:
+    fp = fingerprint(sources["low"])
+    for name in ("shoes", "shoes-v2", "shoes_old"):
+        (work_dir(tmp_path, name, fp) / "train_state").mkdir(parents=True)
+    (tmp_path / "work" / "shoes-notahexsuffix00").mkdir()
+    assert [p.name for p in work_dirs(tmp_path, "shoes")] == [f"shoes-{fp[:16]}"]
+    assert [p.name for p in work_dirs(tmp_path, "shoes-v2")] == [f"shoes-v2-{fp[:16]}"]
+
+
+def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, sources: dict[str, SourceData]) -> None:
+    root = tmp_path / "old"
+    root.mkdir()
+    (root / "store.json").write_text(json.dumps({"format": 1, "model": {}}))
+    save_npz(root / "low.npz", sources["low"])
+    with pytest.raises(StoreError, match=r"format-1 store.*new --store"):
+        LocalStore(root)
