@@ -228,48 +228,47 @@ class BatchingSampler:
             raise
 
     def _admit(self) -> list[_Job] | None:
-        """Queued jobs that join now (within the row cap); None when the engine should exit."""
+        """Queued jobs that join now (within the row cap); None when the engine thread should exit (idle or closed)."""
         active_rows = sum(j.rows for group in self._groups.values() for j in group)
         with self._cond:
-            while True:
-                if self._closed:
-                    self._thread = None
-                    doomed = list(self._queue) + [j for group in self._groups.values() for j in group]
-                    self._queue.clear()
-                    break
-                self._drop_dead_queued()
-                if active_rows or self._queue:
-                    doomed = []
-                    break
+            # 1. an idle engine waits for work; after idle_exit_s without any it exits (the next submit restarts it)
+            self._drop_dead_queued()
+            while not self._closed and not active_rows and not self._queue:
                 if not self._cond.wait(self.idle_exit_s) and not self._queue and not self._closed:
-                    self._thread = None  # idle: the next submit starts a new engine thread
+                    self._thread = None
                     return None
-            if not doomed and not active_rows and self.max_wait_s > 0:
-                # 1. an idle engine lets a burst gather, up to max_wait_s or a full batch
-                until = time.monotonic() + self.max_wait_s
-                while not self._closed and sum(j.rows for j in self._queue) < self.max_batch_rows:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
                 self._drop_dead_queued()
-            # 2. first come, first served within the row cap (a lone oversized request runs by itself)
-            admitted: list[_Job] = []
-            rows = active_rows
-            while self._queue and not self._closed and not doomed:
-                job = self._queue[0]
-                if rows and rows + job.rows > self.max_batch_rows:
-                    break
-                self._queue.popleft()
-                admitted.append(job)
-                rows += job.rows
-        if doomed:
-            for job in doomed:
-                _fail(job, SamplerUnavailable("the sampler is shutting down; retry on another replica"))
-            self._groups.clear()
-            self._turn.clear()
-            return None
-        return admitted
+            if not self._closed:
+                # 2. an idle engine lets a burst gather, up to max_wait_s or a full batch (running requests never wait)
+                if not active_rows and self.max_wait_s > 0:
+                    until = time.monotonic() + self.max_wait_s
+                    while not self._closed and sum(j.rows for j in self._queue) < self.max_batch_rows:
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                    self._drop_dead_queued()
+            if not self._closed:
+                # 3. first come, first served within the row cap (a lone oversized request runs by itself)
+                admitted: list[_Job] = []
+                rows = active_rows
+                while self._queue:
+                    job = self._queue[0]
+                    if rows and rows + job.rows > self.max_batch_rows:
+                        break
+                    self._queue.popleft()
+                    admitted.append(job)
+                    rows += job.rows
+                return admitted
+            # 4. closed: every queued and running request fails, and the thread ends
+            self._thread = None
+            doomed = [*self._queue, *(j for group in self._groups.values() for j in group)]
+            self._queue.clear()
+        for job in doomed:
+            _fail(job, SamplerUnavailable("the sampler is shutting down; retry on another replica"))
+        self._groups.clear()
+        self._turn.clear()
+        return None
 
     def _drop_dead_queued(self) -> None:
         """Queued jobs whose caller gave up or whose time ran out leave the queue (with _cond held)."""

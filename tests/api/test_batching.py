@@ -40,9 +40,9 @@ def test_batching_is_the_default_and_configurable() -> None:
 
 
 def test_concurrent_callers_share_iterations_and_get_their_own_results(serve: Callable[..., Served]) -> None:
-    settings = ServeConfig(max_n=4, max_steps=4, max_concurrent=8, max_wait_ms=300)
-    batched = serve(settings)
-    alone = serve(ServeConfig(max_n=4, max_steps=4, max_concurrent=8, batching=False))
+    batched = serve(ServeConfig(max_n=4, max_steps=4, max_concurrent=8, max_wait_ms=300))
+    # the reference: the same registry (sources=() registers nothing more), each request sampled on its own
+    alone = serve(ServeConfig(max_n=4, max_steps=4, max_concurrent=8, batching=False), sources=())
     grants = {
         "all": ("all",),
         "ab": ("source:alpha", "source:beta"),
@@ -57,15 +57,15 @@ def test_concurrent_callers_share_iterations_and_get_their_own_results(serve: Ca
         ("all", {"n": 1, "seed": 5, "sources": ["gamma", "alpha"], "scheduler": "dpm", "steps": 4}),
         ("ab", {"n": 2, "seed": 6, "labels": [1, 2], "guidance_scale": 3.0, "top_k": 1}),
     ]
-    tokens = {s: {p: s.token(f"{p}-user", *g) for p, g in grants.items()} for s in (batched, alone)}
-    responses: dict[int, dict] = {}
+    tokens = {p: batched.token(f"{p}-user", *g) for p, g in grants.items()}  # one access registry for both apps
+    responses: dict[int, dict[str, Any]] = {}
     errors: list[str] = []
     barrier = threading.Barrier(len(bodies))
 
     def call(i: int) -> None:
         principal, body = bodies[i]
         barrier.wait()
-        r = batched.client.post("/v1/samples", json=body, headers=auth(tokens[batched][principal]))
+        r = batched.client.post("/v1/samples", json=body, headers=auth(tokens[principal]))
         if r.status_code != 200:
             errors.append(r.text)
         else:
@@ -77,22 +77,26 @@ def test_concurrent_callers_share_iterations_and_get_their_own_results(serve: Ca
     for t in threads:
         t.join(120)
     assert not errors and len(responses) == len(bodies)
+    # 1. every caller got what it gets alone (same seed), over exactly its own sources
     for i, (principal, body) in enumerate(bodies):
-        ref = alone.client.post("/v1/samples", json=body, headers=auth(tokens[alone][principal])).json()
+        ref = alone.client.post("/v1/samples", json=body, headers=auth(tokens[principal])).json()
         got = responses[i]
         assert got["sources"] == ref["sources"] and got["guidance_scale"] == body.get("guidance_scale", 1.0)
         diff = np.abs(decode_images(got).astype(int) - decode_images(ref).astype(int))
         assert diff.max() <= 1, (body, diff.max())
         np.testing.assert_allclose(got["attribution"], ref["attribution"], rtol=1e-4, atol=1e-5)
-    # the rows of every caller, whatever they may use, went through shared iterations
+    assert [responses[i]["sources"] for i in (2, 3)] == [["gamma"], ["beta"]]
+    # 2. the rows of callers with different rights went through shared iterations
     m = batched.metrics
     iterations = m.get_sample_value("cdm_serve_batch_requests_count")
     requests = m.get_sample_value("cdm_serve_batch_requests_sum")
     assert iterations and requests and requests / iterations > 1.5, (iterations, requests)
-    # and no compartment ran on a caller's rows beyond the sources that caller may use: gamma only for the
-    # callers allowed gamma ("all" x2, "c"), alpha and beta never for "c" alone
-    assert batched.calls["gamma"] <= 4 + 3, batched.calls  # at most one call per iteration
     assert m.get_sample_value("cdm_serve_batch_rows_count") == iterations
+    # 3. one call per compartment per iteration, and gamma saw exactly the rows of the three requests that may use
+    # it (full mixture, default 2 steps): "all" 2 x 2, "c" 3 x 3, "all" with sources gamma+alpha 1 x 4; a row of
+    # "ab" or "b" reaching gamma would show here
+    assert all(batched.calls[name] <= iterations for name in ("alpha", "beta", "gamma")), batched.calls
+    assert batched.rows["gamma"] == 2 * 2 + 3 * 3 + 1 * 4, batched.rows
 
 
 def test_guidance_over_http(serve: Callable[..., Served]) -> None:
