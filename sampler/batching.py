@@ -238,16 +238,15 @@ class BatchingSampler:
                     self._thread = None
                     return None
                 self._drop_dead_queued()
-            if not self._closed:
+            if not self._closed and not active_rows and self.max_wait_s > 0:
                 # 2. an idle engine lets a burst gather, up to max_wait_s or a full batch (running requests never wait)
-                if not active_rows and self.max_wait_s > 0:
-                    until = time.monotonic() + self.max_wait_s
-                    while not self._closed and sum(j.rows for j in self._queue) < self.max_batch_rows:
-                        left = until - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(left)
-                    self._drop_dead_queued()
+                until = time.monotonic() + self.max_wait_s
+                while not self._closed and sum(j.rows for j in self._queue) < self.max_batch_rows:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                self._drop_dead_queued()
             if not self._closed:
                 # 3. first come, first served within the row cap (a lone oversized request runs by itself)
                 admitted: list[_Job] = []

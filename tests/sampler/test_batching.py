@@ -469,3 +469,13 @@ def test_results_do_not_depend_on_batch_company(parts: Parts) -> None:
         crowd.close()
     assert_same(a, b)
     assert_same(a, sample_now(probe))
+
+
+def test_close_ends_an_idle_engine_thread_at_once(parts: Parts) -> None:
+    comp = composition(parts, "learnt")
+    sampler = BatchingSampler(max_wait_s=0.0, idle_exit_s=600.0)  # it would idle for 10 minutes
+    sampler.submit(req(comp, ("alpha",), n=1, seed=1, steps=1)).result(TIMEOUT)
+    assert sampler.running
+    started = time.monotonic()
+    sampler.close(timeout=30)
+    assert not sampler.running and time.monotonic() - started < 5
