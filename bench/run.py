@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,sampling,service]``.
+"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,sampling,service,serving]``.
 
 Each benchmark prints its figures and writes JSON + Markdown to bench/results/; the report step assembles
 bench/RESULTS.md from them (ratios are from one run, next to absolute times).
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         help="sizes of the run (default: quick on cpu, gpu with --device cuda)",
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
-    ap.add_argument("--only", default="quality,sampling,service", help="comma-separated benchmark groups")
+    ap.add_argument("--only", default="quality,sampling,service,serving", help="comma-separated benchmark groups")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     p = PROFILES[args.profile or ("gpu" if args.device == "cuda" else "quick")]
@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         res = service.run(p, out)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "serving" in only:
+        from bench import serving
+
+        t = time.perf_counter()
+        res = serving.run(p, out)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
     path = report.write(out)
