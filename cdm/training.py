@@ -473,8 +473,9 @@ def slice_seed(seed: int, j: int) -> int:
 
 
 def _usable_checkpoint(workdir: Path, j: int, plan: SlicePlan, cfg: TrainConfig, model: ModelConfig) -> bool:
-    """True when ``workdir/slices/<j>`` is the checkpoint after slice j of this data under this config."""
-    path = workdir / checkpoint_files(j)[1]
+    """True when ``workdir/slices/<j>`` is the checkpoint after slice j of this data under this config, complete
+    (its tensors match the sha256 its JSON recorded)."""
+    tensors, path = (workdir / rel for rel in checkpoint_files(j))
     if not path.is_file():
         return False
     try:
@@ -490,6 +491,8 @@ def _usable_checkpoint(workdir: Path, j: int, plan: SlicePlan, cfg: TrainConfig,
         and meta.get("slices") == plan.slices
         and meta.get("step") == plan.ends[j - 1]
         and meta.get("fingerprints") == list(plan.fingerprints[:j])
+        and tensors.is_file()
+        and sha256_file(tensors) == meta.get("sha256")
     )
 
 
