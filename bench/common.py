@@ -47,6 +47,8 @@ class Profile:
     sampling_batch: int = 64  # images per timed sampling call
     sampling_ks: tuple[int, ...] = (1, 2, 4, 8)
     service_steps: int = 100  # compartment steps in the service benchmark
+    sisa_slices: tuple[int, ...] = (4, 8)  # [train] slices compared with 1 in the slicing benchmark
+    sisa_eval_n: int = 2000  # held-out test images of its denoising loss
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,6 +70,7 @@ PROFILES = {
         sampling_ks=(1, 2, 4),
         service_steps=20,
         k=4,
+        sisa_eval_n=500,
     ),
     "full": Profile(name="full"),
     # the same code on a GPU: bigger batch, longer training, more FID samples
