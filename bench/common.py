@@ -50,6 +50,8 @@ class Profile:
     serving_requests: int = 96  # requests of the HTTP serving benchmark's fixed set (16 clients share them)
     serving_steps: int = 20  # DDIM steps per serving request
     serving_train_steps: int = 300  # steps of each tiny 8x8 compartment of the serving benchmark
+    sisa_slices: tuple[int, ...] = (4, 8)  # [train] slices compared with 1 in the slicing benchmark
+    sisa_eval_n: int = 2000  # held-out test images of its denoising loss
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -73,6 +75,7 @@ PROFILES = {
         serving_requests=64,
         serving_train_steps=150,
         k=4,
+        sisa_eval_n=500,
     ),
     "full": Profile(name="full"),
     # the same code on a GPU: bigger batch, longer training, more FID samples
