@@ -155,6 +155,10 @@ class SampleConfig:
     vectorize: Literal["auto", "loop", "vmap"] = "auto"  # compartment evaluation strategy ("auto": fastest per device)
     batch_size: BatchSize = 256  # images per forward pass
     device: Device = "cpu"
+    # torch intra-op threads of a sampling process (`cdm serve`, `cdm sample`) on CPU (0 = torch default). Set it
+    # to the cores the process may use: several processes each on torch's default oversubscribe the cores, and
+    # measured here that made every model step 10-50x slower (bench/RESULTS.md, section 7)
+    threads: Threads = 0
 
 
 @section("eval", error=ConfigError)

@@ -215,6 +215,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     cfg = load_app_config(args)
     sc = cfg.library.sample
+    if sc.threads > 0:
+        torch.set_num_threads(sc.threads)
     device = args.device or sc.device
     started = time.perf_counter()
     den: Composed
