@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
     ap.add_argument(
-        "--only", default="quality,slicing,sampling,service,serving", help="comma-separated benchmark groups"
+        "--only", default="quality,slicing,overhead,sampling,service,serving", help="comma-separated benchmark groups"
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         assert ext is not None
         t = time.perf_counter()
         res = slicing.run(p, out, ext)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "overhead" in only:
+        from bench import overhead
+
+        t = time.perf_counter()
+        res = overhead.run(p, out)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
     if "sampling" in only:
