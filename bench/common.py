@@ -78,6 +78,10 @@ PROFILES = {
         sampling_ks=(1, 2, 4),
         service_steps=20,
         k=4,
+        guidance_scales=(1.0, 2.0, 3.0),
+        density_guidance_scales=(),
+        n_guidance=40,
+        prune=((1e-2, 3),),
     ),
     "full": Profile(name="full"),
     # the routing group at a size that fits ~25 min on 2 loaded CPU cores (python -m bench.run --only routing)
@@ -86,10 +90,10 @@ PROFILES = {
         steps=160,
         converged_steps=160,
         router_steps=80,
-        n_fid=100,
+        n_fid=150,  # > the 128 feature dims, so the FID covariances have full rank
         sample_steps=20,
         sampling_batch=8,
-        n_guidance=60,
+        n_guidance=130,
         density_guidance_scales=(),
         prune=((1e-2, 3),),
         threads=1,
