@@ -1,5 +1,5 @@
 # cdm: every target sets itself up (venv, pip and apt packages, local services) on a fresh machine.
-.PHONY: help setup dev demo test lint typecheck unit bench bench-gpu bench-quick services-start services-stop clean
+.PHONY: help setup dev demo test lint typecheck unit bench bench-gpu bench-quick bench-routing services-start services-stop clean
 
 PY := .venv/bin/python
 
@@ -23,7 +23,7 @@ test: dev  ## lint, type-check and the whole test suite (starts Redis, Kafka bro
 unit: dev  ## tests that need no services
 	@$(PY) -m pytest -m "not services"
 
-bench: dev  ## full benchmark run (~45 min on 2 CPU cores); writes bench/results and bench/RESULTS.md
+bench: dev  ## full benchmark run (~45 min on 2 CPU cores + the routing group, untimed at full); writes bench/RESULTS.md
 	@$(PY) -m bench.run --profile full
 
 bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,000 steps, 5,000 FID samples)
@@ -31,6 +31,9 @@ bench-gpu: dev  ## the larger GPU profile (device = "cuda", bf16, batch 256, 4,0
 
 bench-quick: dev  ## minutes-long benchmark smoke run
 	@$(PY) -m bench.run --profile quick
+
+bench-routing: dev  ## the router-kinds group alone at its own profile (~25 min on 2 shared CPU cores)
+	@$(PY) -m bench.run --profile routing --only routing
 
 services-start: setup  ## start Redis + Kafka-protocol broker + S3 server on free loopback ports (state in .services/)
 	@$(PY) -m deploy.local.services start

@@ -53,6 +53,16 @@ class Profile:
     sisa_slices: tuple[int, ...] = (4, 8)  # [train] slices compared with 1 in the slicing benchmark
     sisa_eval_n: int = 2000  # held-out test images of its denoising loss
     seed: int = 0
+    # routing group (bench/routing.py): every router kind samples with this one sampler, stochastic because the
+    # density kind's Itô estimator needs one
+    routing_scheduler: str = "sde-dpm"
+    guidance_scales: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 5.0)  # learnt kind (top-1: 2 compartment rows / step)
+    # density kind (2K rows per guided step); empty: only at the scale the learnt sweep chose
+    density_guidance_scales: tuple[float, ...] = (1.0, 3.0)
+    n_guidance: int | None = None  # class-balanced samples per guidance row (None: n_fid)
+    prune: tuple[tuple[float, int], ...] = ((1e-3, 5), (2e-2, 2))  # density pruning measured: (threshold, patience)
+    forget_fraction: float = 0.01  # share of one source forgotten by the forget-samples requests
+    threads: int = 0  # torch intra-op threads (0: torch's default; 1 avoids oversubscribing a shared CPU)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,8 +86,26 @@ PROFILES = {
         serving_train_steps=150,
         k=4,
         sisa_eval_n=500,
+        guidance_scales=(1.0, 2.0, 3.0),
+        density_guidance_scales=(),
+        n_guidance=40,
+        prune=((1e-2, 3),),
     ),
     "full": Profile(name="full"),
+    # the routing group at a size that fits ~25 min on 2 loaded CPU cores (python -m bench.run --only routing)
+    "routing": Profile(
+        name="routing",
+        steps=160,
+        converged_steps=160,
+        router_steps=80,
+        n_fid=150,  # > the 128 feature dims, so the FID covariances have full rank
+        sample_steps=20,
+        sampling_batch=8,
+        n_guidance=130,
+        density_guidance_scales=(),
+        prune=((1e-2, 3),),
+        threads=1,
+    ),
     # the same code on a GPU: bigger batch, longer training, more FID samples
     "gpu": Profile(
         name="gpu",
@@ -87,6 +115,11 @@ PROFILES = {
         converged_steps=4000,
         n_fid=5000,
         router_steps=2000,
+        # routing group: every kind at the same 5,000 samples; density's K passes per step are affordable here, so
+        # it gets the whole guidance sweep too, and a larger cost batch
+        density_guidance_scales=(1.0, 1.5, 2.0, 3.0, 5.0),
+        n_guidance=2000,
+        sampling_batch=256,
     ),
 }
 

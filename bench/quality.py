@@ -22,7 +22,7 @@ from bench.common import (
 from cdm.compartment import Compartment, build_unet, new_manifest
 from cdm.compose import ComposedDenoiser
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
-from cdm.data import SourceData, concat, from_model_tensor, load_fashion_mnist, split_sources, to_model_tensor
+from cdm.data import Scheme, SourceData, concat, from_model_tensor, load_fashion_mnist, split_sources, to_model_tensor
 from cdm.metrics import FeatureExtractor, fid, kid, memorisation
 from cdm.routing import train_router
 from cdm.training import train_compartment
@@ -94,8 +94,26 @@ class Bench:
         return {"fid": fid(feats, self.ref_feats), "kid": k_mean, "sample_s": t["s"]}
 
 
+SPLITS: tuple[Scheme, ...] = ("random", "by-class")  # the IID and the class-disjoint split
+
+
 def single(comp: Compartment, name: str) -> ComposedDenoiser:
     return ComposedDenoiser([comp], UniformRouter([name]), [name])
+
+
+def split_parts(b: Bench, split: Scheme) -> dict[str, SourceData]:
+    """The profile's K sources of ``split``, named by split and index (``rand0``, ``by-c3``)."""
+    return {f"{split[:4]}{i}": d for i, d in enumerate(split_sources(b.data, split, b.p.k, seed=b.p.seed))}
+
+
+def train_parts(b: Bench, parts: dict[str, SourceData], batch: int, steps: int) -> tuple[list[Compartment], float]:
+    """One compartment per source (``steps`` x ``batch`` each) and their total training seconds."""
+    comps, secs = [], 0.0
+    for n, d in parts.items():
+        c, train_s = b.train(n, d, batch, steps)
+        comps.append(c)
+        secs += train_s
+    return comps, secs
 
 
 def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
@@ -158,20 +176,15 @@ def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
     shared: dict[str, Any] = {"mono": mono, "mono_s": mono_s, "mono_fid": mono_score["fid"], "bench": b}
     best_ratio: dict[str, float] = {}
     # 1. CDM per split, equal compute (DDM recipe) and converged
-    for split in ("random", "by-class"):
-        parts_list = split_sources(b.data, split, p.k, seed=p.seed)
-        parts = {f"{split[:4]}{i}": d for i, d in enumerate(parts_list)}
+    for split in SPLITS:
+        parts = split_parts(b, split)
         names = list(parts)
         budgets = [("equal compute", max(1, p.batch // p.k), p.steps)]
         if split in p.converged_splits:
             budgets.append(("converged", p.batch, p.converged_steps))
         router, router_s = b.router(parts)
         for label, batch, steps in budgets:
-            comps, secs = [], 0.0
-            for n, d in parts.items():
-                c, train_s = b.train(n, d, batch, steps)
-                comps.append(c)
-                secs += train_s
+            comps, secs = train_parts(b, parts, batch, steps)
             den = ComposedDenoiser(comps, router, names)
             tag = f"{split}-{label.replace(' ', '-')}"
             for routing, k in (("full", None), ("top-1", 1), ("top-2", 2)):
@@ -214,9 +227,9 @@ def run(p: Profile, out: Path, ext: FeatureExtractor) -> list[Result]:
                 }
                 if split == "by-class":
                     shared["trajectory_den"] = den
-    for split, r in best_ratio.items():
+    for name, r in best_ratio.items():
         verdict = "met" if r <= 1.10 else "missed"
-        quality.facts[f"best equal-compute FID ratio, {split}"] = f"{r:.3f} (target <= 1.10: {verdict})"
+        quality.facts[f"best equal-compute FID ratio, {name}"] = f"{r:.3f} (target <= 1.10: {verdict})"
     quality.plots.append(str(_plot_budget(out, budget_rows, quality)))
     quality.plots.append(str(_plot_trajectory(out, shared["trajectory_den"], b)))
     quality.seconds = time.perf_counter() - started

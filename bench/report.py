@@ -16,6 +16,7 @@ ORDER = [
     "sampling",
     "service",
     "serving",
+    "routing",
 ]
 HEADER = """# cdm benchmark results
 

@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,slicing,...]``.
+"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu|routing [--only quality,...,routing]``.
 
 Each benchmark prints its figures and writes JSON + Markdown to bench/results/; the report step assembles
 bench/RESULTS.md from them (ratios are from one run, next to absolute times).
@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
     ap.add_argument(
-        "--only", default="quality,slicing,overhead,sampling,service,serving", help="comma-separated benchmark groups"
+        "--only",
+        default="quality,slicing,overhead,sampling,service,serving,routing",
+        help="comma-separated benchmark groups",
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     torch.manual_seed(p.seed)
+    if p.threads:
+        torch.set_num_threads(p.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
@@ -80,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         res = sampling.run(p, out)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
+    if "routing" in only:
+        from bench import routing
+        from cdm.metrics import get_feature_extractor
+
+        ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
+        routing.run(p, out, ext, env)
     if "service" in only:
         from bench import service
 

@@ -26,6 +26,8 @@ def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
     Pixel-space samplers clip the predicted x_0 to [-1, 1] (improved-diffusion's ``clip_denoised``; dynamic
     thresholding for DPM-Solver++). DPM-Solver++ uses "leading" spacing: with the cosine schedule the last
     training step has alpha_bar ~ 0, where its data prediction x_0 = (x - sigma eps) / alpha diverges.
+    ``name``: "ddpm" (ancestral, stochastic), "ddim" (eta = 0), "dpm" (DPM-Solver++ 2M, deterministic) or "sde-dpm"
+    (SDE-DPM-Solver++ 2M, stochastic: what the density kind's Itô estimator needs at few steps).
     """
     cfg = model.scheduler_config()
     common = {
@@ -37,17 +39,17 @@ def make_scheduler(name: str, model: ModelConfig) -> SchedulerMixin:
         return DDPMScheduler(**common, clip_sample=True)
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=False)
-    if name == "dpm":
+    if name in ("dpm", "sde-dpm"):
         return DPMSolverMultistepScheduler(
             **common,
-            algorithm_type="dpmsolver++",
+            algorithm_type="dpmsolver++" if name == "dpm" else "sde-dpmsolver++",
             solver_order=2,
             timestep_spacing="leading",
             steps_offset=1,
             thresholding=True,
             sample_max_value=1.0,
         )
-    raise ConfigError(f"unknown scheduler {name!r}; choose one of ddpm, ddim, dpm")
+    raise ConfigError(f"unknown scheduler {name!r}; choose one of ddpm, ddim, dpm, sde-dpm")
 
 
 @dataclass

@@ -87,8 +87,14 @@ def register(sub: Subparsers) -> None:
     sm.add_argument("--sources", type=_csv, default=None, help="access subset, e.g. shoes,bags (default: all)")
     sm.add_argument("--labels", type=_int_csv, default=None, help="class labels, cycled over the samples")
     sm.add_argument("--top-k", type=int, default=None, help="route each sample to its k most likely compartments")
+    sm.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance for --labels (default [sample] guidance_scale; 1 = none)",
+    )
     sm.add_argument("--steps", type=int, default=None, help="denoising steps (default [sample] num_inference_steps)")
-    sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
+    sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm", "sde-dpm"], default=None)
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", choices=["cpu", "cuda"], default=None)
     sm.add_argument("--out", type=Path, required=True, help="output .npz")
@@ -121,7 +127,7 @@ def register(sub: Subparsers) -> None:
     e.add_argument("--sources", type=_csv, default=None)
     e.add_argument("--top-k", type=int, default=None)
     e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
+    e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm", "sde-dpm"], default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--memorisation", action="store_true", help="also compute the memorisation ratio test")
     e.add_argument("--no-progress", action="store_true")
@@ -248,6 +254,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         generator=torch.Generator().manual_seed(args.seed),
         return_trajectory=args.trajectory,
         progress=not args.no_progress,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else sc.guidance_scale,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     arrays: dict[str, Any] = {

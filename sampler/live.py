@@ -417,8 +417,9 @@ class LiveComposition:
         num_inference_steps: int | None = None,
         scheduler: str | None = None,
         seed: int = 0,
+        guidance_scale: float | None = None,
     ) -> tuple[Composition, CompartmentalPipelineOutput]:
-        """Sample from the composition current at the start of the call."""
+        """Sample from the composition current at the start of the call (``guidance_scale`` None: [sample]'s)."""
         comp = self._current
         if comp is None:
             raise CdmError("no composition is loaded yet: no compartment and router are registered")
@@ -433,6 +434,7 @@ class LiveComposition:
             num_inference_steps=num_inference_steps or sc.num_inference_steps,
             generator=torch.Generator().manual_seed(seed),
             progress=False,
+            guidance_scale=guidance_scale if guidance_scale is not None else sc.guidance_scale,
         )
         if self._metrics is not None:
             self._metrics.sampling_seconds.observe(time.perf_counter() - started)

@@ -146,6 +146,7 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
         num_inference_steps=cfg.library.sample.num_inference_steps,
         generator=torch.Generator().manual_seed(seed),
         progress=True,
+        guidance_scale=cfg.library.sample.guidance_scale,
     )
     save_grid(out.images, png, nrow=10, attribution=out.attribution, source_names=out.source_names)
     return out

@@ -74,6 +74,7 @@ def build_composition(
     n_samples: Sequence[int] | None = None,
     class_counts: Sequence[Sequence[int]] | None = None,
     vectorize: Vectorize = "auto",
+    prune: PruneConfig | None = None,
 ) -> Composed:
     """Compartments composed under routing ``kind``.
 
@@ -89,6 +90,8 @@ def build_composition(
             density kind (a zero count means compartment i never runs on class c); ignored unless every compartment
             has ``num_classes`` counts.
         vectorize: how the learnt kind evaluates compartments (``[sample] vectorize``).
+        prune: density kind: drop a compartment from a row once its weight stayed negligible (an approximation,
+            off by default; see ``PruneConfig``). Refused by "learnt", whose cheap approximation is top-k.
     """
     kind = check_kind(kind)
     if not compartments:
@@ -96,6 +99,8 @@ def build_composition(
     if kind == "learnt":
         if router is None:
             raise ConfigError("the learnt routing kind needs a trained router; train one or use kind 'density'")
+        if prune is not None:
+            raise ConfigError("pruning applies to the density routing kind; the learnt kind's approximation is top_k")
         return ComposedDenoiser(compartments, router, names, router_names=router_names, vectorize=vectorize)
     if router is not None:
         raise ConfigError("the density routing kind uses no router; pass router=None")
@@ -111,7 +116,7 @@ def build_composition(
         class_priors = torch.tensor([[float(x) for x in c] for c in class_counts], dtype=torch.float64)
     alphas_cumprod = DDPMScheduler(**first.manifest.model_config.scheduler_config()).alphas_cumprod
     return DensityComposition(
-        compartments, names, alphas_cumprod, priors=priors, class_priors=class_priors, estimator="auto"
+        compartments, names, alphas_cumprod, priors=priors, class_priors=class_priors, estimator="auto", prune=prune
     )
 
 

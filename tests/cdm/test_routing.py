@@ -12,16 +12,18 @@ import torch
 from cdm.attribution import WEIGHTINGS, attribute, attribution_agreement, dominant_agreement
 from cdm.compartment import Compartment, build_unet, new_manifest
 from cdm.compose import ComposedDenoiser
-from cdm.config import TrainConfig
+from cdm.config import SampleConfig, TrainConfig
 from cdm.errors import ConfigError
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
 from cdm.routing import (
     ROUTING_KINDS,
     DensityComposition,
+    PruneConfig,
     Router,
     RouterManifest,
     build_composition,
     check_kind,
+    estimator_for,
     load_router,
     needs_router,
     save_router,
@@ -128,10 +130,32 @@ def test_build_composition(compartments, router):
         build_composition("density", [], [])
 
 
+def test_sde_dpm_is_the_stochastic_dpm_solver_and_pruning_is_the_density_kinds(compartments, router):
+    # "sde-dpm": SDE-DPM-Solver++, the one multistep sampler the Itô estimator accepts; "dpm" gets the divergence one
+    assert estimator_for(make_scheduler("sde-dpm", TINY_MODEL)) == "ito"
+    assert estimator_for(make_scheduler("dpm", TINY_MODEL)) == "divergence"
+    with pytest.raises(ConfigError, match="sde-dpm"):
+        make_scheduler("euler", TINY_MODEL)
+    prune = PruneConfig(threshold=0.01, patience=3)
+    density = compose("density", compartments, router, prune=prune)
+    assert isinstance(density, DensityComposition) and density.prune == prune
+    plain = compose("density", compartments, router)
+    assert isinstance(plain, DensityComposition) and plain.prune is None  # off by default
+    with pytest.raises(ConfigError, match="top_k"):
+        compose("learnt", compartments, router, prune=prune)
+
+
+def test_sample_config_guidance_scale():
+    assert SampleConfig().guidance_scale == 5.0  # measured by bench/routing.py (bench/RESULTS.md, 7.3)
+    assert SampleConfig(scheduler="sde-dpm", guidance_scale=3).guidance_scale == 3.0
+    with pytest.raises(ConfigError, match="guidance_scale"):
+        SampleConfig(guidance_scale=-1)
+
+
 # ---------------------------------------------------------------------------------------------------- pipeline
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm", "sde-dpm"])
 @pytest.mark.parametrize("kind", ROUTING_KINDS)
 def test_pipeline_samples_every_kind_with_every_scheduler(compartments, router, kind, scheduler):
     pipe = CompartmentalPipeline(compose(kind, compartments, router), make_scheduler(scheduler, TINY_MODEL))
