@@ -224,7 +224,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
             seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
             labels=tuple(body.labels) if body.labels is not None else None,
             top_k=body.top_k if body.top_k is not None else (sd.top_k if sd.mode == "top_k" else None),
-            guidance_scale=body.guidance_scale if body.guidance_scale is not None else 1.0,
+            guidance_scale=body.guidance_scale if body.guidance_scale is not None else sd.guidance_scale,
         )
         # 3. sample within one of the caller's concurrency slots
         async with slot(principal, request):

@@ -53,7 +53,10 @@ class SampleBody(_Body):
         ge=0,
         le=MAX_GUIDANCE,
         allow_inf_nan=False,
-        description="classifier-free guidance s with labels (1 = none, the default; > 1 guided); no-op without labels",
+        description=(
+            "classifier-free guidance s with labels (1 = none; > 1 guided; default: the server's [sample] "
+            "guidance_scale); no-op without labels"
+        ),
     )
     format: Format = Field("json", description="json (base64 PNGs), png (a grid with attribution bars) or npz")
 

@@ -17,7 +17,7 @@ from api.config import ServeConfig
 from cdm.errors import ConfigError
 from sampler.batching import BatchingSampler
 from sampler.engine import PerRequestSampler
-from tests.api.conftest import Served, auth, decode_images
+from tests.api.conftest import FAST, Served, auth, decode_images
 
 
 def test_batching_is_the_default_and_configurable() -> None:
@@ -81,7 +81,9 @@ def test_concurrent_callers_share_iterations_and_get_their_own_results(serve: Ca
     for i, (principal, body) in enumerate(bodies):
         ref = alone.client.post("/v1/samples", json=body, headers=auth(tokens[principal])).json()
         got = responses[i]
-        assert got["sources"] == ref["sources"] and got["guidance_scale"] == body.get("guidance_scale", 1.0)
+        assert got["sources"] == ref["sources"] and got["guidance_scale"] == body.get(
+            "guidance_scale", FAST.guidance_scale
+        )
         diff = np.abs(decode_images(got).astype(int) - decode_images(ref).astype(int))
         assert diff.max() <= 1, (body, diff.max())
         np.testing.assert_allclose(got["attribution"], ref["attribution"], rtol=1e-4, atol=1e-5)
@@ -93,20 +95,26 @@ def test_concurrent_callers_share_iterations_and_get_their_own_results(serve: Ca
     assert iterations and requests and requests / iterations > 1.5, (iterations, requests)
     assert m.get_sample_value("cdm_serve_batch_rows_count") == iterations
     # 3. one call per compartment per iteration, and gamma saw exactly the rows of the three requests that may use
-    # it (full mixture, default 2 steps): "all" 2 x 2, "c" 3 x 3, "all" with sources gamma+alpha 1 x 4; a row of
-    # "ab" or "b" reaching gamma would show here
+    # it (full mixture, default 2 steps): "all" 2 x 2 (x 2 with the server's default guidance: each labelled row
+    # brings its null-label twin), "c" 3 x 3, "all" with sources gamma+alpha 1 x 4; a row of "ab" or "b" reaching
+    # gamma would show here
     assert all(batched.calls[name] <= iterations for name in ("alpha", "beta", "gamma")), batched.calls
-    assert batched.rows["gamma"] == 2 * 2 + 3 * 3 + 1 * 4, batched.rows
+    twins = 2 if FAST.guidance_scale != 1 else 1
+    assert batched.rows["gamma"] == 2 * 2 * twins + 3 * 3 + 1 * 4, batched.rows
 
 
 def test_guidance_over_http(serve: Callable[..., Served]) -> None:
     s = serve()
     tok = s.token("alice", "all")
-    plain = s.client.post("/v1/samples", json={"n": 2, "seed": 9, "labels": [2]}, headers=auth(tok)).json()
+    plain = s.client.post(
+        "/v1/samples", json={"n": 2, "seed": 9, "labels": [2], "guidance_scale": 1.0}, headers=auth(tok)
+    ).json()
     guided = s.client.post(
         "/v1/samples", json={"n": 2, "seed": 9, "labels": [2], "guidance_scale": 4.0}, headers=auth(tok)
     ).json()
+    default = s.client.post("/v1/samples", json={"n": 2, "seed": 9, "labels": [2]}, headers=auth(tok)).json()
     assert plain["guidance_scale"] == 1.0 and guided["guidance_scale"] == 4.0
+    assert default["guidance_scale"] == FAST.guidance_scale, "no guidance_scale: the server's [sample] default"
     assert not np.array_equal(decode_images(plain), decode_images(guided))
     s.calls.clear()
     s.client.post("/v1/samples", json={"n": 1, "seed": 9, "guidance_scale": 4.0}, headers=auth(tok))
