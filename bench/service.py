@@ -5,6 +5,7 @@ Real Redis + Kafka-protocol broker (deploy/local/services.py) and a real ``cdm d
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 import time
@@ -103,6 +104,25 @@ def run(p: Profile, out: Path) -> Result:
                 _latencies(env, r)
             finally:
                 env.stop_all()
+            # the same forget with [router] kind = "density": no router, so nothing is trained
+            density = DaemonEnv(
+                root=root / "density",
+                redis_url=addrs.redis_url,
+                bootstrap=addrs.kafka_bootstrap,
+                prefix=f"svd-{uuid.uuid4().hex[:6]}",
+                namespace=f"svd-{uuid.uuid4().hex[:6]}",
+                steps=p.service_steps,
+                checkpoint_every=max(10, p.service_steps // 2),
+            )
+            os.environ["CDM_ROUTER__KIND"] = "density"  # the daemon's environment override of config.toml
+            try:
+                density.start_daemon()
+            finally:
+                del os.environ["CDM_ROUTER__KIND"]
+            try:
+                _density_forget(density, r)
+            finally:
+                density.stop_all()
         finally:
             services.stop(root / "services")
     r.notes.append(
@@ -179,3 +199,49 @@ def _latencies(env: DaemonEnv, r: Result) -> None:
     r.add("forget-source request -> sampler without it", time.time() - t0, "s")
     live.stop()
     client.close()
+
+
+def _density_forget(env: DaemonEnv, r: Result) -> None:
+    """forget-source end to end with the density routing kind: retire, delete, bump the epoch, hot-swap."""
+    src = digit_sources(3)
+    names = list(src)
+    client = redis.Redis.from_url(env.redis_url)
+    reg = env.registry()
+
+    def active(sources: set[str]) -> bool:  # no router to wait for: the active compartments are the composition
+        return {c.source for c in reg.snapshot().compartments} == sources
+
+    env.push(src)
+    env.wait(f"active {names}", lambda: active(set(names)), 300)
+    loader = CompositionLoader.from_config(
+        ArtifactsConfig(), default_dir=env.root / "artifacts", base_dir=env.root / "sampler"
+    )
+    live = LiveComposition(RegistryClient(client, Keys(env.namespace)), loader, resync_s=0.2)
+    live.start()
+    try:
+        env.wait(
+            "the sampler",
+            lambda: (comp := live.current()) is not None and set(comp.sources) == set(names),
+            120,
+        )
+        assert reg.routing() == "density", "the daemon was meant to run the density kind"
+        producer = KafkaProducer(bootstrap_servers=env.bootstrap)
+        t0 = time.time()
+        send_control(producer, f"{env.prefix}.control", ControlCommand("forget-source", names[0], request_id="bd"))
+        producer.close()
+        env.wait(f"active {names[1:]}", lambda: active(set(names[1:])), 300)
+        registry_s = time.time() - t0
+        env.wait(
+            "the sampler without it",
+            lambda: (comp := live.current()) is not None and set(comp.sources) == set(names[1:]),
+            60,
+        )
+        r.add(
+            'forget-source request -> sampler without it, [router] kind = "density" (target < 2 s)',
+            time.time() - t0,
+            "s",
+        )
+        r.add("  of which: request -> registry without it (retire, delete, epoch bump; no training)", registry_s, "s")
+    finally:
+        live.stop()
+        client.close()
