@@ -11,7 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +24,8 @@ from daemon.producer import push_source, send_control
 from daemon.spool import Spool, SpoolState
 from daemon.wire import ControlCommand
 from deploy.local import services
+from registry.client import connect
+from registry.config import RedisConfig
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from sampler.live import LiveComposition
@@ -115,7 +116,7 @@ def run(p: Profile, out: Path) -> Result:
 def _latencies(env: DaemonEnv, r: Result) -> None:
     src = digit_sources(3)
     names = list(src)
-    client = redis.Redis.from_url(env.redis_url)
+    client = connect(RedisConfig(), url=env.redis_url)
     reg = env.registry()
     env.push({names[0]: src[names[0]]})
     env.wait_serving({names[0]}, timeout=300)

@@ -13,18 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cdm.config import LibraryConfig, RouterConfig, TrainConfig, replace
+from cli.args import csv_ints, csv_list
 from cli.config import Subparsers, load_app_config
-
-
-def _csv(value: str) -> list[str]:
-    return [v for v in (s.strip() for s in value.split(",")) if v]
-
-
-def _int_csv(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
 
 
 def _source_arg(value: str) -> tuple[str, Path]:
@@ -84,8 +74,8 @@ def register(sub: Subparsers) -> None:
     src.add_argument("--store", type=Path, help="local artifact store")
     src.add_argument("--redis", help="registry URL of a running daemon, e.g. redis://127.0.0.1:6379/0")
     sm.add_argument("--n", type=int, default=16, help="number of images")
-    sm.add_argument("--sources", type=_csv, default=None, help="access subset, e.g. shoes,bags (default: all)")
-    sm.add_argument("--labels", type=_int_csv, default=None, help="class labels, cycled over the samples")
+    sm.add_argument("--sources", type=csv_list, default=None, help="access subset, e.g. shoes,bags (default: all)")
+    sm.add_argument("--labels", type=csv_ints, default=None, help="class labels, cycled over the samples")
     sm.add_argument("--top-k", type=int, default=None, help="route each sample to its k most likely compartments")
     sm.add_argument("--steps", type=int, default=None, help="denoising steps (default [sample] num_inference_steps)")
     sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
@@ -106,7 +96,7 @@ def register(sub: Subparsers) -> None:
     )
     f.add_argument("--store", type=Path, required=True)
     f.add_argument("--source", required=True)
-    f.add_argument("--samples", type=_int_csv, default=None, help="sample ids to forget (default: the whole source)")
+    f.add_argument("--samples", type=csv_ints, default=None, help="sample ids to forget (default: the whole source)")
     _train_flags(f)
     f.set_defaults(func=cmd_forget)
 
@@ -118,7 +108,7 @@ def register(sub: Subparsers) -> None:
     )
     e.add_argument("--store", type=Path, required=True)
     e.add_argument("--n", type=int, default=None, help="samples (default [eval] num_samples)")
-    e.add_argument("--sources", type=_csv, default=None)
+    e.add_argument("--sources", type=csv_list, default=None)
     e.add_argument("--top-k", type=int, default=None)
     e.add_argument("--steps", type=int, default=None)
     e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)

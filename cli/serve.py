@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli.args import csv_ints, csv_list
 from cli.config import Subparsers, app_config, load_app_config
 from daemon.config import AppConfig
 
@@ -27,17 +28,6 @@ if TYPE_CHECKING:
     from cdm.compose import Composed
 
 WORKER_ENV = "CDM_SERVE_WORKER_ARGS"  # how `cdm serve` with workers > 1 passes its arguments to each worker
-
-
-def _csv(value: str) -> list[str]:
-    return [v for v in (s.strip() for s in value.split(",")) if v]
-
-
-def _int_csv(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
 
 
 def register(sub: Subparsers) -> None:
@@ -68,9 +58,9 @@ def register(sub: Subparsers) -> None:
     src.add_argument("--store", type=Path, help="local artifact store")
     src.add_argument("--redis", help="registry URL, e.g. redis://127.0.0.1:6379/0")
     a.add_argument("image", type=Path, help="an image file (PNG; any size, resized to the model's)")
-    a.add_argument("--sources", type=_csv, default=None, help="posterior over these sources only (default: all)")
+    a.add_argument("--sources", type=csv_list, default=None, help="posterior over these sources only (default: all)")
     a.add_argument("--label", type=int, default=None, help="class label of the image (default: unconditional)")
-    a.add_argument("--timesteps", type=_int_csv, default=None, help="default [serve] attribute_timesteps")
+    a.add_argument("--timesteps", type=csv_ints, default=None, help="default [serve] attribute_timesteps")
     a.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default [serve] attribute_draws)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", choices=["cpu", "cuda"], default=None)

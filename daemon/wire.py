@@ -25,6 +25,7 @@ import numpy as np
 
 from cdm.data import SourceData, npz_bytes, read_npz_arrays, validate_arrays
 from cdm.errors import DataError, DataTooLarge
+from common.names import SOURCE_NAME_RULE, is_source_name
 from common.redact import bound
 from daemon.errors import MessageError
 
@@ -75,8 +76,6 @@ Reason = Literal[
 ]
 REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
-# 1-64 of [A-Za-z0-9._-], not starting with "." (no hidden or temporary file names, no "." or "..").
-SOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _REQUEST_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces
 _DETAIL_MAX: Final = 1000  # characters of a WireError's detail (and so of cdm-dlq-detail and log lines)
@@ -184,12 +183,9 @@ class WireMessage:
 
 
 def validate_source_id(source: object, *, where: str = "key") -> str:
-    """Return ``source`` if it is 1-64 chars of ``[A-Za-z0-9._-]`` not starting with ``.``; else bad-key."""
-    if not isinstance(source, str) or not SOURCE_ID_RE.fullmatch(source):
-        raise WireError(
-            "bad-key",
-            f"{where} {source!r:.100} is not a source id (1-64 characters of [A-Za-z0-9._-], not starting with .)",
-        )
+    """Return ``source`` if it follows the source-name rule (``common.names``); else WireError bad-key."""
+    if not is_source_name(source):
+        raise WireError("bad-key", f"{where} {source!r:.100} is not a source id ({SOURCE_NAME_RULE})")
     return source
 
 
