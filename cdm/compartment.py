@@ -101,10 +101,6 @@ class CompartmentManifest:
     def model_config(self) -> ModelConfig:
         return build(ModelConfig, self.model)
 
-    @property
-    def train_config(self) -> TrainConfig:
-        return build(TrainConfig, self.train)
-
 
 class Compartment(torch.nn.Module):
     """A Denoiser over one source: ``eps = unet(x_t, t, c)`` with the EMA weights."""

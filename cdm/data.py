@@ -30,9 +30,6 @@ from cdm.errors import DataError, DataTooLarge, MalformedArchive
 from cdm.fsio import write_atomic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 NPZ_KEYS = ("images", "labels", "ids")  # the only keys an .npz source may hold; ``images`` is required
 ALLOWED_CHANNELS = (1, 3)
 

@@ -41,7 +41,6 @@ from common.redact import MASK, bound, redact_fields, redact_text
 T = TypeVar("T")
 
 SECTION_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-ENV_PREFIX = "CDM_"
 _ENV_NAME = re.compile(r"CDM_([A-Z0-9_]+?)__([A-Z0-9_]+)")
 _VALUE_SHOWN = 200  # characters of a bad value quoted in an error
 

@@ -101,10 +101,6 @@ class Router(ModelMixin, ConfigMixin):
             nn.Linear(c_prev + emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, len(source_names))
         )
 
-    @property
-    def num_sources(self) -> int:
-        return len(self.source_names)
-
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         n = x_t.shape[0]
         tt = expand_timesteps(t, n, x_t.device)
