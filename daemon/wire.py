@@ -287,9 +287,10 @@ def _json_depth(obj: object) -> int:
     return deepest
 
 
-def _fields(
+def _check_fields(
     obj: dict[str, Any], what: str, *, required: AbstractSet[str], optional: AbstractSet[str] = frozenset()
 ) -> None:
+    """WireError bad-json unless ``obj``'s keys are all of ``required`` plus any of ``optional``."""
     unknown = sorted(set(obj) - required - optional)
     if unknown:
         raise WireError("bad-json", f"{what}: unknown field(s) {unknown}; allowed {sorted(required | optional)}")
@@ -379,7 +380,7 @@ def decode_source_message(
         _check_sha256(headers, value or b"", required=False)
         what = f"seal of {source}"
         obj = _json_object(value, what)
-        _fields(obj, what, required={"chunks", "fingerprint", "n_samples"})
+        _check_fields(obj, what, required={"chunks", "fingerprint", "n_samples"})
         chunks = _int(obj, "chunks", what, minimum=1)
         if chunks > max_chunks:
             raise WireError(
@@ -404,7 +405,7 @@ def decode_source_message(
 
     what = f"chunk-ref {source}#{seq}"
     obj = _json_object(value, what)
-    _fields(obj, what, required={"uri", "sha256", "size", "seq"})
+    _check_fields(obj, what, required={"uri", "sha256", "size", "seq"})
     if not isinstance(obj["uri"], str):
         raise WireError("bad-json", f"{what}: uri must be a string, got {obj['uri']!r:.100}")
     ref = ClaimCheck(
@@ -493,7 +494,7 @@ def decode_control(record: RecordLike) -> ControlCommand:
     optional = {"request_id"} | ({"sample_ids"} if op == "forget-samples" else set())
     if op == "forget-samples":
         required.add("sample_ids")
-    _fields(obj, what, required=required, optional=optional)
+    _check_fields(obj, what, required=required, optional=optional)
     source = validate_source_id(obj["source"], where=f"{what}: source") if needs_source else None
     sample_ids: tuple[int, ...] = ()
     if op == "forget-samples":
