@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cdm.config import LibraryConfig, RouterConfig, TrainConfig, replace
-from cli.args import csv_ints, csv_list
+from cli.args import csv_ints, csv_list, positive_int
 from cli.config import Subparsers, load_app_config
 
 
@@ -73,11 +73,13 @@ def register(sub: Subparsers) -> None:
     src = sm.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", type=Path, help="local artifact store")
     src.add_argument("--redis", help="registry URL of a running daemon, e.g. redis://127.0.0.1:6379/0")
-    sm.add_argument("--n", type=int, default=16, help="number of images")
+    sm.add_argument("--n", type=positive_int, default=16, help="number of images")
     sm.add_argument("--sources", type=csv_list, default=None, help="access subset, e.g. shoes,bags (default: all)")
     sm.add_argument("--labels", type=csv_ints, default=None, help="class labels, cycled over the samples")
     sm.add_argument("--top-k", type=int, default=None, help="route each sample to its k most likely compartments")
-    sm.add_argument("--steps", type=int, default=None, help="denoising steps (default [sample] num_inference_steps)")
+    sm.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps (default [sample] num_inference_steps)"
+    )
     sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -107,10 +109,10 @@ def register(sub: Subparsers) -> None:
         "feature classifier trained here (cached).",
     )
     e.add_argument("--store", type=Path, required=True)
-    e.add_argument("--n", type=int, default=None, help="samples (default [eval] num_samples)")
+    e.add_argument("--n", type=positive_int, default=None, help="samples (default [eval] num_samples)")
     e.add_argument("--sources", type=csv_list, default=None)
     e.add_argument("--top-k", type=int, default=None)
-    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--steps", type=positive_int, default=None)
     e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm"], default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--memorisation", action="store_true", help="also compute the memorisation ratio test")
@@ -222,7 +224,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             url=args.redis,
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            base_dir=cfg.cache_base_dir,
             device=device,
             vectorize=sc.vectorize,
         )
@@ -232,7 +234,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         class_labels=args.labels,
         sources=args.sources,
         top_k=args.top_k if args.top_k is not None else (sc.top_k if sc.mode == "top_k" else None),
-        num_inference_steps=args.steps or sc.num_inference_steps,
+        num_inference_steps=args.steps if args.steps is not None else sc.num_inference_steps,
         generator=torch.Generator().manual_seed(args.seed),
         return_trajectory=args.trajectory,
         progress=not args.no_progress,
@@ -297,7 +299,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_app_config(args)
     sc, ec = cfg.library.sample, cfg.library.eval
     store = LocalStore(args.store)
-    n = args.n or ec.num_samples
+    n = args.n if args.n is not None else ec.num_samples
     pipe = CompartmentalPipeline(
         store.composed(device=sc.device, vectorize=sc.vectorize),
         make_scheduler(args.scheduler or sc.scheduler, store.model),
@@ -309,7 +311,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             batch_size=min(sc.batch_size, n - start),
             sources=args.sources,
             top_k=args.top_k,
-            num_inference_steps=args.steps or sc.num_inference_steps,
+            num_inference_steps=args.steps if args.steps is not None else sc.num_inference_steps,
             generator=g,
             progress=not args.no_progress,
         )

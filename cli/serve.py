@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cli.args import csv_ints, csv_list
+from cli.args import csv_ints, csv_list, positive_int
 from cli.config import Subparsers, app_config, load_app_config
 from daemon.config import AppConfig
 
@@ -61,7 +61,9 @@ def register(sub: Subparsers) -> None:
     a.add_argument("--sources", type=csv_list, default=None, help="posterior over these sources only (default: all)")
     a.add_argument("--label", type=int, default=None, help="class label of the image (default: unconditional)")
     a.add_argument("--timesteps", type=csv_ints, default=None, help="default [serve] attribute_timesteps")
-    a.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default [serve] attribute_draws)")
+    a.add_argument(
+        "--draws", type=positive_int, default=None, help="noise draws per timestep (default [serve] attribute_draws)"
+    )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", choices=["cpu", "cuda"], default=None)
     a.set_defaults(func=cmd_attribute)
@@ -90,7 +92,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     keys = Keys(cfg.redis.namespace)
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()
-    metrics_registry.register(VolumeCollector({"cache": cfg.artifacts.cache_dir}, used=("cache",)))
+    metrics_registry.register(VolumeCollector({"cache": cfg.cache_base_dir / cfg.artifacts.cache_dir}, used=("cache",)))
     swap_metrics = SwapMetrics(metrics_registry)
     sc = cfg.library.sample
     live = LiveComposition(
@@ -98,7 +100,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
         CompositionLoader.from_config(
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            base_dir=cfg.cache_base_dir,
             device=sc.device,
             vectorize=sc.vectorize,
             metrics=swap_metrics,
@@ -226,7 +228,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             url=args.redis,
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+            base_dir=cfg.cache_base_dir,
             device=device,
             vectorize=sc.vectorize,
         )
@@ -234,8 +236,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         den,
         image,
         sources=args.sources,
-        timesteps=args.timesteps or serve.attribute_timesteps,
-        draws=args.draws or serve.attribute_draws,
+        timesteps=args.timesteps if args.timesteps is not None else serve.attribute_timesteps,
+        draws=args.draws if args.draws is not None else serve.attribute_draws,
         class_labels=[args.label] if args.label is not None else None,
         seed=args.seed,
     )

@@ -134,7 +134,7 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
         ArtifactsConfig(),  # the daemon's local artifact directory is the store
         url=redis_url,
         default_dir=Path(cfg.daemon.artifact_dir),
-        base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+        base_dir=cfg.cache_base_dir,
         vectorize=cfg.library.sample.vectorize,
     )
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
