@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
+import anyio.to_thread
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,7 +36,9 @@ from cdm.errors import CdmError
 from registry.acl import ServeLedger
 from registry.coordination import Coordinator
 from registry.reader import RegistryClient
+from sampler.batching import BatchingSampler, Iteration
 from sampler.engine import PerRequestSampler, Sampler
+from sampler.errors import SamplerUnavailable
 
 log = logging.getLogger(__name__)
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -77,6 +80,23 @@ def _with_poll(inner: Lifespan | None, poll: ReadinessPoll) -> Lifespan:
     return lifespan
 
 
+def default_sampler(settings: ServeConfig, metrics: ServeMetrics | None = None) -> Sampler:
+    """The sampler ``[serve]`` asks for: ``BatchingSampler`` (``batching = true``) or ``PerRequestSampler``."""
+    if not settings.batching:
+        return PerRequestSampler(threads=settings.sampling_threads)
+
+    def observe(it: Iteration) -> None:
+        if metrics is not None:
+            metrics.observe_iteration(it.rows, len(it.requests))
+
+    return BatchingSampler(
+        max_batch_rows=settings.max_batch_rows,
+        max_wait_s=settings.max_wait_ms / 1000,
+        timeout_s=settings.sample_timeout_s,
+        on_iteration=observe,
+    )
+
+
 def create_app(
     settings: ServeConfig,
     *,
@@ -101,7 +121,8 @@ def create_app(
         metrics_registry: where the app's metrics are registered; /metrics exposes it.
         clock: wall-clock seconds (audit timestamps, readiness lag).
         ledger: concurrency slots and the audit stream; default: on the access registry's Redis client.
-        sampler: the compute behind the routes; default ``PerRequestSampler`` (a batcher replaces it).
+        sampler: the compute behind the routes; default ``default_sampler(settings)``: the cross-request batcher,
+            or ``PerRequestSampler`` with ``[serve] batching = false`` (a default one is closed with the app).
         sample_defaults: ``[sample]`` (default scheduler, steps, mode).
         lifespan: started with the server and stopped after it (``cdm serve`` starts the registry watcher here).
         grids: the status page's sample grids (``/ui``); None shows the page without a grid.
@@ -120,7 +141,7 @@ def create_app(
         auth=auth,
         ledger=ledger,
         reader=registry_reader,
-        sampler=sampler or PerRequestSampler(threads=settings.sampling_threads),
+        sampler=sampler or default_sampler(settings, metrics),
         metrics=metrics,
         clock=clock,
     )
@@ -130,11 +151,27 @@ def create_app(
         return ready, body.registry_epoch
 
     poll = ReadinessPoll(probe, metrics, interval_s=settings.resync_s)
+    owned = ctx.sampler if sampler is None else None
+
+    @asynccontextmanager
+    async def lifespan_with_sampler(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            # the default sampler stops with the app (the batching engine thread; queued requests get 503)
+            close = getattr(owned, "close", None)
+            if close is not None:
+                await anyio.to_thread.run_sync(close)
+
     app = FastAPI(
         title="cdm serve",
         version="1",
         description=DESCRIPTION,
-        lifespan=_with_poll(lifespan, poll),
+        lifespan=_with_poll(lifespan_with_sampler, poll),
     )
     app.include_router(build_router(ctx))
 
@@ -169,6 +206,10 @@ def create_app(
             return _error(422, "invalid_request", f"the request body cannot be parsed ({exc.detail}); send UTF-8 JSON")
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return _error(exc.status_code, code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(SamplerUnavailable)
+    async def sampler_unavailable(_: Request, exc: SamplerUnavailable) -> JSONResponse:
+        return _error(503, "unavailable", str(exc), {"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(CdmError)
     async def library_error(_: Request, exc: CdmError) -> JSONResponse:

@@ -51,7 +51,16 @@ class ServeConfig:
     max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 50  # denoising steps per request (more -> 429)
     # requests of one principal running at once, over every replica (more -> 429)
     max_concurrent: Annotated[int, Field(ge=1, le=100_000)] = 2
-    sampling_threads: Annotated[int, Field(ge=1, le=256)] = 1  # requests this process computes at once
+    # coalesce concurrent requests: one engine steps the rows of every request together (sampler/batching.py);
+    # false = each request on its own, `sampling_threads` at once (sampler/engine.py PerRequestSampler)
+    batching: bool = True
+    # batching: model rows one engine iteration holds (a guided image counts twice); a larger request runs alone
+    max_batch_rows: Annotated[int, Field(ge=1, le=65_536)] = 64
+    # batching: how long an idle engine waits after a request arrives for others to start with it
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000)] = 5.0
+    # batching: a request not finished this long after it was queued fails with 503 (overload)
+    sample_timeout_s: Seconds = 300.0
+    sampling_threads: Annotated[int, Field(ge=1, le=256)] = 1  # batching = false: requests computed at once
     request_lease_s: Seconds = 600.0  # a request's concurrency slot expires after this even if its replica died
     max_upload_bytes: Annotated[int, Field(ge=1, le=1 << 30)] = 4 * 1024 * 1024  # image body of /v1/attribute
     attribute_timesteps: Timesteps = (50, 150, 300, 500)  # forward-process timesteps /v1/attribute noises at
@@ -69,5 +78,10 @@ class ServeConfig:
             raise ValueError(
                 f"serve.attribute_draws = {self.attribute_draws} must be <= serve.max_attribute_draws = "
                 f"{self.max_attribute_draws}"
+            )
+        if self.sample_timeout_s > self.request_lease_s:
+            raise ValueError(
+                f"serve.sample_timeout_s = {self.sample_timeout_s} must be <= serve.request_lease_s = "
+                f"{self.request_lease_s}: a request's concurrency slot must outlive the request"
             )
         return self

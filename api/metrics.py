@@ -8,6 +8,7 @@ cdm_serve_principal_requests_total{principal,status}     per caller; at most [se
                                                          names, the rest "other" (unauthenticated: "-")
 cdm_serve_epoch                                          registry epoch of the served composition (-1: none)
 cdm_serve_sampling_seconds                               compute time per sampling request
+cdm_serve_batch_rows / cdm_serve_batch_requests          model rows and requests per batching engine iteration
 cdm_serve_audit_failures_total                           audit stream appends that failed
 cdm_serve_hotswap_seconds / _hotswap_failures_total / _hotswap_last_success_timestamp_seconds / _registry_epoch /
 _registry_epoch_seen / _registry_watch_errors_total{reason} / _registry_watch_last_check_timestamp_seconds /
@@ -37,6 +38,7 @@ from sampler.metrics import SamplerMetrics
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 OTHER = "other"
 UNAUTHENTICATED = "-"
 
@@ -101,6 +103,19 @@ class ServeMetrics:
         self.ready = ready_gauge(registry)  # set by ReadinessPoll
         self.registry_latest_epoch = registry_latest_epoch_gauge(registry)
         self.principal_label = PrincipalLabels(max_principals)
+        self.batch_rows = Histogram(
+            "cdm_serve_batch_rows", "Model rows per batching engine iteration (guided images count twice)",
+            buckets=ROW_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "cdm_serve_batch_requests", "Requests stepped together per batching engine iteration",
+            buckets=ROW_BUCKETS, registry=registry,
+        )  # fmt: skip
+
+    def observe_iteration(self, rows: int, requests: int) -> None:
+        """One engine iteration of the batching sampler."""
+        self.batch_rows.observe(rows)
+        self.batch_requests.observe(requests)
 
     def observe(self, *, route: str, method: str, status: int, seconds: float, principal: str | None) -> None:
         """One answered request (``principal`` None for routes outside the API, e.g. /healthz)."""

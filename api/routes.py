@@ -224,6 +224,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
             seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1),
             labels=tuple(body.labels) if body.labels is not None else None,
             top_k=body.top_k if body.top_k is not None else (sd.top_k if sd.mode == "top_k" else None),
+            guidance_scale=body.guidance_scale if body.guidance_scale is not None else 1.0,
         )
         # 3. sample within one of the caller's concurrency slots
         async with slot(principal, request):
@@ -437,6 +438,7 @@ def _render(req: SampleRequest, result: SampleResult, fmt: str) -> Response:
         steps=req.steps,
         scheduler=req.scheduler,  # type: ignore[arg-type]
         top_k=req.top_k,
+        guidance_scale=req.guidance_scale,
         image_shape=[int(v) for v in result.images.shape[1:]],
         images=[base64.b64encode(image_png(img)).decode() for img in result.images],
         attribution=[[float(v) for v in row] for row in result.attribution],

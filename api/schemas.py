@@ -19,6 +19,7 @@ Format = Literal["png", "npz", "json"]
 MAX_SEED = 2**32 - 1
 MAX_LABEL = 1_000_000
 MAX_SOURCES_PER_REQUEST = 256
+MAX_GUIDANCE = 100.0
 GREY_8X8_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAAEElEQVR4nGNsYIAAJgaKGAAmCACQXTClHgAAAABJRU5ErkJggg=="
 
 
@@ -48,6 +49,13 @@ class SampleBody(_Body):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="denoising steps (default: the server's)")
     scheduler: Scheduler | None = Field(None, description="diffusers sampler (default: the server's)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="seed of the initial noise (default: random)")
+    guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_GUIDANCE,
+        allow_inf_nan=False,
+        description="classifier-free guidance s with labels (1 = none, the default; > 1 guided); no-op without labels",
+    )
     format: Format = Field("json", description="json (base64 PNGs), png (a grid with attribution bars) or npz")
 
 
@@ -61,6 +69,7 @@ class SampleResponse(BaseModel):
     steps: int
     scheduler: Scheduler
     top_k: int | None
+    guidance_scale: float = Field(1.0, description="the classifier-free guidance scale used (1 = none)")
     image_shape: list[int] = Field(description="[height, width, channels] of each image")
     images: list[str] = Field(description="base64-encoded PNG per image")
     attribution: list[list[float]] = Field(

@@ -47,6 +47,11 @@ class Profile:
     sampling_batch: int = 64  # images per timed sampling call
     sampling_ks: tuple[int, ...] = (1, 2, 4, 8)
     service_steps: int = 100  # compartment steps in the service benchmark
+    serving_requests: int = 96  # requests of the HTTP serving benchmark's fixed set (16 clients share them)
+    serving_steps: int = 20  # DDIM steps per serving request
+    serving_train_steps: int = 300  # steps of each tiny 8x8 compartment of the serving benchmark
+    sisa_slices: tuple[int, ...] = (4, 8)  # [train] slices compared with 1 in the slicing benchmark
+    sisa_eval_n: int = 2000  # held-out test images of its denoising loss
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +72,10 @@ PROFILES = {
         sampling_batch=16,
         sampling_ks=(1, 2, 4),
         service_steps=20,
+        serving_requests=64,
+        serving_train_steps=150,
         k=4,
+        sisa_eval_n=500,
     ),
     "full": Profile(name="full"),
     # the same code on a GPU: bigger batch, longer training, more FID samples

@@ -5,7 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-ORDER = ["quality", "budget", "forgetting", "continual", "memorisation", "sampling", "service"]
+ORDER = [
+    "quality",
+    "budget",
+    "forgetting",
+    "slicing",
+    "overhead",
+    "continual",
+    "memorisation",
+    "sampling",
+    "service",
+    "serving",
+]
 HEADER = """# cdm benchmark results
 
 Produced by `make bench` (`python -m bench.run --profile full`); every figure below comes from the run

@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,sampling,service]``.
+"""Run the benchmarks: ``python -m bench.run --profile quick|full|gpu [--only quality,slicing,...]``.
 
 Each benchmark prints its figures and writes JSON + Markdown to bench/results/; the report step assembles
 bench/RESULTS.md from them (ratios are from one run, next to absolute times).
@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sizes of the run (default: quick on cpu, gpu with --device cuda)",
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
-    ap.add_argument("--only", default="quality,sampling,service", help="comma-separated benchmark groups")
+    ap.add_argument(
+        "--only", default="quality,slicing,overhead,sampling,service,serving", help="comma-separated benchmark groups"
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     p = PROFILES[args.profile or ("gpu" if args.device == "cuda" else "quick")]
@@ -42,16 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     only = set(args.only.split(","))
     print(f"profile {p.name} on {p.device}: {p}", flush=True)
-    if "quality" in only:
-        from bench import quality
+    ext = None
+    if only & {"quality", "slicing"}:
         from cdm.metrics import get_feature_extractor
 
         t = time.perf_counter()
         ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
         print(f"feature classifier: test accuracy {ext.test_accuracy:.4f} ({time.perf_counter() - t:.0f}s)")
         (out / "extractor.txt").write_text(f"{ext.test_accuracy:.4f}\n")
+    if "quality" in only:
+        from bench import quality
+
+        assert ext is not None
         for res in quality.run(p, out, ext):  # each result carries its own wall time
             res.write(out, env)
+    if "slicing" in only:
+        from bench import slicing
+
+        assert ext is not None
+        t = time.perf_counter()
+        res = slicing.run(p, out, ext)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "overhead" in only:
+        from bench import overhead
+
+        t = time.perf_counter()
+        res = overhead.run(p, out)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
     if "sampling" in only:
         from bench import sampling
 
@@ -64,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
         t = time.perf_counter()
         res = service.run(p, out)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "serving" in only:
+        from bench import serving
+
+        t = time.perf_counter()
+        res = serving.run(p, out)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
     path = report.write(out)

@@ -67,6 +67,26 @@ def class_input(
 
 
 @dataclass(frozen=True)
+class SliceRecord:
+    """One SISA slice of a compartment's data and the checkpoint kept after it (Bourtoule et al. 2021, sec. V-A)."""
+
+    index: int  # 1-based; slice j trained on slices 1..j
+    n_samples: int  # samples in this slice
+    fingerprint: str  # cdm.data.fingerprint of this slice's samples, in data order
+    end_step: int  # the optimizer step at which training on this slice ended
+    # checkpoint after the slice: path below the compartment -> sha256 ({} for the last slice: that is the compartment)
+    checkpoint: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SliceRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise StoreError(f"manifest slice record has unknown fields {sorted(unknown)}; written by a newer cdm?")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
 class CompartmentManifest:
     """Everything needed to trust, reload and audit a compartment."""
 
@@ -85,6 +105,13 @@ class CompartmentManifest:
     created_at: float = 0.0
     library_version: str = cdm.__version__
     format: int = FORMAT
+    # SISA slicing ([train] slices > 1): the slices in training order, each with the checkpoint kept after it
+    slices: tuple[SliceRecord, ...] = ()
+    # where training started: after slice ``base_slice`` (step ``base_step``) of the checkpoints of
+    # ``base_compartment`` (a forget-samples retrain reuses the checkpoints before the first changed slice); 0 = scratch
+    base_slice: int = 0
+    base_step: int = 0
+    base_compartment: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,7 +122,9 @@ class CompartmentManifest:
         unknown = set(d) - names
         if unknown:
             raise StoreError(f"manifest has unknown fields {sorted(unknown)}; written by a newer cdm?")
-        return cls(**d)
+        doc = dict(d)
+        doc["slices"] = tuple(SliceRecord.from_dict(s) for s in doc.get("slices", ()))
+        return cls(**doc)
 
     @property
     def model_config(self) -> ModelConfig:

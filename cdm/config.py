@@ -111,6 +111,19 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast (only used on cuda)
     checkpoint_every: Annotated[int, Field(ge=0, le=10_000_000)] = 200  # steps between checkpoints (0 = none)
     threads: Threads = 0  # torch intra-op threads on CPU (0 = torch default)
+    # SISA slices (Bourtoule et al. 2021): the data is split into this many fixed slices by sample id; slice j
+    # trains on slices 1..j for steps / slices steps and is checkpointed, so forgetting a sample retrains only from
+    # the checkpoint before its slice. 1 = one slice, no checkpoints kept (a forget retrains the compartment whole)
+    slices: Annotated[int, Field(ge=1, le=1024)] = 1
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.slices > self.steps:
+            raise ValueError(
+                f"train.slices = {self.slices} must be <= train.steps = {self.steps} (every slice trains for at "
+                "least one step); lower train.slices or raise train.steps"
+            )
+        return self
 
 
 @section("router", error=ConfigError)
@@ -142,6 +155,10 @@ class SampleConfig:
     vectorize: Literal["auto", "loop", "vmap"] = "auto"  # compartment evaluation strategy ("auto": fastest per device)
     batch_size: BatchSize = 256  # images per forward pass
     device: Device = "cpu"
+    # torch intra-op threads of a sampling process (`cdm serve`, `cdm sample`) on CPU (0 = torch default). Set it
+    # to the cores the process may use: several processes each on torch's default oversubscribe the cores, and
+    # measured here that made every model step 10-50x slower (bench/RESULTS.md, section 7)
+    threads: Threads = 0
 
 
 @section("eval", error=ConfigError)

@@ -27,6 +27,11 @@ def check_guidance_scale(scale: float) -> float:
     return float(scale)
 
 
+def guide(eps_cond: torch.Tensor, eps_null: torch.Tensor, scale: float) -> torch.Tensor:
+    """eps_bar(null) + s (eps_bar(c) - eps_bar(null)): the guided eps from its two composed branches."""
+    return eps_null + scale * (eps_cond - eps_null)
+
+
 class Guided:
     """Classifier-free guidance around a composer of 2N rows (a Composer of N rows).
 
@@ -53,7 +58,7 @@ class Guided:
         out = self.inner.compose(torch.cat([x_t, x_t]), torch.cat([tt, tt]), torch.cat([class_labels, null]))
         cond, uncond = out.eps[:n], out.eps[n:]
         # 2. eps_bar(null) + s (eps_bar(c) - eps_bar(null)), each eps_bar with its own weights
-        eps = uncond + self.scale * (cond - uncond)
+        eps = guide(cond, uncond, self.scale)
         return ComposeOutput(eps, out.weights[:n], out.weights[n:])
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,6 +5,8 @@ The backends are injected: a :class:`Catalogue` says what is registered (the Red
 ``file://`` or ``s3://``) holds every artifact under fixed keys::
 
     compartments/<id>/...           a compartment (diffusers unet + manifest); id = "<source>@v<n>"
+    compartments/<id>/slices/<j>/   ([train] slices > 1) the checkpoint after slice j, listed with its sha256 in the
+                                    manifest, not in the catalogue's files (samplers never fetch it)
     routers/<id>/...                a learnt router; id = "r<unix s>-<8 hex>"
     data/<source>/<fingerprint>.npz the kept copy of a source's data (forget-samples and the learnt router train on it)
 
@@ -16,7 +18,7 @@ Train plan (:meth:`Lifecycle.train`), idempotent through the catalogue (one reco
     1. begin     ``begin_training`` (the same data is never trained twice; an active record ends the plan)
     2. keep      the data copy (skipped when present)
     3. train     resumable; a stop request raises TrainingInterrupted (a rerun resumes from the checkpoint)
-    4. upload    save locally, ``upload_directory`` to ``compartments/<id>/``
+    4. upload    the slice checkpoints, then save locally and ``upload_directory`` to ``compartments/<id>/``
     5. activate  with the uploaded files, after re-checking the source's tombstone
 
 Forget plans (:meth:`Lifecycle.forget_source`, :meth:`Lifecycle.forget_samples`) are journaled by request id in
@@ -26,10 +28,13 @@ the catalogue and run the steps of :data:`FORGET_STEPS` in order, each idempoten
              no sample matches -> a no-op; every sample -> the whole source; else -> retrain without them
     retire   (whole source) retire + tombstone + scrub, one catalogue transaction
     keep     (samples) the kept data under a new key
-    train    (samples) the train plan on the kept data: the new version is activated, replacing the old one
+    train    (samples) the train plan on the kept data: the new version is activated, replacing the old one. With
+             SISA slices it starts from the old version's checkpoint before the first slice holding a forgotten
+             sample (copied, verified, under the new id); the slices from there on are retrained without them
     scrub    (samples) the old version's fingerprint and lineage
     router   (learnt routers only) retrain without the forgotten data and activate it (or clear the router)
-    delete   every old artifact: compartments, data copies, older routers, checkpoints, local copies
+    delete   every old artifact: compartments (with their slice checkpoints), data copies, older routers, local
+             checkpoints and copies
     receipt  the ONE receipt of the request, written once, listing every deleted URI and the untouched compartments
 
 New artifacts are built and activated before old ones are deleted, and nothing active is ever deleted. A crash
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import re
 import time
@@ -52,14 +58,23 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from cdm.artifacts import ArtifactStore, StoredFile, remove_tree, upload_directory
-from cdm.compartment import WEIGHTS
-from cdm.config import ModelConfig, RouterConfig, TrainConfig
+from cdm.artifacts import (
+    MANIFEST,
+    ArtifactStore,
+    StoredFile,
+    check_key,
+    remove_tree,
+    sha256_bytes,
+    sha256_file,
+    upload_directory,
+)
+from cdm.compartment import WEIGHTS, CompartmentManifest
+from cdm.config import ModelConfig, RouterConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, load_npz_bytes, npz_bytes
-from cdm.errors import CdmError, SourceForgotten, StoreError, TrainingInterrupted
+from cdm.errors import CdmError, IntegrityError, SourceForgotten, StoreError, TrainingInterrupted
 from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
 from cdm.routing import RouterResult, save_router, train_router
-from cdm.training import TrainResult, train_compartment
+from cdm.training import SLICES_DIR, SlicePlan, TrainResult, checkpoint_files, slice_of, train_compartment
 from common.names import SOURCE_NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -209,6 +224,12 @@ class ForgetReceipt:
     started_at: float = 0.0
     completed_at: float = 0.0
     seconds: float = 0.0
+    # forget-samples that retrained a compartment (None otherwise): its SISA slices ([train] slices), the slice whose
+    # checkpoint the retrain started from (0: from scratch), that checkpoint's step, and the steps trained after it
+    slices: int | None = None
+    resumed_from_slice: int | None = None
+    resumed_from_step: int | None = None
+    steps_retrained: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -323,6 +344,12 @@ class ForgetPlan:
     n_unmatched: int = 0
     new_fingerprint: str = ""
     new_compartment: str = ""
+    slices: int = 1  # [train] slices of the retrain
+    first_slice: int = 0  # (samples) the first 1-based slice holding a forgotten sample
+    resume_slice: int = 0  # (samples) planned: the slice whose checkpoint of the old version the retrain starts from
+    resumed_from_slice: int | None = None  # (samples) what the retrain did, from the new compartment's manifest
+    resumed_from_step: int | None = None
+    steps_retrained: int | None = None
     lineage: dict[str, Any] = field(default_factory=dict)
     retired: list[str] = field(default_factory=list)
     epoch: int | None = None
@@ -427,6 +454,80 @@ class Lifecycle:
             self.store.put_bytes(key, npz_bytes(data))
         return key
 
+    def manifest_of(self, entry: Entry) -> CompartmentManifest:
+        """The manifest of a registered compartment, read from the store and checked against the catalogue's sha256."""
+        key = f"{compartment_prefix(entry.compartment_id)}/{MANIFEST}"
+        raw = self.store.get_bytes(key)
+        recorded = entry.files.get(MANIFEST)
+        if recorded is not None and sha256_bytes(raw) != recorded.sha256:
+            raise IntegrityError(
+                f"{self.store.url(key)} does not match the sha256 the catalogue recorded for {entry.compartment_id}; "
+                "the artifact was replaced after registration"
+            )
+        try:
+            doc = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StoreError(f"{self.store.url(key)} is not valid JSON ({exc}); the artifact is corrupt") from exc
+        return CompartmentManifest.from_dict(doc)
+
+    # ------------------------------------------------------------------------------------------- SISA checkpoints
+
+    def reusable_slices(self, old: CompartmentManifest, data: SourceData) -> int:
+        """How many leading slices of ``old`` (an earlier version of the source) training on ``data`` can skip: the
+        checkpoint after slice j is reusable when slices 1..j hold exactly the same samples, under the same
+        [train] and [model] config, and every checkpoint up to it was kept. Never the last slice (it has none)."""
+        if self.train_cfg.slices == 1 or old.train != to_dict(self.train_cfg) or old.model != to_dict(self.model):
+            return 0
+        same = SlicePlan.of(data, self.train_cfg).shared_prefix(old.slices)
+        n = 0
+        for rec in old.slices[: min(same, self.train_cfg.slices - 1)]:
+            if not rec.checkpoint:
+                break
+            n = rec.index
+        return n
+
+    def _reuse_checkpoints(self, base: Entry, data: SourceData, workdir: Path) -> int:
+        """Copy into ``workdir`` the checkpoints of ``base`` that training on ``data`` may start from (verified
+        against its manifest); returns the last slice copied. A checkpoint that cannot be fetched or verified ends
+        the copy there: training then starts earlier (from scratch at worst), never from an unverified state."""
+        try:
+            old = self.manifest_of(base)
+        except CdmError as exc:
+            log.warning("cannot read the manifest of %s (%s); retraining from scratch", base.compartment_id, exc)
+            return 0
+        reused = 0
+        for rec in old.slices[: self.reusable_slices(old, data)]:
+            try:
+                if set(rec.checkpoint) != set(checkpoint_files(rec.index)):
+                    raise StoreError(f"its files {sorted(rec.checkpoint)} are not the checkpoint of slice {rec.index}")
+                # the JSON last: it is the checkpoint's commit point
+                for rel, sha in sorted(rec.checkpoint.items(), key=lambda item: item[0].endswith(".json")):
+                    self._fetch_checkpoint_file(base.compartment_id, rel, sha, workdir)
+            except CdmError as exc:
+                log.warning("checkpoint after slice %d of %s is unusable: %s", rec.index, base.compartment_id, exc)
+                remove_tree(workdir / SLICES_DIR / str(rec.index))
+                break
+            reused = rec.index
+        return reused
+
+    def _fetch_checkpoint_file(self, compartment_id: str, rel: str, sha256: str, workdir: Path) -> None:
+        target = workdir / check_key(rel)
+        if target.is_file() and sha256_file(target) == sha256:
+            return  # copied before an interruption
+        self.store.get_file(f"{compartment_prefix(compartment_id)}/{rel}", target)
+        if sha256_file(target) != sha256:
+            target.unlink()
+            raise IntegrityError(f"{compartment_id}/{rel} does not match the sha256 its manifest records")
+
+    def _upload_checkpoints(self, compartment_id: str, manifest: CompartmentManifest, workdir: Path) -> None:
+        """Upload the slice checkpoints a manifest lists, beside the compartment (checked against their sha256)."""
+        for rec in manifest.slices:
+            for rel, sha in sorted(rec.checkpoint.items()):
+                path = workdir / check_key(rel)
+                if sha256_file(path) != sha:
+                    raise IntegrityError(f"{path} changed after training recorded its sha256; retrain {compartment_id}")
+                self.store.put_file(f"{compartment_prefix(compartment_id)}/{rel}", path)
+
     # ------------------------------------------------------------------------------------------- training
 
     def train(
@@ -436,6 +537,7 @@ class Lifecycle:
         *,
         lineage: Mapping[str, Any],
         is_stale: Callable[[Tombstone], bool] | None = None,
+        base: Entry | None = None,
     ) -> TrainOutcome:
         """The train plan: register, keep, train (resumable), upload, activate; idempotent per data fingerprint.
 
@@ -445,6 +547,8 @@ class Lifecycle:
             lineage: JSON-able origin of the data (recorded with the compartment).
             is_stale: given the source's tombstone, True when ``data`` predates it (then nothing is trained and
                 SourceForgotten is raised). Checked before registering and again before activating.
+            base: an earlier version of the source whose SISA checkpoints training may start from (the ones after
+                leading slices that hold exactly the same samples in ``data``); they are copied under the new id.
 
         Raises TrainingInterrupted when ``should_stop`` stopped it (a rerun resumes), SourceForgotten.
         """
@@ -458,8 +562,9 @@ class Lifecycle:
         cid = entry.compartment_id
         # 2. keep the data copy
         self.keep_data(source, data, fp)
-        # 3. train, resuming from the checkpoint of an interrupted run
+        # 3. train, resuming from the checkpoint of an interrupted run or a reusable slice checkpoint of ``base``
         workdir = work_dir(self.work_root, source, fp)
+        reused = self._reuse_checkpoints(base, data, workdir) if base is not None else 0
         steps = self.train_cfg.steps
         on_step = None
         if self.on_step is not None:
@@ -482,7 +587,12 @@ class Lifecycle:
         )
         if result.compartment is None:
             raise TrainingInterrupted(f"training of {cid} stopped at step {result.steps}; a rerun resumes it")
-        # 4. save locally, upload
+        if base is not None and 0 < result.base_slice <= reused:
+            result.compartment.manifest = dataclasses.replace(
+                result.compartment.manifest, base_compartment=base.compartment_id
+            )
+        # 4. upload the slice checkpoints, save locally, upload the compartment (its manifest last)
+        self._upload_checkpoints(cid, result.compartment.manifest, workdir)
         out = self.work_root / "out" / cid
         manifest = result.compartment.save(out)
         files = upload_directory(self.store, out, compartment_prefix(cid))
@@ -501,6 +611,7 @@ class Lifecycle:
                 "steps": result.steps,
                 "seconds": result.seconds,
                 "resumed_from": result.resumed_from,
+                "base_slice": result.base_slice,
                 "daemon_id": self.trainer_id,
             },
         )
@@ -680,7 +791,21 @@ class Lifecycle:
         plan.new_fingerprint = fingerprint(kept)
         plan.lineage = dict(current.lineage)
         plan.lineage["forget_samples"] = {"request_id": plan.request_id, "removed": plan.n_removed}
+        plan.slices = self.train_cfg.slices
+        plan.first_slice = int(slice_of(data.ids[drop], plan.slices).min()) + 1
+        try:
+            plan.resume_slice = self.reusable_slices(self.manifest_of(current), kept)
+        except CdmError as exc:
+            log.warning(
+                "forget %s: the checkpoints of %s are unusable (%s)", plan.request_id, current.compartment_id, exc
+            )
         plan.detail = f"{plan.n_removed} sample(s) of {plan.source} forgotten; its compartment retrained without them"
+        if plan.resume_slice:
+            start = SlicePlan.of(kept, self.train_cfg).start(plan.resume_slice + 1)
+            plan.detail += (
+                f" from the checkpoint after slice {plan.resume_slice} of {plan.slices} "
+                f"({self.train_cfg.steps - start} of {self.train_cfg.steps} steps)"
+            )
 
     def _step_retire(self, plan: ForgetPlan) -> None:
         if plan.mode != "source":
@@ -716,12 +841,14 @@ class Lifecycle:
         if tomb is None:
             key = data_key(plan.source, plan.new_fingerprint)
             kept = load_npz_bytes(self.store.get_bytes(key), where=self.store.url(key))
+            old = next(e for e in self.catalogue.versions(plan.source) if e.compartment_id == plan.old_compartments[0])
             try:
                 outcome = self.train(
                     plan.source,
                     kept,
                     lineage=plan.lineage,
                     is_stale=lambda t: t.request_id != plan.request_id and t.forgotten_at >= plan.started_at,
+                    base=old if plan.resume_slice else None,
                 )
             except SourceForgotten:
                 tomb = self._forgotten_since_start(plan)
@@ -729,6 +856,15 @@ class Lifecycle:
                 if outcome.entry.compartment_id in plan.old_compartments:
                     raise StoreError(f"retraining {plan.source} returned the old {outcome.entry.compartment_id}")
                 plan.new_compartment = outcome.entry.compartment_id
+                # what the retrain did (also when it was done before a crash): the new compartment's manifest says
+                manifest = self.manifest_of(outcome.entry)
+                if manifest.base_slice >= plan.first_slice:
+                    raise StoreError(
+                        f"{outcome.entry.compartment_id} started from slice {manifest.base_slice}, at or after the "
+                        f"first slice ({plan.first_slice}) holding a forgotten sample"
+                    )
+                plan.resumed_from_slice, plan.resumed_from_step = manifest.base_slice, manifest.base_step
+                plan.steps_retrained = manifest.steps - manifest.base_step
                 return
         assert tomb is not None
         plan.mode, plan.outcome = "superseded", "superseded"
@@ -848,6 +984,10 @@ class Lifecycle:
             started_at=plan.started_at,
             completed_at=now,
             seconds=max(0.0, now - plan.started_at),
+            slices=plan.slices if plan.steps_retrained is not None else None,
+            resumed_from_slice=plan.resumed_from_slice,
+            resumed_from_step=plan.resumed_from_step,
+            steps_retrained=plan.steps_retrained,
         )
         if not self.catalogue.put_receipt(receipt):
             log.info("forget request %s already has its receipt", plan.request_id)

@@ -131,7 +131,7 @@ class CompartmentalPipeline(DiffusionPipeline):
         else:
             sched = scheduler if scheduler is not None else self.scheduler
         # 1. labels: None = unconditional (null class); else one per sample or broadcast
-        labels = _labels(class_labels, batch_size, device, comp.num_classes)
+        labels = expand_labels(class_labels, batch_size, device, comp.num_classes)
         # 2. the denoiser of this call: per-image allowed sets and top k, guidance, a fresh trajectory (density)
         scale = check_guidance_scale(guidance_scale)
         den = comp.sampler(
@@ -165,9 +165,10 @@ class CompartmentalPipeline(DiffusionPipeline):
         )
 
 
-def _labels(
-    class_labels: Sequence[int] | torch.Tensor | None, n: int, device: torch.device, num_classes: int
+def expand_labels(
+    class_labels: Sequence[int] | torch.Tensor | None, n: int, device: torch.device | str, num_classes: int
 ) -> torch.Tensor | None:
+    """(N,) long labels on ``device``: one per sample, one for all, or a shorter list cycled; None stays None."""
     if class_labels is None:
         return None
     if num_classes == 0:

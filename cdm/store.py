@@ -4,7 +4,8 @@ It runs the same lifecycle as the daemon (``cdm.lifecycle``) over a JSON catalog
 
     STORE/store.json                      format and [model] of the store
     STORE/catalogue.json                  the catalogue (LocalCatalogue): compartments, router, tombstones, receipts
-    STORE/compartments/<source>@v<n>/     a compartment (unet/ + manifest.json)
+    STORE/compartments/<source>@v<n>/     a compartment (unet/ + manifest.json; slices/<j>/ the checkpoint after SISA
+                                          slice j when [train] slices > 1, hashed in the manifest)
     STORE/routers/<router id>/            the learnt router
     STORE/data/<source>/<fingerprint>.npz the kept copy of a source's data (router retraining, forget-samples)
     STORE/work/<source>-<fp16>/           resume checkpoints while training
@@ -564,7 +565,9 @@ class LocalStore:
         request_id: str | None = None,
         after_step: Callable[[str], None] | None = None,
     ) -> ForgetReceipt:
-        """Exact forgetting of some samples: retrain only this source's compartment (from scratch) and the router.
+        """Exact forgetting of some samples: retrain only this source's compartment and the router. With SISA slices
+        (``train.slices > 1``) the compartment is retrained from its checkpoint before the first slice holding one of
+        the samples; with one slice, from scratch.
 
         Ids the source does not hold are listed in the receipt; when none matches, nothing changes."""
         rid = request_id or self._request_id("forget-samples", name, ids)

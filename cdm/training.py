@@ -2,29 +2,43 @@
 
 Loss: the simple objective ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1-a_t) eps, t, c)||^2 (Ho et al. 2020, eq. 14).
 Checkpoints (raw weights, EMA, AdamW state, step) are safetensors + JSON, so a killed run resumes exactly.
+
+SISA slicing (Bourtoule et al. 2021, "Machine Unlearning", sec. V-A), ``[train] slices = S > 1``: every sample goes
+to a fixed slice by a hash of its id (:func:`slice_of`); slice j trains on the union of slices 1..j for its share of
+the steps (:func:`slice_ends`) and the state after it is checkpointed (``slices/<j>/``, all but the last). A
+checkpoint records the fingerprints of the slices it saw, so training resumes from it only on data whose first j
+slices are the very same samples: forgetting a sample of slice k retrains slices k..S from the checkpoint after k-1.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from cdm.artifacts import load_tensors, read_json, remove_tree, save_tensors, write_json
-from cdm.compartment import Compartment, build_unet, class_input, new_manifest
+from cdm.artifacts import load_tensors, read_json, remove_tree, save_tensors, sha256_file, write_json
+from cdm.compartment import Compartment, SliceRecord, build_unet, class_input, new_manifest
 from cdm.config import ModelConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
-from cdm.errors import ConfigError, StoreError
+from cdm.errors import CdmError, ConfigError, StoreError
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor | None]
+STATE_TENSORS = "state.safetensors"  # a checkpoint: raw + EMA weights, AdamW moments (safetensors)
+STATE_JSON = "state.json"  # ... and its step, recent losses, config and the tensors' sha256 (written last: the commit)
+SLICES_DIR = "slices"  # below a work dir and a compartment: slices/<j>/ holds the checkpoint after slice j
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class TrainResult:
     final_loss: float  # mean loss over the last logging window
     seconds: float  # wall time of this call
     resumed_from: int  # step the call started from (0 for a fresh run)
+    base_slice: int = 0  # slice checkpoint the training started from (0: from scratch); see SlicePlan
+    base_step: int = 0  # its step
 
 
 class ResumableBatches(Iterator[Batch]):
@@ -89,6 +105,81 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+# --------------------------------------------------------------------------------------------- SISA slices
+
+
+def slice_of(ids: np.ndarray, slices: int) -> np.ndarray:
+    """The 0-based slice of every sample id: splitmix64(id) mod ``slices``.
+
+    A pure function of the id, so removing samples moves no other sample to another slice (and the slices of the
+    data left after a forget are the old slices minus the forgotten samples, in the same order).
+    """
+    if slices < 1:
+        raise ConfigError(f"slices = {slices} must be >= 1")
+    with np.errstate(over="ignore"):
+        z = np.asarray(ids, dtype=np.int64).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(slices)).astype(np.int64)
+
+
+def slice_ends(steps: int, slices: int) -> tuple[int, ...]:
+    """The step at which each slice ends: slice j (1-based) trains steps [ends[j-2], ends[j-1]), equal shares."""
+    if not 1 <= slices <= steps:
+        raise ConfigError(f"slices = {slices} must be in 1..steps = {steps} (every slice trains at least one step)")
+    return tuple(steps * j // slices for j in range(1, slices + 1))
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """How one source's data is sliced for training: fixed by its sample ids and ``[train] slices``/``steps``."""
+
+    assignment: np.ndarray  # 0-based slice of every sample, in data order
+    counts: tuple[int, ...]  # samples per slice
+    fingerprints: tuple[str, ...]  # cdm.data.fingerprint of each slice's samples (in data order)
+    ends: tuple[int, ...]  # slice_ends(steps, slices)
+
+    @classmethod
+    def of(cls, data: SourceData, train: TrainConfig) -> SlicePlan:
+        assignment = slice_of(data.ids, train.slices)
+        parts = [data.subset(assignment == j) for j in range(train.slices)]
+        return cls(
+            assignment=assignment,
+            counts=tuple(len(p) for p in parts),
+            fingerprints=tuple(fingerprint(p) for p in parts),
+            ends=slice_ends(train.steps, train.slices),
+        )
+
+    @property
+    def slices(self) -> int:
+        return len(self.ends)
+
+    def start(self, j: int) -> int:
+        """The step at which 1-based slice ``j`` starts (the step of the checkpoint after slice j - 1)."""
+        return self.ends[j - 2] if j > 1 else 0
+
+    def shared_prefix(self, records: tuple[SliceRecord, ...] | list[SliceRecord]) -> int:
+        """How many leading slices hold exactly the samples of ``records`` (an earlier compartment's slices)."""
+        n = 0
+        for rec, fp, end in zip(records, self.fingerprints, self.ends, strict=False):
+            if rec.fingerprint != fp or rec.end_step != end:
+                break
+            n += 1
+        return n
+
+    def expected_retrain_steps(self) -> float:
+        """Steps one forget-samples request retrains on average, for one sample forgotten uniformly at random:
+        sum_k (n_k / N) (steps - start_k) (Bourtoule et al. 2021, sec. VI: slice k's share of requests x its cost)."""
+        total, steps = sum(self.counts), self.ends[-1]
+        return sum(n * (steps - self.start(j)) for j, n in enumerate(self.counts, start=1)) / max(1, total)
+
+
+def checkpoint_files(j: int) -> tuple[str, str]:
+    """The paths (below a compartment or a work dir) of the checkpoint after 1-based slice ``j``."""
+    return f"{SLICES_DIR}/{j}/{STATE_TENSORS}", f"{SLICES_DIR}/{j}/{STATE_JSON}"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('device = "cuda" but no CUDA device is available; set device = "cpu"')
@@ -136,11 +227,12 @@ class TrainLoop:
     def state_dir(self) -> Path | None:
         return self.workdir / "train_state" if self.workdir is not None else None
 
-    def save(self) -> None:
-        """Resumable checkpoint: raw + EMA weights, AdamW moments, step (all safetensors / JSON)."""
-        if self.state_dir is None:
-            return
-        d = self.state_dir
+    def save(self, directory: Path | None = None, **meta: Any) -> dict[str, str]:
+        """Write a checkpoint (raw + EMA weights, AdamW moments, step; safetensors + JSON) to ``directory``
+        (default: the resumable ``train_state``); ``meta`` goes into the JSON. Returns {file name: sha256}."""
+        d = directory if directory is not None else self.state_dir
+        if d is None:
+            return {}
         d.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for i, (p, e) in enumerate(zip(self.params, self.ema, strict=True)):
@@ -150,21 +242,22 @@ class TrainLoop:
             for key in ("exp_avg", "exp_avg_sq", "step"):
                 if key in st:
                     tensors[f"opt.{i}.{key}"] = torch.as_tensor(st[key])
-        save_tensors(d / "state.safetensors", tensors)
+        save_tensors(d / STATE_TENSORS, tensors)
+        tensors_sha = sha256_file(d / STATE_TENSORS)
         # the JSON is written last: it is the commit point of the checkpoint
-        write_json(d / "state.json", {"step": self.step, "losses": self.losses[-200:], "train": to_dict(self.cfg)})
+        doc = {"step": self.step, "losses": self.losses[-200:], "train": to_dict(self.cfg), "sha256": tensors_sha}
+        write_json(d / STATE_JSON, {**doc, **meta})
+        return {STATE_TENSORS: tensors_sha, STATE_JSON: sha256_file(d / STATE_JSON)}
 
-    def try_resume(self) -> int:
-        """Restore the last checkpoint if one exists; returns the step to continue from."""
-        if self.state_dir is None or not (self.state_dir / "state.json").exists():
-            return 0
-        meta = read_json(self.state_dir / "state.json")
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore the checkpoint in ``directory`` (tensors verified against the JSON's sha256); returns the JSON."""
+        meta = read_json(directory / STATE_JSON)
         if meta.get("train") != to_dict(self.cfg):
             raise StoreError(
-                f"{self.state_dir} holds a checkpoint trained with a different [train] config; "
+                f"{directory} holds a checkpoint trained with a different [train] config; "
                 "delete it to start over or restore the original config to resume"
             )
-        tensors = load_tensors(self.state_dir / "state.safetensors")
+        tensors = load_tensors(directory / STATE_TENSORS, expected_sha256=meta.get("sha256"))
         with torch.no_grad():
             for i, (p, e) in enumerate(zip(self.params, self.ema, strict=True)):
                 p.copy_(tensors[f"param.{i}"])
@@ -177,7 +270,13 @@ class TrainLoop:
                     }
         self.step = int(meta["step"])
         self.losses = list(meta.get("losses", []))
-        return self.step
+        return dict(meta)
+
+    def try_resume(self) -> int:
+        """Restore the last checkpoint if one exists; returns the step to continue from."""
+        if self.state_dir is None or not (self.state_dir / STATE_JSON).exists():
+            return 0
+        return int(self.load(self.state_dir)["step"])
 
     def clear_checkpoint(self) -> None:
         if self.state_dir is not None:
@@ -218,10 +317,12 @@ class TrainLoop:
         self.step += 1
         return float(loss.detach())
 
-    def run_loop(self) -> bool:
-        """Train until the step budget; returns True if ``should_stop`` interrupted it (checkpoint saved)."""
+    def run_loop(self, until: int | None = None) -> bool:
+        """Train until step ``until`` (default: the step budget); returns True if ``should_stop`` interrupted it
+        (checkpoint saved)."""
+        until = self.cfg.steps if until is None else until
         bar = tqdm(
-            total=self.cfg.steps,
+            total=until,
             initial=self.step,
             desc=self.desc,
             disable=not self.progress,
@@ -229,7 +330,7 @@ class TrainLoop:
             leave=False,
         )
         try:
-            while self.step < self.cfg.steps:
+            while self.step < until:
                 if self.should_stop():
                     self.save()
                     return True
@@ -296,7 +397,13 @@ def train_compartment(
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) one compartment on one source; deterministic given ``train.seed``."""
+    """Train (or resume) one compartment on one source; deterministic given ``train.seed`` and ``train.slices``.
+
+    With ``workdir`` a run resumes from ``workdir/train_state`` (an interrupted run) or, with ``train.slices > 1``,
+    from the latest usable slice checkpoint in ``workdir/slices/<j>/`` (this data's own, or one of an earlier
+    compartment of the source whose first j slices hold exactly these samples), whichever is later; the slice
+    checkpoints of this run are left there (``checkpoint_files``) and listed with their sha256 in the manifest.
+    """
     started = time.perf_counter()
     check_trainable(name, data, model=model, num_classes=num_classes)
     if train.threads > 0:
@@ -318,12 +425,22 @@ def train_compartment(
         on_step=on_step,
         desc=f"compartment {name}",
     )
-    start = loop.try_resume()
-    loop.data = ResumableBatches(x, labels, train.batch_size, seed=train.seed, start_step=start)
-    interrupted = loop.run_loop()
+    records: tuple[SliceRecord, ...] = ()
+    if train.slices == 1:
+        start = loop.try_resume()
+        base_slice, base_step = 0, 0
+        loop.data = ResumableBatches(x, labels, train.batch_size, seed=train.seed, start_step=start)
+        interrupted = loop.run_loop()
+    else:
+        plan = SlicePlan.of(data, train)
+        start, base_slice = _resume_sliced(loop, plan, model, workdir)
+        base_step = plan.start(base_slice + 1)
+        interrupted = _run_sliced(loop, plan, x, labels, model, workdir)
+        if not interrupted:
+            records = _slice_records(loop, plan, model, workdir)
     seconds = time.perf_counter() - started
     if interrupted:
-        return TrainResult(None, True, loop.step, loop.recent_loss(), seconds, start)
+        return TrainResult(None, True, loop.step, loop.recent_loss(), seconds, start, base_slice, base_step)
     unet.load_state_dict(loop.ema_state_dict())
     unet.eval().requires_grad_(False)
     manifest = new_manifest(
@@ -335,9 +452,129 @@ def train_compartment(
         model=model,
         train=train,
     )
-    manifest = dataclasses.replace(manifest, steps=loop.step, final_loss=loop.recent_loss(), train_seconds=seconds)
+    manifest = dataclasses.replace(
+        manifest,
+        steps=loop.step,
+        final_loss=loop.recent_loss(),
+        train_seconds=seconds,
+        slices=records,
+        base_slice=base_slice,
+        base_step=base_step,
+    )
     compartment = Compartment(unet.cpu(), manifest)
-    return TrainResult(compartment, False, loop.step, loop.recent_loss(), seconds, start)
+    return TrainResult(compartment, False, loop.step, loop.recent_loss(), seconds, start, base_slice, base_step)
+
+
+def slice_seed(seed: int, j: int) -> int:
+    """The minibatch seed of 1-based slice ``j`` (each slice draws its own epochs over the union it trains on)."""
+    return seed + 1_000_003 * j
+
+
+def _usable_checkpoint(workdir: Path, j: int, plan: SlicePlan, cfg: TrainConfig, model: ModelConfig) -> bool:
+    """True when ``workdir/slices/<j>`` is the checkpoint after slice j of this data under this config, complete
+    (its tensors match the sha256 its JSON recorded)."""
+    tensors, path = (workdir / rel for rel in checkpoint_files(j))
+    if not path.is_file():
+        return False
+    try:
+        meta = read_json(path)
+    except StoreError as exc:
+        log.warning("ignoring the slice checkpoint %s: %s", path, exc)
+        return False
+    return bool(
+        isinstance(meta, dict)
+        and meta.get("train") == to_dict(cfg)
+        and meta.get("model") == to_dict(model)
+        and meta.get("slice") == j
+        and meta.get("slices") == plan.slices
+        and meta.get("step") == plan.ends[j - 1]
+        and meta.get("fingerprints") == list(plan.fingerprints[:j])
+        and tensors.is_file()
+        and sha256_file(tensors) == meta.get("sha256")
+    )
+
+
+def _resume_sliced(loop: TrainLoop, plan: SlicePlan, model: ModelConfig, workdir: Path | None) -> tuple[int, int]:
+    """Restore the later of the interrupted run's checkpoint and the last usable slice checkpoint.
+
+    Returns (step the call starts from, slice checkpoint the training started from). The latter is recorded in
+    ``workdir/origin.json`` by the first attempt, so a rerun after an interruption reports the same origin.
+    """
+    start = loop.try_resume()
+    if workdir is None:
+        return start, 0
+    loaded = 0
+    for j in range(plan.slices - 1, 0, -1):
+        if plan.ends[j - 1] <= start:
+            break
+        if _usable_checkpoint(workdir, j, plan, loop.cfg, model):
+            try:
+                loop.load(workdir / SLICES_DIR / str(j))
+            except CdmError as exc:  # IntegrityError: the tensors are not the ones the JSON recorded
+                log.warning("not resuming from slice checkpoint %d in %s: %s", j, workdir, exc)
+                continue
+            start, loaded = plan.ends[j - 1], j
+            break
+    origin_path = workdir / "origin.json"
+    origin = read_json(origin_path) if origin_path.is_file() else None
+    if not (isinstance(origin, dict) and origin.get("train") == to_dict(loop.cfg) and "slice" in origin):
+        origin = {"slice": loaded, "train": to_dict(loop.cfg)}
+        write_json(origin_path, origin)
+    return start, int(origin["slice"])
+
+
+def _run_sliced(
+    loop: TrainLoop,
+    plan: SlicePlan,
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    model: ModelConfig,
+    workdir: Path | None,
+) -> bool:
+    """SISA incremental training from ``loop.step``; returns True when interrupted (``loop.run_loop``)."""
+    cfg = loop.cfg
+    for j in range(1, plan.slices + 1):
+        begin, end = plan.start(j), plan.ends[j - 1]
+        # 1. slice j trains on the union of slices 1..j (data order kept) for steps [begin, end)
+        if loop.step < end:
+            mask = torch.from_numpy(plan.assignment < j)
+            if bool(mask.any()):
+                loop.data = ResumableBatches(
+                    x[mask],
+                    labels[mask] if labels is not None else None,
+                    cfg.batch_size,
+                    seed=slice_seed(cfg.seed, j),
+                    start_step=loop.step - begin,
+                )
+                if loop.run_loop(until=end):
+                    return True
+            else:  # every sample of slices 1..j was forgotten: nothing to train these steps on
+                log.warning("slices 1..%d of %d hold no sample; %d steps skipped", j, plan.slices, end - begin)
+                loop.step = end
+        # 2. the checkpoint after slice j (not after the last: that state is the compartment itself)
+        due = j < plan.slices and workdir is not None and loop.step == end
+        if due and workdir is not None and not _usable_checkpoint(workdir, j, plan, cfg, model):
+            loop.save(
+                workdir / SLICES_DIR / str(j),
+                slice=j,
+                slices=plan.slices,
+                fingerprints=list(plan.fingerprints[:j]),
+                model=to_dict(model),
+            )
+    return False
+
+
+def _slice_records(
+    loop: TrainLoop, plan: SlicePlan, model: ModelConfig, workdir: Path | None
+) -> tuple[SliceRecord, ...]:
+    """The manifest's record of every slice, with the sha256 of each usable checkpoint kept in ``workdir``."""
+    out = []
+    for j in range(1, plan.slices + 1):
+        files: dict[str, str] = {}
+        if j < plan.slices and workdir is not None and _usable_checkpoint(workdir, j, plan, loop.cfg, model):
+            files = {rel: sha256_file(workdir / rel) for rel in checkpoint_files(j)}
+        out.append(SliceRecord(j, plan.counts[j - 1], plan.fingerprints[j - 1], plan.ends[j - 1], files))
+    return tuple(out)
 
 
 def clear_train_state(workdir: Path) -> None:

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     offline.register(sub)
     ls = sub.add_parser("ls", help="list compartments (local store or live registry)")
     g = ls.add_mutually_exclusive_group()
-    g.add_argument("--store", type=Path)
+    g.add_argument("--store", type=Path, help="a local store directory (cdm train --store ...)")
     g.add_argument("--redis", help="registry URL (default: from config / .services/services.json)")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     ls.set_defaults(func=cmd_ls)
     service.register(sub)
     serve.register(sub)
@@ -79,6 +79,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from cdm.errors import CdmError
+    from cli.errors import explain
     from common.redact import safe
     from daemon.errors import DaemonError
 
@@ -89,6 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except (CdmError, DaemonError) as exc:
         print(f"cdm {args.command}: error: {safe(exc, 4000)}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        why = explain(exc)  # a service that cannot be reached: its address and what to do, no traceback
+        if why is None:
+            raise
+        print(f"cdm {args.command}: error: {safe(why, 4000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cdm {args.command}: interrupted", file=sys.stderr)

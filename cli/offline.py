@@ -207,6 +207,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     cfg = load_app_config(args)
     sc = cfg.library.sample
+    if sc.threads > 0:
+        torch.set_num_threads(sc.threads)
     device = args.device or sc.device
     started = time.perf_counter()
     den: Composed
@@ -279,8 +281,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
         receipt = store.forget_samples(args.source, args.samples, train, router, progress=not args.no_progress)
     else:
         receipt = store.forget_source(args.source, router, progress=not args.no_progress)
+    retrained = (
+        f"{receipt.steps_retrained} steps retrained from slice {receipt.resumed_from_slice} of {receipt.slices}, "
+        if receipt.steps_retrained is not None
+        else ""
+    )
     _say(
-        f"forgot {receipt.kind} of {receipt.source!r}: {receipt.n_samples_removed} samples, "
+        f"forgot {receipt.kind} of {receipt.source!r}: {receipt.n_samples_removed} samples, {retrained}"
         f"{len(receipt.deleted_files)} files deleted, {len(receipt.untouched)} compartments untouched, "
         f"{receipt.seconds:.1f}s"
     )

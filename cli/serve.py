@@ -89,6 +89,10 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     from sampler.loader import CompositionLoader
 
     client = connect(cfg.redis, url=redis_url)
+    if cfg.library.sample.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.library.sample.threads)
     keys = Keys(cfg.redis.namespace)
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.config import DEFAULT_SERVICES, Subparsers, app_config
+from cli.errors import KAFKA_HINT, check_reachable
 from common.names import SOURCE_NAME_RULE
 from daemon.config import AppConfig, KafkaConfig
 
@@ -100,8 +101,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def _producer(cfg: KafkaConfig) -> KafkaProducer:
+    """A producer on ``[kafka] bootstrap_servers``; a broker that cannot be reached is a ``ServiceUnreachable``
+    naming the addresses tried, after a few seconds (kafka-python alone waits ~40 s, then raises a bare timeout)."""
     from kafka import KafkaProducer
 
+    check_reachable("the Kafka broker", cfg.bootstrap_servers, KAFKA_HINT)
     return KafkaProducer(**cfg.producer_kwargs())
 
 

@@ -1,9 +1,11 @@
 """The seam between the HTTP API and the compute: ``Sampler`` takes one request, already access-checked, and its
 composition; ``PerRequestSampler`` runs each request on its own (one pipeline call in a worker thread).
 
-A cross-request batcher (sampler/batching.py, later) implements the same protocol: it receives requests whose
-``sources`` differ per request and coalesces their rows, evaluating each compartment only on the rows allowed to
-use it. The routes never change: they build a ``SampleRequest`` and await ``sampler.sample(request)``.
+The cross-request batcher (sampler/batching.py, ``BatchingSampler``, the default of ``cdm serve``) implements the same
+protocol: it receives requests whose ``sources`` differ per request and coalesces their rows, evaluating each
+compartment only on the rows allowed to use it. The routes never change: they build a ``SampleRequest`` and await
+``sampler.sample(request)``. A sampler that cannot answer now (queue timeout, shutting down) raises
+``sampler.errors.SamplerUnavailable`` (HTTP 503).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SampleRequest:
     seed: int
     labels: tuple[int, ...] | None = None  # cycled over the n samples; None = unconditional
     top_k: int | None = None  # route each sample to its k most likely sources; None = the full mixture
+    guidance_scale: float = 1.0  # classifier-free guidance s (cdm/guidance.py); 1 = none, ignored without labels
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class AttributeRequest:
 
 
 class Sampler(Protocol):
-    """What the routes call. Implementations: ``PerRequestSampler``; a cross-request batcher later."""
+    """What the routes call. Implementations: ``PerRequestSampler``, ``sampler.batching.BatchingSampler``."""
 
     async def sample(self, request: SampleRequest) -> SampleResult: ...
 
@@ -82,6 +85,7 @@ def sample_now(request: SampleRequest) -> SampleResult:
         num_inference_steps=request.steps,
         generator=torch.Generator().manual_seed(request.seed),
         progress=False,
+        guidance_scale=request.guidance_scale,
     )
     cols = [out.source_names.index(s) for s in request.sources]  # the pipeline may return zero columns for others
     return SampleResult(

@@ -321,6 +321,8 @@ class DensityTrajectory:
 
     Each call evaluates eps_i (and the divergence probe) for every compartment in S on its active rows, advances
     l_i from the previous call's point to this one, and returns sum_i w_i eps_i; ``step`` also returns the weights.
+    ``step`` is ``plan`` (the compartment calls the step needs) then ``finish`` (the state update from their
+    outputs), so a batcher can make the calls of many trajectories together, each compartment once.
     """
 
     def __init__(
@@ -350,6 +352,7 @@ class DensityTrajectory:
         self._log_prior = torch.zeros((n, s), dtype=torch.float64)
         self._prev: _Point | None = None
         self._sampler_checked = False
+        self._planned: DensityPlan | None = None  # plan() made, finish() not yet
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.step(x_t, t, class_labels).eps
@@ -362,15 +365,73 @@ class DensityTrajectory:
     @torch.no_grad()
     def step(self, x_t: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None) -> DensityStep:
         """One sampling step: eps, the weights used and which compartments ran (see DensityStep)."""
-        comp = self.comp
+        plan = self.plan(x_t, t, class_labels)
+        return self.finish(plan, [self.comp.compartments[c.index](c.x, c.t, c.class_labels) for c in plan.calls])
+
+    @torch.no_grad()
+    def plan(self, x_t: torch.Tensor, t: torch.Tensor | int, class_labels: torch.Tensor | None = None) -> DensityPlan:
+        """The first half of ``step``: the compartment calls this step needs, without making them.
+
+        A cross-request batcher (sampler/batching.py) plans the step of every trajectory it runs, evaluates each
+        compartment once on the concatenation of their calls, and hands each trajectory its outputs (``finish``).
+        The divergence estimator's probes are drawn here, from this trajectory's generator.
+        """
         if x_t.shape[0] != self.n:
             raise ConfigError(f"this trajectory has {self.n} rows but got x_t with {x_t.shape[0]}; one per call")
+        if self._planned is not None:
+            raise ConfigError("this trajectory has a planned step that was never finished; finish() it first")
         tt = self._timesteps(t, x_t.device)
-        abar = comp.alphas_cumprod.to(x_t.device)[tt]  # (N,) float64
         if self._prev is None:
             self._start(x_t, class_labels)
+        comp = self.comp
+        v = None  # (P, N, ...) Rademacher probes, shared by every compartment
+        if self.estimator == "divergence":
+            bits = torch.randint(0, 2, (comp.probes, *x_t.shape), generator=self.generator)
+            v = (2 * bits - 1).to(device=x_t.device, dtype=x_t.dtype)
+        calls = []
+        for j, i in enumerate(self.columns):
+            rows = self._active[:, j].nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue  # pruned from every row: not called at all
+            everyone = rows.numel() == self.n
+            x, tr = (x_t, tt) if everyone else (x_t[rows], tt[rows])
+            c = class_labels if (everyone or class_labels is None) else class_labels[rows]
+            if v is not None:  # the probe rows x + delta v in the same call
+                vr = v if everyone else v[:, rows]
+                reps = 1 + comp.probes
+                x = torch.cat([x, (x + comp.fd_step * vr).flatten(0, 1)])
+                tr, c = tr.repeat(reps), None if c is None else c.repeat(reps)
+            calls.append(CompartmentCall(i, j, rows, x, tr, c))
+        plan = DensityPlan(x_t, tt, v, tuple(calls))
+        self._planned = plan
+        return plan
+
+    @torch.no_grad()
+    def finish(self, plan: DensityPlan, outputs: Sequence[torch.Tensor]) -> DensityStep:
+        """The second half of ``step``: advance the log-densities with the outputs of ``plan``'s calls (in order)."""
+        if plan is not self._planned:
+            raise ConfigError("finish() takes the plan this trajectory made last; plan() the step first")
+        if len(outputs) != len(plan.calls):
+            raise ConfigError(f"the plan has {len(plan.calls)} compartment calls but {len(outputs)} outputs came back")
+        self._planned = None
+        comp = self.comp
+        x_t, tt = plan.x_t, plan.t
+        abar = comp.alphas_cumprod.to(x_t.device)[tt]  # (N,) float64
         # 1. every compartment in S on its active rows (and, for "divergence", the probe rows in the same call)
-        eps_s, div_s = self._evaluate(x_t, tt, class_labels)
+        eps_s = torch.zeros((len(self.columns), *x_t.shape), dtype=x_t.dtype, device=x_t.device)
+        v = plan.probes
+        div_s = None if v is None else torch.zeros((len(self.columns), self.n), dtype=torch.float64, device=x_t.device)
+        for call, both in zip(plan.calls, outputs, strict=True):
+            rows, j = call.rows, call.column
+            if v is None or div_s is None:
+                out = both
+            else:
+                vr = v if rows.numel() == self.n else v[:, rows]
+                out = both[: len(rows)]
+                shifted = both[len(rows) :].view(comp.probes, *out.shape)
+                diff = (shifted - out).flatten(2)  # (P, rows, D)
+                div_s[j, rows] = _dot(vr.flatten(2), diff).mean(0) / comp.fd_step
+            eps_s[j, rows] = out
         x = x_t.flatten(1)
         score = -eps_s.flatten(2) / (1 - abar).sqrt().to(x.dtype)[:, None]  # (S, N, D)
         here = _Point(x, tt, abar, score, div_s)
@@ -440,39 +501,6 @@ class DensityTrajectory:
         self._l = self._l.to(dev)
         self._below = self._below.to(dev)
 
-    def _evaluate(
-        self, x_t: torch.Tensor, tt: torch.Tensor, class_labels: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """eps_i (S, N, ...) on active rows (zeros elsewhere) and, for "divergence", div eps_i (S, N) float64."""
-        comp = self.comp
-        v = None  # (P, N, ...) Rademacher probes, shared by every compartment
-        if self.estimator == "divergence":
-            bits = torch.randint(0, 2, (comp.probes, *x_t.shape), generator=self.generator)
-            v = (2 * bits - 1).to(device=x_t.device, dtype=x_t.dtype)
-        eps_s = torch.zeros((len(self.columns), *x_t.shape), dtype=x_t.dtype, device=x_t.device)
-        div_s = None if v is None else torch.zeros((len(self.columns), self.n), dtype=torch.float64, device=x_t.device)
-        for j, i in enumerate(self.columns):
-            rows = self._active[:, j].nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue  # pruned from every row: not called at all
-            everyone = rows.numel() == self.n
-            x, t = (x_t, tt) if everyone else (x_t[rows], tt[rows])
-            c = class_labels if (everyone or class_labels is None) else class_labels[rows]
-            if v is None or div_s is None:
-                out = comp.compartments[i](x, t, c)
-            else:
-                vr = v if everyone else v[:, rows]
-                reps = 1 + comp.probes
-                shifted_in = (x + comp.fd_step * vr).flatten(0, 1)
-                both = comp.compartments[i](
-                    torch.cat([x, shifted_in]), t.repeat(reps), None if c is None else c.repeat(reps)
-                )
-                out, shifted = both[: len(rows)], both[len(rows) :].view(comp.probes, *x.shape)
-                diff = (shifted - out).flatten(2)  # (P, rows, D)
-                div_s[j, rows] = _dot(vr.flatten(2), diff).mean(0) / comp.fd_step
-            eps_s[j, rows] = out
-        return eps_s, div_s
-
     def _advance(self, p: _Point, q: _Point) -> float:
         """l_i += the estimator's increment from point p (previous call) to q (this call); returns the noise ratio."""
         dx = q.x - p.x
@@ -510,6 +538,30 @@ class DensityTrajectory:
             inc = 0.5 * _dot(p.score + q.score, dx) + 0.5 * (r1 - r0) * (f0 * j0 + f1 * j1)
         self._l = self._l + inc.T
         return noise_ratio
+
+
+@dataclass(frozen=True)
+class CompartmentCall:
+    """One compartment call a density step needs: compartment ``index`` (a column of the composition's names, ``column``
+    of the trajectory's S) on the trajectory's ``rows``; its input batch (x, t, class_labels) holds those rows and,
+    for the divergence estimator, the probe rows after them."""
+
+    index: int
+    column: int
+    rows: torch.Tensor
+    x: torch.Tensor
+    t: torch.Tensor
+    class_labels: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class DensityPlan:
+    """The calls of one planned step (``DensityTrajectory.plan``) and what ``finish`` needs to complete it."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor  # (N,) long
+    probes: torch.Tensor | None  # (P, N, ...) Rademacher probes of the divergence estimator
+    calls: tuple[CompartmentCall, ...]
 
 
 @dataclass

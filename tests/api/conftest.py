@@ -117,6 +117,7 @@ class Served:
     metrics: CollectorRegistry
     settings: ServeConfig
     calls: Counter[str] = field(default_factory=Counter)  # compartment forward calls per source
+    rows: Counter[str] = field(default_factory=Counter)  # input rows over those calls per source
 
     def token(self, principal: str, *grants: str) -> str:
         """A new token of ``principal`` holding ``grants`` (``all``, ``source:x``, ``tag:k=v``)."""
@@ -125,12 +126,20 @@ class Served:
         return self.access.create_token(principal).token
 
     def count_calls(self) -> None:
-        """Count forward calls of every compartment of the served composition (by source)."""
+        """Count forward calls of every compartment of the served composition, and their input rows (by source)."""
         comp = self.live.current()
         assert comp is not None
+
+        def counter(name: str) -> Callable[[Any, tuple[Any, ...]], None]:
+            def hook(_module: Any, args: tuple[Any, ...]) -> None:
+                self.calls.update([name])
+                self.rows.update({name: int(args[0].shape[0])})
+
+            return hook
+
         for name, module in zip(comp.sources, comp.denoiser.compartments, strict=True):
             if not getattr(module, "_counted", False):
-                module.register_forward_pre_hook(lambda *_, name=name: self.calls.update([name]))
+                module.register_forward_pre_hook(counter(name))
                 module._counted = True
 
 

@@ -178,3 +178,25 @@ def test_no_response_at_or_after_the_forget_epoch_uses_the_forgotten_source(
     metrics = httpx.get(f"{cdm_serve.url}/metrics", timeout=10).text
     assert f"cdm_serve_epoch {float(receipt.epoch)}" in metrics and "cdm_serve_hotswap_seconds_count" in metrics
     assert "/v1/samples" in httpx.get(f"{cdm_serve.url}/openapi.json", timeout=10).json()["paths"]
+
+
+def test_sample_threads_sets_torchs_threads_of_the_serving_process(tmp_path: Path, redis_db_url: str) -> None:
+    import torch
+
+    from cli.serve import build_app
+    from daemon.config import parse_config
+
+    cfg = parse_config(
+        {
+            "sample": {"threads": 1},
+            "daemon": {"artifact_dir": str(tmp_path / "artifacts")},
+            "redis": {"url": redis_db_url},
+        }
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        build_app(cfg, redis_url=redis_db_url)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -6,21 +6,24 @@ request), with one receipt; a request whose journal is complete is only acknowle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import cdm.store
 from cdm.artifacts import sha256_file
 from cdm.compartment import WEIGHTS
 from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, fingerprint, load_digits, save_npz
-from cdm.errors import CdmError, StoreError
+from cdm.errors import CdmError, StoreError, TrainingInterrupted
 from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, Lifecycle, data_key, work_dir, work_dirs
 from cdm.store import LocalStore
+from cdm.training import slice_of, train_compartment
 
 MODEL = ModelConfig(sample_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_classes=10)
 TRAIN = TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2, lr=1e-3, threads=1)
@@ -199,3 +202,138 @@ def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, sources: di
     save_npz(root / "low.npz", sources["low"])
     with pytest.raises(StoreError, match=r"format-1 store.*new --store"):
         LocalStore(root)
+
+
+# --------------------------------------------------------------------------------------------- SISA slices
+
+SLICED = dataclasses.replace(TRAIN, steps=8, slices=4)  # slice j ends at step 2j
+
+
+@pytest.fixture
+def sliced(tmp_path: Path, sources: dict[str, SourceData]) -> LocalStore:
+    s = LocalStore(tmp_path / "sliced", model=MODEL)
+    for name, data in sources.items():
+        s.stage_data(name, data)
+        s.train_compartment(name, SLICED, progress=False)
+    s.train_router(ROUTER, progress=False)
+    return s
+
+
+def in_slice(data: SourceData, j: int, n: int = 1) -> list[int]:
+    """``n`` sample ids of 1-based slice ``j`` under SLICED."""
+    return [int(i) for i in data.ids[slice_of(data.ids, SLICED.slices) == j - 1][:n]]
+
+
+def stored_checkpoints(store: LocalStore, cid: str) -> dict[str, str]:
+    """sha256 of every slice checkpoint file kept with a compartment, by its path below the compartment."""
+    root = store.root / "compartments" / cid
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted((root / "slices").rglob("*")) if p.is_file()}
+
+
+def test_a_sliced_compartment_keeps_its_checkpoints_beside_it_hashed_in_its_manifest(sliced: LocalStore) -> None:
+    manifest = sliced.manifest("low")
+    listed = {rel: sha for rec in manifest.slices for rel, sha in rec.checkpoint.items()}
+    assert len(manifest.slices) == 4 and len(listed) == 6  # after slices 1..3: tensors + JSON each
+    assert stored_checkpoints(sliced, "low@v1") == listed
+    entry = next(e for e in sliced.catalogue.active() if e.source == "low")
+    assert not [rel for rel in entry.files if rel.startswith("slices/")], "samplers must not fetch checkpoints"
+    sliced.load_compartment("low")  # the compartment still verifies and loads with its checkpoints beside it
+
+
+def test_forget_samples_retrains_only_from_the_checkpoint_before_the_first_slice_holding_one(
+    sliced: LocalStore, sources: dict[str, SourceData], tmp_path: Path
+) -> None:
+    low, high_weights = sources["low"], sha256_file(sliced.compartment_dir("high") / WEIGHTS)
+    old = stored_checkpoints(sliced, "low@v1")
+    ids = in_slice(low, 3, 2) + in_slice(low, 4)  # first forgotten slice: 3
+    receipt = sliced.forget_samples("low", ids, SLICED, ROUTER, progress=False)
+    assert receipt.new_compartment == "low@v2" and receipt.n_samples_removed == 3
+    assert (receipt.slices, receipt.resumed_from_slice, receipt.resumed_from_step, receipt.steps_retrained) == (
+        4,
+        2,
+        4,
+        4,
+    )
+    assert "from the checkpoint after slice 2 of 4 (4 of 8 steps)" in receipt.detail
+    assert receipt.untouched == {"high@v1": high_weights}
+    manifest = sliced.manifest("low")
+    assert (manifest.base_compartment, manifest.base_slice, manifest.base_step) == ("low@v1", 2, 4)
+    # checkpoints before slice 3 are byte-identical; 3 is rebuilt; nothing of low@v1 is left
+    new = stored_checkpoints(sliced, "low@v2")
+    assert new == {rel: sha for rec in manifest.slices for rel, sha in rec.checkpoint.items()}
+    for rel in old:
+        assert (new[rel] == old[rel]) == rel.startswith(("slices/1/", "slices/2/")), rel
+    assert not [f for f in files_of(sliced) if "low@v1" in f]
+    assert any("low%40v1/slices/3/" in u or "low@v1/slices/3/" in u for u in receipt.deleted_files)
+    # the retrained compartment is the one training from scratch on the data left gives (same seed and slices)
+    kept = low.subset(~np.isin(low.ids, ids))
+    scratch = train_compartment(
+        "low", kept, model=MODEL, train=SLICED, num_classes=10, workdir=tmp_path / "w", progress=False
+    )
+    assert scratch.compartment is not None
+    got, want = sliced.load_compartment("low").unet.state_dict(), scratch.compartment.unet.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert {rel: sha256_file(tmp_path / "w" / rel) for rel in new} == new
+
+
+def test_forgetting_a_sample_of_the_first_slice_retrains_the_whole_compartment(
+    sliced: LocalStore, sources: dict[str, SourceData]
+) -> None:
+    old = stored_checkpoints(sliced, "low@v1")
+    receipt = sliced.forget_samples("low", in_slice(sources["low"], 1) + in_slice(sources["low"], 2), SLICED, ROUTER)
+    assert (receipt.resumed_from_slice, receipt.resumed_from_step, receipt.steps_retrained) == (0, 0, 8)
+    new = stored_checkpoints(sliced, "low@v2")
+    assert new.keys() == old.keys() and not [r for r in new if r.endswith(".safetensors") and new[r] == old[r]]
+
+
+def test_with_one_slice_forget_samples_retrains_from_scratch_as_before(store: LocalStore) -> None:
+    receipt = store.forget_samples("low", [0, 1], TRAIN, ROUTER, progress=False)
+    assert (receipt.slices, receipt.resumed_from_slice, receipt.steps_retrained) == (1, 0, TRAIN.steps)
+    assert store.manifest("low").slices == () and stored_checkpoints(store, "low@v2") == {}
+
+
+@pytest.mark.parametrize("crash_after", ["plan", "train", "delete"])
+def test_a_crash_during_a_sliced_forget_is_finished_by_the_rerun_with_one_receipt(
+    sliced: LocalStore, sources: dict[str, SourceData], crash_after: str
+) -> None:
+    ids = in_slice(sources["low"], 2)
+
+    def crash(step: str) -> None:
+        if step == crash_after:
+            raise SimulatedCrash(step)
+
+    with pytest.raises(SimulatedCrash):
+        sliced.forget_samples("low", ids, SLICED, ROUTER, progress=False, after_step=crash)
+    receipt = sliced.forget_samples("low", ids, SLICED, ROUTER, progress=False)
+    assert (receipt.resumed_from_slice, receipt.resumed_from_step, receipt.steps_retrained) == (1, 2, 6)
+    assert len(receipt_files(sliced)) == 1 and sliced.manifest("low").base_compartment == "low@v1"
+    assert not [f for f in files_of(sliced) if "low@v1" in f or f.startswith(("work/", "out/"))]
+
+
+def test_an_interrupted_sliced_retrain_is_finished_by_the_rerun_from_where_it_stopped(
+    sliced: LocalStore, sources: dict[str, SourceData]
+) -> None:
+    ids = in_slice(sources["low"], 3)
+    seen: list[int] = []
+    lc = sliced.lifecycle(train=SLICED, router=ROUTER, progress=False, should_stop=lambda: len(seen) >= 1)
+    lc.on_step = lambda source, step, steps, loss: seen.append(step)
+    with pytest.raises(TrainingInterrupted):
+        lc.forget_samples("low", ids, request_id="sliced-1")
+    assert seen == [5], "the retrain started after slice 2 (step 4)"
+    seen.clear()
+    lc = sliced.lifecycle(train=SLICED, router=ROUTER, progress=False)
+    lc.on_step = lambda source, step, steps, loss: seen.append(step)
+    receipt = lc.forget_samples("low", ids, request_id="sliced-1")
+    assert seen == [6, 7, 8] and (receipt.resumed_from_slice, receipt.steps_retrained) == (2, 4)
+    assert not [f for f in files_of(sliced) if "low@v1" in f or f.startswith("work/")]
+
+
+def test_a_tampered_or_foreign_checkpoint_is_never_resumed_from(
+    sliced: LocalStore, sources: dict[str, SourceData]
+) -> None:
+    (sliced.root / "compartments" / "low@v1" / "slices" / "2" / "state.safetensors").write_bytes(b"tampered")
+    receipt = sliced.forget_samples("low", in_slice(sources["low"], 3), SLICED, ROUTER, progress=False)
+    assert (receipt.resumed_from_slice, receipt.steps_retrained) == (1, 6), "only slice 1's checkpoint verifies"
+    other = dataclasses.replace(SLICED, lr=2e-3)  # another [train] config: its checkpoints do not apply
+    receipt = sliced.forget_samples("low", in_slice(sources["low"], 4), other, ROUTER, progress=False)
+    assert (receipt.resumed_from_slice, receipt.steps_retrained) == (0, 8)

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 
@@ -117,3 +118,33 @@ def test_a_redis_password_never_reaches_the_output_of_a_failing_daemon(
     err = capsys.readouterr().err
     assert f"cannot reach the registry's Redis at redis://cdm:***@127.0.0.1:{port}/0" in err
     assert "hunter2" not in err and "hunter2" not in caplog.text
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_missing_service_is_one_line_with_the_address_and_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    redis_port, kafka_port = _closed_port(), _closed_port()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[redis]\nurl = "redis://127.0.0.1:{redis_port}/0"\n[kafka]\nbootstrap_servers = "127.0.0.1:{kafka_port}"\n'
+    )
+    assert main(["--config", str(cfg), "ls"]) == 2
+    err = capsys.readouterr().err
+    assert f"cdm ls: error: cannot reach Redis (Error 111 connecting to 127.0.0.1:{redis_port}" in err
+    assert "cdm services start" in err and "CDM_REDIS__URL" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.zeros(4, np.int64))
+    assert main(["--config", str(cfg), "push", "--source", "d", str(tmp_path / "d.npz")]) == 2
+    err = capsys.readouterr().err
+    assert f"cdm push: error: cannot reach the Kafka broker at 127.0.0.1:{kafka_port}" in err
+    assert "bootstrap_servers" in err and "Traceback" not in err and err.count("\n") == 1

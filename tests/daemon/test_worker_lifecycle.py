@@ -20,11 +20,12 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
-from cdm.artifacts import ArtifactStore, DirectoryStore
+from cdm.artifacts import ArtifactStore, DirectoryStore, sha256_bytes
 from cdm.config import LibraryConfig, ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, fingerprint, load_digits
 from cdm.errors import StoreError
 from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, data_key
+from cdm.training import slice_of
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import Origin, Seal
@@ -308,6 +309,35 @@ def test_sigterm_mid_retrain_is_not_reported_complete_and_a_rerun_completes_it_o
     assert a.recorded.done == [control(3)] and len(receipts(a)) == 1
     low = a.registry.snapshot().by_source()["low"]
     assert low.n_samples == len(sources["low"]) - 3 and low.train_metrics["resumed_from"] > 0
+
+
+def test_with_sisa_slices_another_replica_retrains_only_from_the_checkpoint_before_the_forgotten_slice(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData], store: ArtifactStore
+) -> None:
+    library = dataclasses.replace(LIB, train=dataclasses.replace(TRAIN, steps=8, slices=4))  # slice j ends at 2j
+    a = make_replica("a", library=library)
+    trained(a, sources)
+    low = a.registry.snapshot().by_source()["low"]
+    assert not [rel for rel in low.files if rel.startswith("slices/")], "samplers never fetch the checkpoints"
+
+    def checkpoints(cid: str) -> dict[str, str]:
+        prefix = f"compartments/{cid}/"
+        return {k[len(prefix) :]: sha256_bytes(store.get_bytes(k)) for k in store.list(f"{prefix}slices")}
+
+    old = checkpoints(low.compartment_id)
+    assert len(old) == 6  # after slices 1..3: tensors + JSON each
+    # replica b (its own work dir) forgets samples of slices 3 and 4: the checkpoints come through the store
+    data = sources["low"]
+    ids = tuple(int(i) for i in data.ids[slice_of(data.ids, 4) >= 2][:3])
+    b = make_replica("b", library=library)
+    assert b.run(Job("forget-samples", "low", ids, origin=control(9), request_id="sisa-1"))
+    receipt = b.registry.receipt("sisa-1")
+    assert receipt is not None and receipt["new_compartment"] == "low@v2"
+    assert (receipt["slices"], receipt["resumed_from_slice"], receipt["steps_retrained"]) == (4, 2, 4)
+    new = checkpoints("low@v2")
+    assert new.keys() == old.keys() and checkpoints("low@v1") == {}
+    assert {r for r in new if new[r] == old[r]} == {r for r in old if r.startswith(("slices/1/", "slices/2/"))}
+    assert b.registry.get("low@v2").train_metrics["base_slice"] == 2
 
 
 @pytest.mark.parametrize("kind", ["forget-source", "forget-samples"])
