@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from api.process_metrics import ready_gauge, registry_latest_epoch_gauge
 from common.redact import safe
+from common.runtime import Periodic
 from sampler.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,7 @@ class ReadinessPoll:
         self.probe = probe
         self.metrics = metrics
         self.interval_s = interval_s
-        self.polls = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic(self.poll, interval_s, name="cdm-serve-readiness")
 
     def poll(self) -> None:
         """Probe once and set the gauges."""
@@ -157,20 +156,10 @@ class ReadinessPoll:
         self.metrics.ready.set(1.0 if ready else 0.0)
         if epoch is not None:
             self.metrics.registry_latest_epoch.set(epoch)
-        self.polls += 1
 
     def start(self) -> None:
-        self._stop.clear()
-        self.poll()
-        self._thread = threading.Thread(target=self._run, name="cdm-serve-readiness", daemon=True)
-        self._thread.start()
+        """Probe now, then every ``interval_s`` on a daemon thread."""
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.poll()
+        self._periodic.stop()

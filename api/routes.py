@@ -315,7 +315,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
         st = request.state
         st.n = 1
         st.requested = tuple(params.sources or ())
-        draws = params.draws or s.attribute_draws
+        draws = params.draws if params.draws is not None else s.attribute_draws
         if draws > s.max_attribute_draws:
             raise limited(
                 f"draws = {draws} is more than the {s.max_attribute_draws} noise draws allowed "
@@ -333,7 +333,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
             composition=comp,
             sources=used,
             images=image[None],
-            timesteps=tuple(params.timesteps or s.attribute_timesteps),
+            timesteps=tuple(params.timesteps if params.timesteps is not None else s.attribute_timesteps),
             draws=draws,
             seed=seed,
             labels=labels,

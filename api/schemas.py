@@ -11,8 +11,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from api.config import MAX_N, MAX_STEPS, MAX_TIMESTEP
+from common.names import SOURCE_NAME_PATTERN
 
-SourceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
+SourceName = Annotated[str, StringConstraints(pattern=rf"^{SOURCE_NAME_PATTERN.pattern}$")]  # common.names
 Scheduler = Literal["ddpm", "ddim", "dpm"]
 Format = Literal["png", "npz", "json"]
 MAX_SEED = 2**32 - 1

@@ -12,7 +12,6 @@ import time
 import uuid
 from pathlib import Path
 
-import redis
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +25,8 @@ from daemon.producer import push_source, send_control
 from daemon.spool import Spool, SpoolState
 from daemon.wire import ControlCommand
 from deploy.local import services
+from registry.client import connect
+from registry.config import RedisConfig
 from registry.keys import Keys
 from registry.reader import RegistryClient
 from sampler.live import LiveComposition
@@ -135,7 +136,7 @@ def run(p: Profile, out: Path) -> Result:
 def _latencies(env: DaemonEnv, r: Result) -> None:
     src = digit_sources(3)
     names = list(src)
-    client = redis.Redis.from_url(env.redis_url)
+    client = connect(RedisConfig(), url=env.redis_url)
     reg = env.registry()
     env.push({names[0]: src[names[0]]})
     env.wait_serving({names[0]}, timeout=300)
@@ -205,7 +206,7 @@ def _density_forget(env: DaemonEnv, r: Result) -> None:
     """forget-source end to end with the density routing kind: retire, delete, bump the epoch, hot-swap."""
     src = digit_sources(3)
     names = list(src)
-    client = redis.Redis.from_url(env.redis_url)
+    client = connect(RedisConfig(), url=env.redis_url)
     reg = env.registry()
 
     def active(sources: set[str]) -> bool:  # no router to wait for: the active compartments are the composition

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
 import cdm
 from cdm.artifacts import (
@@ -27,7 +28,7 @@ from cdm.config import ModelConfig, TrainConfig, build, to_dict
 from cdm.denoiser import expand_timesteps
 from cdm.errors import StoreError
 
-WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+WEIGHTS = f"unet/{SAFETENSORS_WEIGHTS_NAME}"  # diffusers' save_pretrained layout below unet/
 UNET_CONFIG = "unet/config.json"
 FORMAT = 1
 
@@ -128,10 +129,6 @@ class CompartmentManifest:
     @property
     def model_config(self) -> ModelConfig:
         return build(ModelConfig, self.model)
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return build(TrainConfig, self.train)
 
 
 class Compartment(torch.nn.Module):

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
@@ -28,11 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from cdm.errors import DataError, DataTooLarge, MalformedArchive
+from cdm.fsio import write_atomic
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 NPZ_KEYS = ("images", "labels", "ids")  # the only keys an .npz source may hold; ``images`` is required
 ALLOWED_CHANNELS = (1, 3)
 
@@ -616,7 +613,7 @@ def npz_bytes(data: SourceData, *, compress: bool = True) -> bytes:
 
 
 def save_npz(path: str | os.PathLike[str], data: SourceData, *, compress: bool = True) -> Path:
-    """Write a source as .npz atomically (temporary file in the same directory, then os.replace)."""
+    """Write a source as .npz atomically (``cdm.fsio.write_atomic``)."""
     path = Path(path)
     _atomic_write(path, npz_bytes(data, compress=compress))
     return path
@@ -624,16 +621,7 @@ def save_npz(path: str | os.PathLike[str], data: SourceData, *, compress: bool =
 
 def _atomic_write(path: Path, raw: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, raw)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -72,8 +72,10 @@ from cdm.compartment import WEIGHTS, CompartmentManifest
 from cdm.config import ModelConfig, RouterConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, load_npz_bytes, npz_bytes
 from cdm.errors import CdmError, IntegrityError, SourceForgotten, StoreError, TrainingInterrupted
+from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
 from cdm.routing import RouterResult, save_router, train_router
 from cdm.training import SLICES_DIR, SlicePlan, TrainResult, checkpoint_files, slice_of, train_compartment
+from common.names import SOURCE_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +85,10 @@ ForgetKind = Literal["forget-source", "forget-samples"]
 # plan.mode: what the request turned out to be once planned
 Mode = Literal["", "source", "samples", "noop", "superseded"]
 FORGET_STEPS: tuple[str, ...] = ("plan", "retire", "keep", "train", "scrub", "router", "delete", "receipt")
-ROUTER_WEIGHTS = "diffusion_pytorch_model.safetensors"
 MAX_UNMATCHED_LISTED = 1000  # unmatched sample ids named in a receipt (the count is always exact)
 
-_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_COMPARTMENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}@v[1-9][0-9]*")
+_SOURCE = SOURCE_NAME_PATTERN
+_COMPARTMENT_ID = re.compile(rf"(?:{SOURCE_NAME_PATTERN.pattern})@v[1-9][0-9]*")
 _ROUTER_ID = re.compile(r"r[0-9]{1,12}-[0-9a-f]{8}")
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from cdm.artifacts import atomic_directory, save_tensors, sha256_file, write_json
 from cdm.data import SourceData, batches, fingerprint, load_fashion_mnist, to_model_tensor
 from cdm.errors import DataError, IntegrityError
 
@@ -169,20 +169,13 @@ class FeatureExtractor:
     # -- persistence --------------------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write weights + meta.json (with the weights' sha256) atomically: temporary dir, then rename."""
+        """Write weights + meta.json (with the weights' sha256) atomically (``cdm.artifacts.atomic_directory``)."""
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE))
-            meta = {**self.meta, "weights_sha256": _sha256_file(tmp / WEIGHTS_FILE)}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.rename(tmp, directory)
+            with atomic_directory(directory) as tmp:
+                save_tensors(tmp / WEIGHTS_FILE, self.net.state_dict())
+                write_json(tmp / META_FILE, {**self.meta, "weights_sha256": sha256_file(tmp / WEIGHTS_FILE)})
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
             if not (directory / META_FILE).is_file():  # a concurrent writer did not win the race either
                 raise
         self.meta = json.loads((directory / META_FILE).read_text())
@@ -204,7 +197,7 @@ class FeatureExtractor:
         if expected_key is not None and meta.get("key") != expected_key:
             raise IntegrityError(f"{directory}: cache key {meta.get('key')!r} does not match {expected_key!r}")
         weights = directory / WEIGHTS_FILE
-        actual = _sha256_file(weights) if weights.is_file() else "missing"
+        actual = sha256_file(weights) if weights.is_file() else "missing"
         if actual != recorded:
             raise IntegrityError(f"{weights}: sha256 {actual} does not match the recorded {recorded}")
         net = FeatureNet(sample_size, num_classes, config)
@@ -213,14 +206,6 @@ class FeatureExtractor:
         except Exception as exc:  # the hash matched, so this is a code/weights mismatch
             raise IntegrityError(f"{weights}: weights do not fit the network ({exc})") from exc
         return cls(net, sample_size=sample_size, meta=meta, device=device, from_cache=True)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager

@@ -47,19 +47,17 @@ from cdm.lifecycle import (
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
 from cdm.routing import Router, RouterManifest, RouterResult, load_router
 from cdm.training import TrainResult
+from common.names import SOURCE_NAME_RULE, is_source_name
 
-SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FORMAT = 2  # 1: compartments/<source>/, router/, data/<source>.npz (before the shared lifecycle)
 
 __all__ = ["FORMAT", "ForgetReceipt", "LocalCatalogue", "LocalStore", "check_source_name"]
 
 
 def check_source_name(name: str) -> str:
-    if not SOURCE_NAME.match(name):
-        raise ConfigError(
-            f"invalid source name {name!r}: use 1-64 characters from letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    """``name`` if it follows the source-name rule (``common.names``); ConfigError otherwise."""
+    if not is_source_name(name):
+        raise ConfigError(f"invalid source name {name!r:.100}: use {SOURCE_NAME_RULE}")
     return name
 
 

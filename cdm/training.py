@@ -208,7 +208,6 @@ class TrainLoop:
         self.unet = unet.to(self.device).train()
         self.data = data
         self.scheduler = scheduler
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(self.device)
         self.num_classes = num_classes
         self.workdir = workdir
         self.progress = progress
@@ -297,9 +296,8 @@ class TrainLoop:
         if c is not None and cfg.label_dropout > 0:
             drop = (torch.rand(n, generator=g) < cfg.label_dropout).to(self.device)
             c = torch.where(drop, torch.full_like(c, self.num_classes), c)
-        # 2. forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps
-        a = self.alphas_cumprod[t].view(n, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        # 2. forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (the scheduler's add_noise)
+        x_t = self.scheduler.add_noise(x0, noise, t)
         # 3. loss, backward, clip, step
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)

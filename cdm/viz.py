@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from cdm.errors import DataError
+from cdm.fsio import write_atomic
 
 # Kelly's 22 colours of maximum contrast (K. L. Kelly, "Twenty-two colors for maximum contrast", Color
 # Engineering 3(6), 1965) less white and black (the page and the text) and buff and greenish yellow (too faint on
@@ -63,14 +62,7 @@ def save_grid(
     canvas = grid_image(images, nrow=nrow, scale=scale, attribution=attribution, source_names=source_names)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        canvas.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, lambda f: canvas.save(f, format="PNG"))
     return out
 
 

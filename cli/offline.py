@@ -13,18 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cdm.config import LibraryConfig, RouterConfig, TrainConfig, replace
+from cli.args import csv_ints, csv_list, positive_int
 from cli.config import Subparsers, load_app_config
-
-
-def _csv(value: str) -> list[str]:
-    return [v for v in (s.strip() for s in value.split(",")) if v]
-
-
-def _int_csv(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
 
 
 def _source_arg(value: str) -> tuple[str, Path]:
@@ -83,9 +73,9 @@ def register(sub: Subparsers) -> None:
     src = sm.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", type=Path, help="local artifact store")
     src.add_argument("--redis", help="registry URL of a running daemon, e.g. redis://127.0.0.1:6379/0")
-    sm.add_argument("--n", type=int, default=16, help="number of images")
-    sm.add_argument("--sources", type=_csv, default=None, help="access subset, e.g. shoes,bags (default: all)")
-    sm.add_argument("--labels", type=_int_csv, default=None, help="class labels, cycled over the samples")
+    sm.add_argument("--n", type=positive_int, default=16, help="number of images")
+    sm.add_argument("--sources", type=csv_list, default=None, help="access subset, e.g. shoes,bags (default: all)")
+    sm.add_argument("--labels", type=csv_ints, default=None, help="class labels, cycled over the samples")
     sm.add_argument("--top-k", type=int, default=None, help="route each sample to its k most likely compartments")
     sm.add_argument(
         "--guidance-scale",
@@ -93,7 +83,9 @@ def register(sub: Subparsers) -> None:
         default=None,
         help="classifier-free guidance for --labels (default [sample] guidance_scale; 1 = none)",
     )
-    sm.add_argument("--steps", type=int, default=None, help="denoising steps (default [sample] num_inference_steps)")
+    sm.add_argument(
+        "--steps", type=positive_int, default=None, help="denoising steps (default [sample] num_inference_steps)"
+    )
     sm.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm", "sde-dpm"], default=None)
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -112,7 +104,7 @@ def register(sub: Subparsers) -> None:
     )
     f.add_argument("--store", type=Path, required=True)
     f.add_argument("--source", required=True)
-    f.add_argument("--samples", type=_int_csv, default=None, help="sample ids to forget (default: the whole source)")
+    f.add_argument("--samples", type=csv_ints, default=None, help="sample ids to forget (default: the whole source)")
     _train_flags(f)
     f.set_defaults(func=cmd_forget)
 
@@ -123,10 +115,10 @@ def register(sub: Subparsers) -> None:
         "feature classifier trained here (cached).",
     )
     e.add_argument("--store", type=Path, required=True)
-    e.add_argument("--n", type=int, default=None, help="samples (default [eval] num_samples)")
-    e.add_argument("--sources", type=_csv, default=None)
+    e.add_argument("--n", type=positive_int, default=None, help="samples (default [eval] num_samples)")
+    e.add_argument("--sources", type=csv_list, default=None)
     e.add_argument("--top-k", type=int, default=None)
-    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--steps", type=positive_int, default=None)
     e.add_argument("--scheduler", choices=["ddim", "ddpm", "dpm", "sde-dpm"], default=None)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--memorisation", action="store_true", help="also compute the memorisation ratio test")
@@ -240,7 +232,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             url=args.redis,
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            base_dir=cfg.cache_base_dir,
             device=device,
             vectorize=sc.vectorize,
         )
@@ -250,7 +242,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         class_labels=args.labels,
         sources=args.sources,
         top_k=args.top_k if args.top_k is not None else (sc.top_k if sc.mode == "top_k" else None),
-        num_inference_steps=args.steps or sc.num_inference_steps,
+        num_inference_steps=args.steps if args.steps is not None else sc.num_inference_steps,
         generator=torch.Generator().manual_seed(args.seed),
         return_trajectory=args.trajectory,
         progress=not args.no_progress,
@@ -321,7 +313,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_app_config(args)
     sc, ec = cfg.library.sample, cfg.library.eval
     store = LocalStore(args.store)
-    n = args.n or ec.num_samples
+    n = args.n if args.n is not None else ec.num_samples
     pipe = CompartmentalPipeline(
         store.composed(device=sc.device, vectorize=sc.vectorize),
         make_scheduler(args.scheduler or sc.scheduler, store.model),
@@ -333,7 +325,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             batch_size=min(sc.batch_size, n - start),
             sources=args.sources,
             top_k=args.top_k,
-            num_inference_steps=args.steps or sc.num_inference_steps,
+            num_inference_steps=args.steps if args.steps is not None else sc.num_inference_steps,
             generator=g,
             progress=not args.no_progress,
         )

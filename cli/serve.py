@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli.args import csv_ints, csv_list, positive_int
 from cli.config import Subparsers, app_config, load_app_config
 from daemon.config import AppConfig
 
@@ -27,17 +28,6 @@ if TYPE_CHECKING:
     from cdm.compose import Composed
 
 WORKER_ENV = "CDM_SERVE_WORKER_ARGS"  # how `cdm serve` with workers > 1 passes its arguments to each worker
-
-
-def _csv(value: str) -> list[str]:
-    return [v for v in (s.strip() for s in value.split(",")) if v]
-
-
-def _int_csv(value: str) -> list[int]:
-    try:
-        return [int(v) for v in _csv(value)]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from exc
 
 
 def register(sub: Subparsers) -> None:
@@ -68,10 +58,12 @@ def register(sub: Subparsers) -> None:
     src.add_argument("--store", type=Path, help="local artifact store")
     src.add_argument("--redis", help="registry URL, e.g. redis://127.0.0.1:6379/0")
     a.add_argument("image", type=Path, help="an image file (PNG; any size, resized to the model's)")
-    a.add_argument("--sources", type=_csv, default=None, help="posterior over these sources only (default: all)")
+    a.add_argument("--sources", type=csv_list, default=None, help="posterior over these sources only (default: all)")
     a.add_argument("--label", type=int, default=None, help="class label of the image (default: unconditional)")
-    a.add_argument("--timesteps", type=_int_csv, default=None, help="default [serve] attribute_timesteps")
-    a.add_argument("--draws", type=int, default=None, help="noise draws per timestep (default [serve] attribute_draws)")
+    a.add_argument("--timesteps", type=csv_ints, default=None, help="default [serve] attribute_timesteps")
+    a.add_argument(
+        "--draws", type=positive_int, default=None, help="noise draws per timestep (default [serve] attribute_draws)"
+    )
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--device", choices=["cpu", "cuda"], default=None)
     a.set_defaults(func=cmd_attribute)
@@ -104,7 +96,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
     keys = Keys(cfg.redis.namespace)
     reader = RegistryClient(client, keys)
     metrics_registry = CollectorRegistry()
-    metrics_registry.register(VolumeCollector({"cache": cfg.artifacts.cache_dir}, used=("cache",)))
+    metrics_registry.register(VolumeCollector({"cache": cfg.cache_base_dir / cfg.artifacts.cache_dir}, used=("cache",)))
     swap_metrics = SwapMetrics(metrics_registry)
     sc = cfg.library.sample
     live = LiveComposition(
@@ -112,7 +104,7 @@ def build_app(cfg: AppConfig, *, redis_url: str | None = None) -> FastAPI:
         CompositionLoader.from_config(
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+            base_dir=cfg.cache_base_dir,
             device=sc.device,
             vectorize=sc.vectorize,
             metrics=swap_metrics,
@@ -240,7 +232,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
             cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
             url=args.redis,
             default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+            base_dir=cfg.cache_base_dir,
             device=device,
             vectorize=sc.vectorize,
         )
@@ -248,8 +240,8 @@ def cmd_attribute(args: argparse.Namespace) -> int:
         den,
         image,
         sources=args.sources,
-        timesteps=args.timesteps or serve.attribute_timesteps,
-        draws=args.draws or serve.attribute_draws,
+        timesteps=args.timesteps if args.timesteps is not None else serve.attribute_timesteps,
+        draws=args.draws if args.draws is not None else serve.attribute_draws,
         class_labels=[args.label] if args.label is not None else None,
         seed=args.seed,
     )

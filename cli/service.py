@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from cli.config import DEFAULT_SERVICES, Subparsers, app_config
 from cli.errors import KAFKA_HINT, check_reachable
+from common.names import SOURCE_NAME_RULE
 from daemon.config import AppConfig, KafkaConfig
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def register(sub: Subparsers) -> None:
         description="Send PATH.npz as source NAME: chunks of --chunk-size samples, then a seal with the data's "
         "fingerprint. The daemon trains a compartment once the seal arrives.",
     )
-    p.add_argument("--source", required=True, help="source id: 1-64 of [A-Za-z0-9._-], not starting with .")
+    p.add_argument("--source", required=True, help=f"source id: {SOURCE_NAME_RULE}")
     p.add_argument("path", type=Path, help=".npz with images uint8 (N,H,W[,C]) and optional labels, ids")
     p.add_argument("--chunk-size", type=int, default=2000, help="samples per Kafka message")
     p.add_argument(

@@ -35,12 +35,12 @@ from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 from typing_extensions import dataclass_transform
 
+from common.jsonable import json_safe
 from common.redact import MASK, bound, redact_fields, redact_text
 
 T = TypeVar("T")
 
 SECTION_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-ENV_PREFIX = "CDM_"
 _ENV_NAME = re.compile(r"CDM_([A-Z0-9_]+?)__([A-Z0-9_]+)")
 _VALUE_SHOWN = 200  # characters of a bad value quoted in an error
 
@@ -124,17 +124,9 @@ def replace(obj: T, **overrides: Any) -> T:
 
 def to_dict(obj: Any, *, redact: bool = False) -> dict[str, Any]:
     """JSON-able dict of a section (tuples become lists); ``redact`` masks secret fields and URL credentials."""
-    out = _json_safe(dataclasses.asdict(obj))
+    out = json_safe(dataclasses.asdict(obj))
     assert isinstance(out, dict)
     return redact_fields(out, secret_fields(obj)) if redact else out
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------------------ error messages

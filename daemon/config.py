@@ -300,6 +300,12 @@ class AppConfig:
             )
         return self
 
+    @property
+    def cache_base_dir(self) -> Path:
+        """Where a relative ``[artifacts] cache_dir`` lies: beside the daemon's artifact directory, so the daemon, the
+        CLI, ``cdm serve`` and the demo on one host share one cache."""
+        return Path(self.daemon.artifact_dir).resolve().parent
+
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """JSON-able view, one table per section (for logs and /status); secrets become "***" and URLs lose
         their credentials unless ``redact=False``."""

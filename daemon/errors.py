@@ -11,10 +11,6 @@ class DaemonError(Exception):
     """Base class for every error the daemon raises on purpose."""
 
 
-class LockLost(DaemonError):
-    """A lock this daemon believed it held has expired or belongs to another owner."""
-
-
 class RegistryUnavailable(DaemonError):
     """The registry's Redis cannot be reached at start-up (the message names its URL without credentials)."""
 

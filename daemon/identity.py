@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from common.runtime import pid_alive
 from daemon.config import DAEMON_ID
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -80,16 +81,6 @@ def holder_is_dead(holder: Mapping[str, Any], me: Mapping[str, Any]) -> bool:
         return True  # we have its pid now, so it is not running (a restarted container's pid 1, say)
     start = proc_start(pid)
     if start is None:
-        return boot_id() != "" or not _pid_alive(pid)
+        return boot_id() != "" or not pid_alive(pid)
     recorded = holder.get("proc_start")
     return isinstance(recorded, int) and recorded != start  # the pid was reused by another process
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from tqdm import tqdm
 
 from cdm.data import SourceData, fingerprint, npz_bytes
-from daemon.spool import write_atomic
+from cdm.fsio import write_atomic
 from daemon.wire import (
     ClaimCheck,
     ControlCommand,

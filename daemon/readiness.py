@@ -9,12 +9,12 @@ daemon sends Redis at most one PING per interval. Until the first check, and whe
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 from api.health import Readiness
 from common.redact import safe
+from common.runtime import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ class ReadinessCache:
         self.clock = clock
         self.checks = 0  # how many times check() ran
         self._last: tuple[float, Readiness] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic(self.refresh, interval_s, name="cdm-readiness")
 
     def refresh(self) -> Readiness:
         """Run the check now and remember its result."""
@@ -71,18 +70,8 @@ class ReadinessCache:
 
     def start(self) -> Callable[[], None]:
         """Check now, then every ``interval_s`` on a daemon thread; returns the stop function."""
-        self._stop.clear()
-        self.refresh()
-        self._thread = threading.Thread(target=self._run, name="cdm-readiness", daemon=True)
-        self._thread.start()
+        self._periodic.start()
         return self.stop
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.refresh()
+        self._periodic.stop()

@@ -304,7 +304,7 @@ class Service:
             volumes={
                 "spool": cfg.daemon.spool_dir,
                 "artifacts": cfg.daemon.artifact_dir,
-                "cache": Path(cfg.daemon.artifact_dir).resolve().parent / cfg.artifacts.cache_dir,
+                "cache": cfg.cache_base_dir / cfg.artifacts.cache_dir,
             },
         )
         self.readiness = ReadinessCache(
@@ -320,7 +320,7 @@ class Service:
             CompositionLoader.from_config(
                 cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
                 default_dir=Path(cfg.daemon.artifact_dir),
-                base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,
+                base_dir=cfg.cache_base_dir,
                 device=cfg.daemon.device,
                 vectorize=cfg.library.sample.vectorize,
                 metrics=self.metrics,

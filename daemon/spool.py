@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from cdm.artifacts import fsync_dir
+from cdm import fsio
 from cdm.data import SourceData, concat, fingerprint, load_npz_bytes, npz_bytes
 from cdm.errors import CdmError, DataError
+from cdm.fsio import fsync_dir
 from daemon.errors import DaemonError
 from daemon.wire import Origin, Reason, Seal, WireError, sha256_hex, validate_source_id
 
@@ -215,19 +215,9 @@ class IdleClock:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX, suffix=f"-{path.name}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """``cdm.fsio.write_atomic`` with the spool's temp-file prefix (which recovery sweeps): a crash leaves either
+    the old file or the new one, never half."""
+    fsio.write_atomic(path, data, tmp_prefix=_TMP_PREFIX)
 
 
 def _json_bytes(obj: Any) -> bytes:

@@ -25,6 +25,7 @@ import numpy as np
 
 from cdm.data import SourceData, npz_bytes, read_npz_arrays, validate_arrays
 from cdm.errors import DataError, DataTooLarge
+from common.names import SOURCE_NAME_RULE, is_source_name
 from common.redact import bound
 from daemon.errors import MessageError
 
@@ -75,8 +76,6 @@ Reason = Literal[
 ]
 REASONS: Final[tuple[str, ...]] = get_args(Reason)
 
-# 1-64 of [A-Za-z0-9._-], not starting with "." (no hidden or temporary file names, no "." or "..").
-SOURCE_ID_RE: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 _SHA256_RE: Final = re.compile(r"[0-9a-f]{64}")
 _REQUEST_ID_RE: Final = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII without spaces
 _DETAIL_MAX: Final = 1000  # characters of a WireError's detail (and so of cdm-dlq-detail and log lines)
@@ -184,12 +183,9 @@ class WireMessage:
 
 
 def validate_source_id(source: object, *, where: str = "key") -> str:
-    """Return ``source`` if it is 1-64 chars of ``[A-Za-z0-9._-]`` not starting with ``.``; else bad-key."""
-    if not isinstance(source, str) or not SOURCE_ID_RE.fullmatch(source):
-        raise WireError(
-            "bad-key",
-            f"{where} {source!r:.100} is not a source id (1-64 characters of [A-Za-z0-9._-], not starting with .)",
-        )
+    """Return ``source`` if it follows the source-name rule (``common.names``); else WireError bad-key."""
+    if not is_source_name(source):
+        raise WireError("bad-key", f"{where} {source!r:.100} is not a source id ({SOURCE_NAME_RULE})")
     return source
 
 
@@ -291,9 +287,10 @@ def _json_depth(obj: object) -> int:
     return deepest
 
 
-def _fields(
+def _check_fields(
     obj: dict[str, Any], what: str, *, required: AbstractSet[str], optional: AbstractSet[str] = frozenset()
 ) -> None:
+    """WireError bad-json unless ``obj``'s keys are all of ``required`` plus any of ``optional``."""
     unknown = sorted(set(obj) - required - optional)
     if unknown:
         raise WireError("bad-json", f"{what}: unknown field(s) {unknown}; allowed {sorted(required | optional)}")
@@ -383,7 +380,7 @@ def decode_source_message(
         _check_sha256(headers, value or b"", required=False)
         what = f"seal of {source}"
         obj = _json_object(value, what)
-        _fields(obj, what, required={"chunks", "fingerprint", "n_samples"})
+        _check_fields(obj, what, required={"chunks", "fingerprint", "n_samples"})
         chunks = _int(obj, "chunks", what, minimum=1)
         if chunks > max_chunks:
             raise WireError(
@@ -408,7 +405,7 @@ def decode_source_message(
 
     what = f"chunk-ref {source}#{seq}"
     obj = _json_object(value, what)
-    _fields(obj, what, required={"uri", "sha256", "size", "seq"})
+    _check_fields(obj, what, required={"uri", "sha256", "size", "seq"})
     if not isinstance(obj["uri"], str):
         raise WireError("bad-json", f"{what}: uri must be a string, got {obj['uri']!r:.100}")
     ref = ClaimCheck(
@@ -497,7 +494,7 @@ def decode_control(record: RecordLike) -> ControlCommand:
     optional = {"request_id"} | ({"sample_ids"} if op == "forget-samples" else set())
     if op == "forget-samples":
         required.add("sample_ids")
-    _fields(obj, what, required=required, optional=optional)
+    _check_fields(obj, what, required=required, optional=optional)
     source = validate_source_id(obj["source"], where=f"{what}: source") if needs_source else None
     sample_ids: tuple[int, ...] = ()
     if op == "forget-samples":

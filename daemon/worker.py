@@ -44,6 +44,7 @@ from cdm.lifecycle import (
     router_created_at,
     router_prefix,
 )
+from common.jsonable import json_safe
 from daemon.catalogue import RegistryCatalogue
 from daemon.metrics import Metrics
 from daemon.spool import SourceLineage, Spool, SpoolError, SpoolState
@@ -477,15 +478,3 @@ def _stale_check(lineage: SourceLineage) -> Callable[[Tombstone], bool]:
         return predates(lineage, tomb)
 
     return stale
-
-
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float | int | str | bool) or obj is None:
-        return obj
-    return str(obj)

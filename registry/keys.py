@@ -3,7 +3,7 @@
 All names start with the configured namespace (``[redis] namespace``, default ``cdm``), so several
 deployments (or tests) can share one Redis server. ``ns`` below stands for that prefix.
 
-Compartment ids are ``"<source>@v<version>"``: source names are restricted to ``SOURCE_NAME_PATTERN`` so the
+Compartment ids are ``"<source>@v<version>"``: source names follow ``common.names`` (the one source-name rule) so the
 id is unambiguous and every key stays printable.
 
 =========================================  ===========  =====================================================
@@ -68,8 +68,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-SOURCE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a superset of daemon.wire.SOURCE_ID_RE
-_COMPARTMENT_ID = re.compile(r"(?P<source>[A-Za-z0-9._-]{1,128})@v(?P<version>[1-9][0-9]*)")
+from common.names import SOURCE_NAME_PATTERN, check_source_name
+
+_COMPARTMENT_ID = re.compile(rf"(?P<source>{SOURCE_NAME_PATTERN.pattern})@v(?P<version>[1-9][0-9]*)")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 PRINCIPAL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,10 +80,8 @@ AUDIT_MAXLEN = 100_000  # audit list entries kept
 
 
 def check_source(source: str) -> str:
-    """``source`` if it is a valid source name, else ValueError naming it and the allowed form."""
-    if not isinstance(source, str) or not SOURCE_NAME_PATTERN.fullmatch(source):
-        raise ValueError(f"source name {source!r} is not allowed; use 1-128 characters from A-Z a-z 0-9 . _ -")
-    return source
+    """``source`` if it follows the source-name rule (``common.names``), else ValueError naming it and the rule."""
+    return check_source_name(source)
 
 
 def compartment_id(source: str, version: int) -> str:

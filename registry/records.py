@@ -270,7 +270,8 @@ class _Field:
 _FIELDS: dict[type, tuple[_Field, ...]] = {}  # per record class, derived once
 
 
-def _fields(cls: type) -> tuple[_Field, ...]:
+def _field_codecs(cls: type) -> tuple[_Field, ...]:
+    """Each field of the record class ``cls`` with its text/JSON codec (derived from its type hints, cached)."""
     if cls in _FIELDS:
         return _FIELDS[cls]
     hints = typing.get_type_hints(cls)
@@ -288,14 +289,14 @@ def _fields(cls: type) -> tuple[_Field, ...]:
 
 def to_hash(record: Any) -> dict[str, str]:
     """The Redis hash of ``record`` (every field except the ``KEY`` ones)."""
-    return {f.name: f.codec.to_text(getattr(record, f.name)) for f in _fields(type(record)) if f.stored}
+    return {f.name: f.codec.to_text(getattr(record, f.name)) for f in _field_codecs(type(record)) if f.stored}
 
 
 def from_hash(cls: type[R], raw: Any, **key_fields: Any) -> R:
     """``cls`` from a hash reply (dict or flat list, bytes or str); ``key_fields`` gives the ``KEY`` fields."""
     h = decode_hash(raw)
     kwargs: dict[str, Any] = {}
-    for f in _fields(cls):
+    for f in _field_codecs(cls):
         if not f.stored:
             kwargs[f.name] = key_fields[f.name]
         elif f.name in h:
@@ -310,14 +311,16 @@ def from_hash(cls: type[R], raw: Any, **key_fields: Any) -> R:
 
 def to_json(record: Any) -> str:
     """``record`` as a JSON object (sorted keys) with JSON-typed values."""
-    return json.dumps({f.name: f.codec.to_json(getattr(record, f.name)) for f in _fields(type(record))}, sort_keys=True)
+    return json.dumps(
+        {f.name: f.codec.to_json(getattr(record, f.name)) for f in _field_codecs(type(record))}, sort_keys=True
+    )
 
 
 def from_json(cls: type[R], raw: str | bytes) -> R:
     """``cls`` from ``to_json``'s output."""
     doc = json.loads(raw)
     kwargs: dict[str, Any] = {}
-    for f in _fields(cls):
+    for f in _field_codecs(cls):
         if f.name in doc:
             kwargs[f.name] = f.codec.from_json(doc[f.name])
         elif not f.has_default:

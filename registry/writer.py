@@ -129,7 +129,7 @@ class Registry(RegistryClient):
         """Register a new version of ``source`` in status training (idempotent per fingerprint).
 
         Args:
-            source: source name (see ``keys.SOURCE_NAME_PATTERN``).
+            source: source name (``common.names``: the one source-name rule).
             fingerprint: ``cdm.data.fingerprint`` of the complete data the compartment will be trained on.
             lineage: JSON-able description of where the data came from (topic, partitions, offsets, chunks).
 

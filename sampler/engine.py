@@ -11,7 +11,7 @@ compartment only on the rows allowed to use it. The routes never change: they bu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -132,9 +132,3 @@ class PerRequestSampler:
 
     async def attribute(self, request: AttributeRequest) -> ImageAttribution:
         return await anyio.to_thread.run_sync(attribute_now, request, limiter=self._limiter)
-
-
-def in_composition_order(composition: Composition, names: Sequence[str]) -> tuple[str, ...]:
-    """``names`` that are sources of ``composition``, in its order."""
-    wanted = set(names)
-    return tuple(s for s in composition.sources if s in wanted)

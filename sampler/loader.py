@@ -35,11 +35,11 @@ from cdm.artifacts import (
     sha256_bytes,
 )
 from cdm.artifacts.local import file_url_path
-from cdm.artifacts.store import sha256_file
 from cdm.compartment import Compartment
 from cdm.compose import Composed, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError, IntegrityError, StoreError
+from cdm.fsio import sha256_file_size
 from cdm.routing import Router, build_composition, load_router, needs_router, serving
 from common.redact import redact_url
 from registry.client import connect
@@ -282,7 +282,7 @@ class CompositionLoader:
             path = file_url_path(uri)
             try:
                 if rel == MANIFEST:  # not in the recorded sha256s: Compartment.load checks its list against them
-                    digest, size = sha256_file(path)
+                    digest, size = sha256_file_size(path)
                 else:
                     digest, size = record.sha256[rel], path.stat().st_size
             except FileNotFoundError:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cli.config import render_config
 from common.redact import redact_url
 
 OUT = Path("demo-out")
@@ -40,41 +41,39 @@ SOURCES = {"tops": [0, 2, 3, 4, 6], "trousers": [1], "footwear": [5, 7, 9], "bag
 FORGET = "bags"
 ACME = ("tops", "trousers")  # tagged tenant=acme: what the restricted principal sees
 
-CONFIG = """
-# written by `make demo` (scripts/demo.py); see config.toml for every key
-[model]
-sample_size = 16
-block_out_channels = [32, 64]
-[train]
-steps = {steps}
-batch_size = 64
-warmup_steps = 20
-lr = 2e-3
-checkpoint_every = 100
-[router]
-steps = {router_steps}
-batch_size = 128
-[sample]
-num_inference_steps = 20
-scheduler = "dpm"
-[kafka]
-bootstrap_servers = "{bootstrap}"
-session_timeout_ms = 6000
-heartbeat_interval_ms = 1000
-[redis]
-url = "{redis_url}"
-namespace = "cdm-demo-{run}"
-[serve]
-port = {serve_port}
-max_n = 20
-resync_s = 1
-[daemon]
-artifact_dir = "{out}/artifacts"
-spool_dir = "{out}/spool"
-http_port = 0
-router_debounce_s = 2
-poll_timeout_ms = 200
-"""
+
+def demo_config(
+    *, steps: int, router_steps: int, bootstrap: str, redis_url: str, run: str, out: Path, serve_port: int
+) -> str:
+    """The demo's config.toml: small model and runs, the local services, its own Redis namespace and directories."""
+    doc: dict[str, dict[str, Any]] = {
+        "model": {"sample_size": 16, "block_out_channels": [32, 64]},
+        "train": {"steps": steps, "batch_size": 64, "warmup_steps": 20, "lr": 2e-3, "checkpoint_every": 100},
+        "router": {"steps": router_steps, "batch_size": 128},
+        "sample": {"num_inference_steps": 20, "scheduler": "dpm"},
+        "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+        "redis": {"url": redis_url, "namespace": f"cdm-demo-{run}"},
+        "serve": {"port": serve_port, "max_n": 20, "resync_s": 1},
+        "daemon": {
+            "artifact_dir": out / "artifacts",
+            "spool_dir": out / "spool",
+            "http_port": 0,
+            "router_debounce_s": 2,
+            "poll_timeout_ms": 200,
+        },
+    }
+    return render_config(doc, comment="written by `make demo` (scripts/demo.py); see config.toml for every key")
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, *, wait_s: float) -> None:
+    """SIGTERM a child that is still running; SIGKILL it after ``wait_s`` seconds."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _say(msg: str) -> None:
@@ -135,7 +134,7 @@ def sample(cfg: Any, redis_url: str, n: int, seed: int, png: Path) -> Any:
         ArtifactsConfig(),  # the daemon's local artifact directory is the store
         url=redis_url,
         default_dir=Path(cfg.daemon.artifact_dir),
-        base_dir=Path(cfg.daemon.artifact_dir).resolve().parent,  # the cache beside the daemon's store
+        base_dir=cfg.cache_base_dir,
         vectorize=cfg.library.sample.vectorize,
     )
     pipe = CompartmentalPipeline(den, make_scheduler(cfg.library.sample.scheduler, model))
@@ -282,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = str(int(time.time()))
         serve_port = free_port()
-        text = CONFIG.format(
+        text = demo_config(
             steps=args.steps,
             router_steps=args.router_steps,
             bootstrap=addrs.kafka_bootstrap,
@@ -405,18 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         # 8. stop what we started, in reverse order
-        if server is not None and server.poll() is None:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
+        _terminate(server, wait_s=30)
+        _terminate(daemon, wait_s=60)  # warm shutdown: it may be checkpointing
         services.stop(state)
         _say("   server, daemon and services stopped")
 

@@ -32,6 +32,8 @@ from typing import BinaryIO
 
 from cdm.artifacts.store import CHUNK_BYTES, ArtifactStore, StoredFile, check_key, check_sha256
 from cdm.errors import IntegrityError, StoreError
+from cdm.fsio import fsync_dir
+from common.runtime import pid_alive
 
 _ATTEMPTS = 3  # re-fetches when a blob vanishes (evicted by another process) or is found corrupt
 
@@ -315,7 +317,7 @@ class ArtifactCache:
         os.replace(tmp, blob)
         now = self._clock()
         os.utime(blob, (now, now))
-        _fsync_dir(self._blobs)
+        fsync_dir(self._blobs)
 
     def _open_pinned(self, digest: str) -> BinaryIO | None:
         """Open the blob with a shared lock and stamp its use; None if it is not cached (caller holds the lock)."""
@@ -446,7 +448,7 @@ class ArtifactCache:
         for path in self._tmp.iterdir():
             parts = path.name.split(".")
             pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if pid is not None and _pid_alive(pid):
+            if pid is not None and pid_alive(pid):
                 continue
             if path.is_dir():
                 shutil.rmtree(path)
@@ -469,21 +471,3 @@ def _same_file(path: Path, handle: BinaryIO) -> bool:
         return False
     held = os.fstat(handle.fileno())
     return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cdm.errors import CdmError, IntegrityError, StoreError
+from cdm.fsio import fsync_dir, fsync_tree, sha256_file, write_atomic
 
 if TYPE_CHECKING:  # torch is imported by the two tensor functions only: readers verify bytes without it
     import torch
@@ -29,14 +30,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def hash_tree(directory: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
     """sha256 of every file below ``directory`` keyed by its relative POSIX path."""
     out: dict[str, str] = {}
@@ -47,19 +40,9 @@ def hash_tree(directory: Path, *, exclude: tuple[str, ...] = (MANIFEST,)) -> dic
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (tmp file + fsync + rename)."""
+    """Write JSON atomically (``cdm.fsio.write_atomic``), creating the directory when missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True).encode())
 
 
 def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -86,22 +69,12 @@ def read_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
 
 
 def save_tensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Save a flat tensor dict as safetensors, atomically."""
+    """Save a flat tensor dict as safetensors, atomically (``cdm.fsio.write_atomic``)."""
     from safetensors.torch import save as st_save
 
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, data)
 
 
 def load_tensors(path: Path, *, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -138,11 +111,13 @@ def verify_tree(directory: Path, expected: Mapping[str, str]) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``target``; on success it replaces ``target`` in one rename."""
+    """Yield a fresh temp dir beside ``target``; on success everything in it is fsynced and it replaces ``target``
+    in one rename (then the parent directory is fsynced), so a crash leaves the old directory or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         yield tmp
+        fsync_tree(tmp)
         old: Path | None = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}-{id(tmp)}"
@@ -154,14 +129,6 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def artifact_uri(path: Path) -> str:

@@ -1,6 +1,6 @@
 """``file:///abs/dir``: artifacts as files below one local directory (the default backend, as today).
 
-Every write goes to a temp file in the target's directory, is fsynced and renamed over the target, so a
+Every write is ``cdm.fsio.write_atomic`` (temp file in the target's directory, fsync, rename, directory fsync), so a
 reader sees the old file, the new one, or nothing. Temp files carry ``TMP_MARK`` and are never listed.
 """
 
@@ -10,7 +10,6 @@ import builtins
 import contextlib
 import os
 import shutil
-import tempfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import BinaryIO
 
 from cdm.artifacts.store import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
 from cdm.errors import StoreError
+from cdm.fsio import write_atomic
 
 TMP_MARK = ".cdm-tmp-"  # in the names of files being written; skipped by list()
 
@@ -79,7 +79,7 @@ class DirectoryStore:
 
     def put_bytes(self, key: str, data: bytes) -> str:
         path = self._path(key)
-        self._atomic_write(path, lambda f: f.write(data))
+        self._atomic_write(path, data)
         return path.as_uri()
 
     def put_file(self, key: str, path: Path) -> str:
@@ -91,20 +91,9 @@ class DirectoryStore:
             raise StoreError(f"cannot upload {path}: no such file") from None
         return target.as_uri()
 
-    def _atomic_write(self, path: Path, write: Callable[[BinaryIO], object]) -> None:
+    def _atomic_write(self, path: Path, data: bytes | Callable[[BinaryIO], object]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_atomic(path, data, tmp_prefix=f".{path.name}{TMP_MARK}")
 
     # ------------------------------------------------------------------------------------------- reads
 
@@ -181,11 +170,3 @@ def _chunks(f: BinaryIO) -> Iterator[bytes]:
     with f:
         while block := f.read(CHUNK_BYTES):
             yield block
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import obstore
 from obstore.exceptions import BaseError as ObstoreError
@@ -24,6 +24,7 @@ from obstore.store import S3Store
 from cdm.artifacts.config import ArtifactsConfig
 from cdm.artifacts.store import CHUNK_BYTES, ObjectNotFoundError, check_key, in_prefix
 from cdm.errors import StoreError
+from cdm.fsio import write_atomic
 
 if TYPE_CHECKING:
     from obstore.store import S3Credential
@@ -193,18 +194,15 @@ class S3ObjectStore:
     def get_file(self, key: str, dest: Path) -> int:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.cdm-tmp-{os.getpid()}")
         size = 0
-        try:
-            with open(tmp, "wb") as f:
-                for chunk in self.stream(key):
-                    f.write(chunk)
-                    size += len(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        def copy(f: BinaryIO) -> None:
+            nonlocal size
+            for chunk in self.stream(key):
+                f.write(chunk)
+                size += len(chunk)
+
+        write_atomic(dest, copy)
         return size
 
     def exists(self, key: str) -> bool:

@@ -8,7 +8,6 @@ sha256 of every file; ``cdm.artifacts.cache`` verifies it before anything is dec
 from __future__ import annotations
 
 import builtins
-import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -16,9 +15,10 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cdm.errors import StoreError
+from cdm.fsio import CHUNK_BYTES as CHUNK_BYTES  # read/hash/stream granularity, for the backends
+from cdm.fsio import sha256_file_size
 
 MAX_KEY_BYTES = 1024  # S3's limit on an object key (UTF-8); the local backend enforces the same
-CHUNK_BYTES = 1 << 20  # read/hash/stream granularity
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")  # control characters and backslashes
 
@@ -121,16 +121,6 @@ def in_prefix(key: str, prefix: str) -> bool:
     return not prefix or key.startswith(prefix.rstrip("/") + "/")
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size) of a file, read in chunks."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            h.update(block)
-            size += len(block)
-    return h.hexdigest(), size
-
-
 def upload_directory(store: ArtifactStore, directory: Path, key_prefix: str) -> dict[str, StoredFile]:
     """Upload every regular file below ``directory`` to ``key_prefix/<relative path>``.
 
@@ -153,7 +143,7 @@ def upload_directory(store: ArtifactStore, directory: Path, key_prefix: str) -> 
     files.sort(key=lambda item: (item[1].name == "manifest.json", item[0]))
     out: dict[str, StoredFile] = {}
     for rel, path in files:
-        digest, size = sha256_file(path)
+        digest, size = sha256_file_size(path)
         uri = store.put_file(join_key(key_prefix, rel), path)
         out[rel] = StoredFile(uri=uri, sha256=digest, size=size)
     return out

@@ -23,6 +23,7 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -43,7 +44,7 @@ from cdm.denoiser import expand_timesteps
 from cdm.errors import ConfigError, IntegrityError
 from cdm.training import resolve_device
 
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' save_pretrained name: diffusion_pytorch_model.safetensors
 CONFIG = "config.json"
 NOISE_BINS = 10
 
@@ -99,10 +100,6 @@ class Router(ModelMixin, ConfigMixin):
         self.head = nn.Sequential(
             nn.Linear(c_prev + emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, len(source_names))
         )
-
-    @property
-    def num_sources(self) -> int:
-        return len(self.source_names)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         n = x_t.shape[0]
@@ -246,7 +243,6 @@ def train_router(
         num_train_timesteps=model.num_train_timesteps,
     ).to(device)
     sched = DDPMScheduler(**model.scheduler_config())
-    abar = sched.alphas_cumprod.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=router.lr)
     losses: list[float] = []
     step = 0
@@ -260,8 +256,7 @@ def train_router(
             x0, y, c = x_all[idx].to(device), y_all[idx].to(device), c_all[idx].to(device)
             t = torch.randint(0, model.num_train_timesteps, (len(idx),), generator=g).to(device)
             noise = torch.randn(x0.shape, generator=g).to(device)
-            a = abar[t].view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            x_t = sched.add_noise(x0, noise, t)
             if num_classes:
                 drop = (torch.rand(len(idx), generator=g) < router.label_dropout).to(device)
                 c = torch.where(drop, torch.full_like(c, num_classes), c)
@@ -277,7 +272,7 @@ def train_router(
         step = len(losses)
     net.eval().requires_grad_(False)
     # 3. held-out report: accuracy per noise bin, mean weights per bin, ECE
-    report = _evaluate(net, torch.cat(ev_x), torch.cat(ev_y), abar, priors, router, g)
+    report = _evaluate(net, torch.cat(ev_x), torch.cat(ev_y), sched, device, priors, router, g)
     report = dataclasses.replace(
         report,
         steps=step,
@@ -301,13 +296,13 @@ def _evaluate(
     net: Router,
     x: torch.Tensor,
     y: torch.Tensor,
-    abar: torch.Tensor,
+    sched: DDPMScheduler,
+    device: torch.device,
     priors: list[float],
     cfg: RouterConfig,
     g: torch.Generator,
 ) -> RouterReport:
-    device = abar.device
-    T = len(abar)
+    T = int(sched.config.num_train_timesteps)
     acc_bins: list[float] = []
     w_bins: list[list[float]] = []
     confs, corrects = [], []
@@ -315,8 +310,7 @@ def _evaluate(
         lo, hi = b * T // NOISE_BINS, (b + 1) * T // NOISE_BINS
         t = torch.randint(lo, hi, (len(x),), generator=g).to(device)
         noise = torch.randn(x.shape, generator=g).to(device)
-        a = abar[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x.to(device) + (1 - a).sqrt() * noise
+        x_t = sched.add_noise(x.to(device), noise, t)
         # the class is hidden: the report measures what the image alone tells about its source
         w = torch.cat([net(x_t[i : i + 512], t[i : i + 512], None).softmax(-1) for i in range(0, len(x), 512)])
         pred = w.argmax(-1).cpu()

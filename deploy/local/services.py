@@ -41,6 +41,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdm.fsio import write_atomic
+from common.runtime import pid_alive
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = REPO_ROOT / ".services"
 SERVICES_FILE = "services.json"
@@ -229,9 +232,7 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY
             "started_at": time.time(),
             "ready_s": {name: _ready_s.get(name) for name in pids},  # spawn -> first answer
         }
-        tmp = state / f".{SERVICES_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, state / SERVICES_FILE)
+        write_atomic(state / SERVICES_FILE, (json.dumps(record, indent=2) + "\n").encode())
         return addresses
 
 
@@ -474,11 +475,9 @@ def _redis_answers(port: int, timeout_s: float = 1.0) -> bool:
 
 def _kafka_answers(port: int, timeout_s: float = 2.0) -> bool:
     """A metadata round trip with kafka-python (bootstrap, ApiVersions, Metadata)."""
-    try:
-        from kafka import KafkaAdminClient
-        from kafka.errors import KafkaConfigurationError, KafkaError
-    except ImportError as exc:  # pragma: no cover - environment problem
-        raise ServicesError(f"kafka-python is not installed ({exc}); run `make setup`") from None
+    from kafka import KafkaAdminClient  # a dependency of the package: imported here to keep `cdm services` light
+    from kafka.errors import KafkaConfigurationError, KafkaError
+
     if not _tcp_open(port):
         return False
     try:
@@ -575,12 +574,8 @@ def _alive(pid: int) -> bool:
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        return True
     try:  # an exited process stays a zombie until its parent (init, for detached servers) reaps it
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):

@@ -19,6 +19,7 @@ import redis
 from kafka import KafkaProducer
 
 from cdm.data import SourceData, load_digits
+from cli.config import render_config
 from daemon.producer import push_source
 from registry.coordination import Coordinator
 from registry.keys import Keys
@@ -27,55 +28,6 @@ from registry.writer import Registry
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
-
-TINY = """
-[model]
-sample_size = 8
-block_out_channels = [16, 32]
-[train]
-steps = {steps}
-batch_size = 32
-warmup_steps = 2
-checkpoint_every = {checkpoint_every}
-threads = 1
-[router]
-steps = 30
-batch_size = 64
-channels = [16, 32]
-eval_samples = 64
-threads = 1
-[sample]
-num_inference_steps = 3
-[kafka]
-bootstrap_servers = "{bootstrap}"
-sources_topic = "{prefix}.sources"
-control_topic = "{prefix}.control"
-dlq_topic = "{prefix}.dlq"
-group_id = "{prefix}.group"
-session_timeout_ms = 6000
-heartbeat_interval_ms = 1000
-[redis]
-url = "{redis_url}"
-namespace = "{namespace}"
-[daemon]
-daemon_id = "{daemon_id}"
-artifact_dir = "{root}/artifacts"
-spool_dir = "{spool}"
-http_port = 0
-router_debounce_s = 0.5
-gc_grace_s = 3600
-poll_timeout_ms = 200
-heartbeat_ttl_s = 5
-lock_ttl_s = {lock_ttl_s}
-source_idle_seal_s = 3600
-[scheduler]
-heartbeat_s = 1
-seal_check_s = 1
-router_check_s = 0.5
-gc_s = 60
-lag_s = 1
-registry_resync_s = 1
-"""
 
 
 def digit_sources(n: int) -> dict[str, SourceData]:
@@ -124,20 +76,50 @@ class DaemonEnv:
         replica id."""
         path = path or self.config_path
         self.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            TINY.format(
-                steps=self.steps,
-                checkpoint_every=self.checkpoint_every,
-                lock_ttl_s=self.lock_ttl_s,
-                daemon_id=daemon_id,
-                bootstrap=self.bootstrap,
-                prefix=self.prefix,
-                redis_url=self.redis_url,
-                namespace=self.namespace,
-                root=self.root,
-                spool=spool or self.root / "spool-0",
-            )
-        )
+        prefix = self.prefix
+        doc: dict[str, dict[str, Any]] = {
+            "model": {"sample_size": 8, "block_out_channels": [16, 32]},
+            "train": {
+                "steps": self.steps,
+                "batch_size": 32,
+                "warmup_steps": 2,
+                "checkpoint_every": self.checkpoint_every,
+                "threads": 1,
+            },
+            "router": {"steps": 30, "batch_size": 64, "channels": [16, 32], "eval_samples": 64, "threads": 1},
+            "sample": {"num_inference_steps": 3},
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "sources_topic": f"{prefix}.sources",
+                "control_topic": f"{prefix}.control",
+                "dlq_topic": f"{prefix}.dlq",
+                "group_id": f"{prefix}.group",
+                "session_timeout_ms": 6000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "redis": {"url": self.redis_url, "namespace": self.namespace},
+            "daemon": {
+                "daemon_id": daemon_id,
+                "artifact_dir": self.root / "artifacts",
+                "spool_dir": spool or self.root / "spool-0",
+                "http_port": 0,
+                "router_debounce_s": 0.5,
+                "gc_grace_s": 3600,
+                "poll_timeout_ms": 200,
+                "heartbeat_ttl_s": 5,
+                "lock_ttl_s": self.lock_ttl_s,
+                "source_idle_seal_s": 3600,
+            },
+            "scheduler": {
+                "heartbeat_s": 1,
+                "seal_check_s": 1,
+                "router_check_s": 0.5,
+                "gc_s": 60,
+                "lag_s": 1,
+                "registry_resync_s": 1,
+            },
+        }
+        path.write_text(render_config(doc, comment="written by tests/daemon/daemon_harness.py"))
         return path
 
     # -- processes ----------------------------------------------------------------------------------

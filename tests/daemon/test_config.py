@@ -228,3 +228,15 @@ def test_with_services_overrides_addresses(tmp_path: Path) -> None:
     services.write_text("{}")
     with pytest.raises(ConfigError, match="kafka_bootstrap"):
         with_services(base, services)
+
+
+def test_the_cache_lies_beside_the_daemons_artifact_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rule for the daemon, the CLI, `cdm serve` and the demo: a relative [artifacts] cache_dir is below the
+    parent of [daemon] artifact_dir, whatever the working directory."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.toml"
+    path.write_text('[daemon]\nartifact_dir = "run/artifacts"\n')
+    cfg = load_config(path, environ={})
+    assert cfg.cache_base_dir == tmp_path / "run"
+    path.write_text(f'[daemon]\nartifact_dir = "{tmp_path / "abs" / "artifacts"}"\n')
+    assert load_config(path, environ={}).cache_base_dir == tmp_path / "abs"
