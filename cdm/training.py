@@ -27,7 +27,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from cdm.artifacts import load_tensors, read_json, remove_tree, save_tensors, sha256_file, write_json
+from cdm.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
 from cdm.compartment import Compartment, SliceRecord, build_unet, class_input, new_manifest
 from cdm.config import ModelConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
@@ -192,7 +192,6 @@ class TrainLoop:
     def __init__(
         self,
         unet: UNet2DModel,
-        data: Iterator[Batch],
         *,
         train: TrainConfig,
         scheduler: DDPMScheduler,
@@ -206,7 +205,6 @@ class TrainLoop:
         self.cfg = train
         self.device = resolve_device(train.device)
         self.unet = unet.to(self.device).train()
-        self.data = data
         self.scheduler = scheduler
         self.num_classes = num_classes
         self.workdir = workdir
@@ -278,10 +276,6 @@ class TrainLoop:
             return 0
         return int(self.load(self.state_dir)["step"])
 
-    def clear_checkpoint(self) -> None:
-        if self.state_dir is not None:
-            remove_tree(self.state_dir)
-
     # -- the loop ------------------------------------------------------------------------------
     def run_step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> float:
         """One optimizer step of the epsilon objective with EMA update."""
@@ -317,9 +311,9 @@ class TrainLoop:
         self.step += 1
         return float(loss.detach())
 
-    def run_loop(self, until: int | None = None) -> bool:
-        """Train until step ``until`` (default: the step budget); returns True if ``should_stop`` interrupted it
-        (checkpoint saved)."""
+    def run_loop(self, data: Iterator[Batch], until: int | None = None) -> bool:
+        """Train on batches of ``data`` until step ``until`` (default: the step budget); returns True if
+        ``should_stop`` interrupted it (checkpoint saved)."""
         until = self.cfg.steps if until is None else until
         bar = tqdm(
             total=until,
@@ -334,7 +328,7 @@ class TrainLoop:
                 if self.should_stop():
                     self.save()
                     return True
-                x0, labels = next(self.data)
+                x0, labels = next(data)
                 loss = self.run_step(x0, labels)
                 self.losses.append(loss)
                 if self.on_step is not None:
@@ -415,7 +409,6 @@ def train_compartment(
     scheduler = DDPMScheduler(**model.scheduler_config())
     loop = TrainLoop(
         unet,
-        iter(()),
         train=train,
         scheduler=scheduler,
         num_classes=num_classes,
@@ -429,8 +422,7 @@ def train_compartment(
     if train.slices == 1:
         start = loop.try_resume()
         base_slice, base_step = 0, 0
-        loop.data = ResumableBatches(x, labels, train.batch_size, seed=train.seed, start_step=start)
-        interrupted = loop.run_loop()
+        interrupted = loop.run_loop(ResumableBatches(x, labels, train.batch_size, seed=train.seed, start_step=start))
     else:
         plan = SlicePlan.of(data, train)
         start, base_slice = _resume_sliced(loop, plan, model, workdir)
@@ -539,14 +531,14 @@ def _run_sliced(
         if loop.step < end:
             mask = torch.from_numpy(plan.assignment < j)
             if bool(mask.any()):
-                loop.data = ResumableBatches(
+                batches = ResumableBatches(
                     x[mask],
                     labels[mask] if labels is not None else None,
                     cfg.batch_size,
                     seed=slice_seed(cfg.seed, j),
                     start_step=loop.step - begin,
                 )
-                if loop.run_loop(until=end):
+                if loop.run_loop(batches, until=end):
                     return True
             else:  # every sample of slices 1..j was forgotten: nothing to train these steps on
                 log.warning("slices 1..%d of %d hold no sample; %d steps skipped", j, plan.slices, end - begin)
@@ -575,8 +567,3 @@ def _slice_records(
             files = {rel: sha256_file(workdir / rel) for rel in checkpoint_files(j)}
         out.append(SliceRecord(j, plan.counts[j - 1], plan.fingerprints[j - 1], plan.ends[j - 1], files))
     return tuple(out)
-
-
-def clear_train_state(workdir: Path) -> None:
-    """Delete a finished run's resume checkpoint (call after the compartment is durably saved)."""
-    remove_tree(workdir / "train_state")
