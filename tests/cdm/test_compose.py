@@ -135,6 +135,27 @@ def test_top_1_routes_each_sample_to_exactly_one_compartment(mixture):
             torch.testing.assert_close(out.eps[rows], c.exact(x[rows], t[rows]))
 
 
+def test_top_2_of_3_evaluates_only_each_rows_two_highest_weights_and_renormalises(mixture):
+    comps, router, x, t = mixture
+    # k = 2 < K = 3: each row keeps its two largest posterior weights, rescaled to sum to 1
+    posterior = exact_posterior(comps, PRIORS, [0, 1, 2], x, t)
+    keep = torch.zeros_like(posterior, dtype=torch.bool)
+    keep.scatter_(1, posterior.topk(2, dim=1).indices, True)
+    assert not torch.all(keep[:, 0]), "the batch must drop each compartment on some row for this test to bite"
+    want_w = torch.where(keep, posterior, 0.0)
+    want_w = want_w / want_w.sum(1, keepdim=True)
+    out = ComposedDenoiser(comps, router, NAMES, mode="top_k", top_k=2, vectorize="loop").compose(x, t, None)
+    torch.testing.assert_close(out.weights, want_w, rtol=1e-9, atol=1e-12)
+    assert torch.equal(out.weights > 0, keep)
+    torch.testing.assert_close(out.weights.sum(1), torch.ones(N, dtype=torch.float64))
+    for i, c in enumerate(comps):
+        rows = keep[:, i].nonzero(as_tuple=True)[0]
+        assert c.calls == 1 and torch.equal(seen_rows(c), x[rows]), f"{NAMES[i]} ran on rows outside its top 2"
+    # eps is the renormalised mixture of the two kept compartments' exact eps
+    want_eps = sum(want_w[:, i].view(-1, *([1] * len(SHAPE))) * c.exact(x, t) for i, c in enumerate(comps))
+    torch.testing.assert_close(out.eps, want_eps, rtol=1e-9, atol=1e-9)
+
+
 def test_per_row_top_k_and_masks(mixture):
     comps, router, x, t = mixture
     den = ComposedDenoiser(comps, router, NAMES, vectorize="loop")
