@@ -85,7 +85,9 @@ def test_tiny_and_fractional_shares_do_not_break_the_bars(tmp_path: Path) -> Non
     colours = [source_colour(n) for n in names]
     assert len(set(colours)) == 4, "the test needs four distinct colours"
     scale, cw, ch, bar = 3, 24, 24, 6
-    save_grid(np.zeros((16, 8, 8), dtype=np.uint8), tmp_path / "f.png", attribution=att, scale=scale, source_names=names)
+    save_grid(
+        np.zeros((16, 8, 8), dtype=np.uint8), tmp_path / "f.png", attribution=att, scale=scale, source_names=names
+    )
     with Image.open(tmp_path / "f.png") as im:
         rgb = im.convert("RGB")
     assert rgb.size[1] > 4 * (ch + bar + 2)  # a legend below the grid
