@@ -246,7 +246,7 @@ def test_daemon_ui_shows_every_source_progress_dlq_history_and_receipts(
     coordinator.heartbeat("d-1", 30, {"host": "h1", "version": "0.1.0", "job": "train", "source": "epsilon",
                                       "step": 5, "steps": 50, "loss": 0.5, "eta_s": 12.0})  # fmt: skip
     coordinator.heartbeat("d-0", 30, {"host": "h0", "version": "0.1.0", "job": "train", "source": "delta", "step": 1})
-    metrics = Metrics(CollectorRegistry(), dlq_reasons=("bad-header", "too-large"))
+    metrics = Metrics(CollectorRegistry(), dlq_reasons=("bad-header", "oversized"))
     metrics.dlq_messages.labels(reason="bad-header").inc(3)
     client = daemon_page(s, RegistryClient(redis_client, keys), grids, coordinator, metrics)
     assert "drawing the grid" in client.get("/ui").text
@@ -284,14 +284,14 @@ def test_daemon_ui_with_the_registry_down_is_200_with_a_banner_and_what_the_daem
     s = serve()
     dead = dead_redis()
     metrics = Metrics(CollectorRegistry())
-    metrics.dlq_messages.labels(reason="bad-crc").inc()
+    metrics.dlq_messages.labels(reason="hash-mismatch").inc()
     client = daemon_page(s, RegistryClient(dead, Keys("x")), None, Coordinator(dead, Keys("x")), metrics)
     started = time.monotonic()
     r = client.get("/ui")
     assert time.monotonic() - started < 10  # one failed round trip, not one per section
     assert r.status_code == 200
     assert "registry (Redis) is unreachable" in r.text
-    assert "30 / 120" in r.text and "bad-crc" in r.text  # its own job and dead letters
+    assert "30 / 120" in r.text and "hash-mismatch" in r.text  # its own job and dead letters
     assert r.text.count("unavailable: the registry cannot be read") == 4  # sources, history, receipts, daemons
     assert "sample grids are off" in r.text
 

@@ -156,9 +156,9 @@ def test_daemon_ui_in_chromium(
         {"host": "node-b", "version": "0.1.0", "job": "retrain-router", "source": "", "step": 12, "steps": 40,
          "loss": 0.81, "eta_s": 20.0},
     )  # fmt: skip
-    metrics = Metrics(CollectorRegistry(), dlq_reasons=("bad-header", "bad-crc", "too-large"))
-    metrics.dlq_messages.labels(reason="bad-crc").inc(2)
-    metrics.dlq_messages.labels(reason="too-large").inc()
+    metrics = Metrics(CollectorRegistry(), dlq_reasons=("bad-header", "hash-mismatch", "oversized"))
+    metrics.dlq_messages.labels(reason="hash-mismatch").inc(2)
+    metrics.dlq_messages.labels(reason="oversized").inc()
 
     def local() -> LocalStatus:
         return LocalStatus(
@@ -202,7 +202,7 @@ def test_daemon_ui_in_chromium(
         progress = p.inner_text("#progress")
         assert "45 / 120" in progress and "1 min 21 s" in progress and "12 / 40" in progress
         dlq = p.inner_text("#dlq")
-        assert "bad-crc" in dlq and "too-large" in dlq and "bad-header" not in dlq  # zero rows hidden once any
+        assert "hash-mismatch" in dlq and "oversized" in dlq and "bad-header" not in dlq  # zero rows hidden once any
         assert "activated" in p.inner_text("#history") and "node-b" in p.inner_text("#daemons")
         # 2. the grid image loaded, and every swatch has its source's colour
         assert w.grid_width() > 0

@@ -5,15 +5,35 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 
 from daemon.metrics import Metrics
+from daemon.wire import REASONS
+
+
+def test_every_wire_reason_is_exported_at_zero_and_no_other() -> None:
+    reg = CollectorRegistry()
+    Metrics(reg, dlq_reasons=REASONS)
+    for reason in REASONS:
+        assert reg.get_sample_value("cdm_dlq_messages_total", {"reason": reason}) == 0.0, reason
+    exported = {
+        s.labels["reason"]
+        for m in reg.collect()
+        if m.name == "cdm_dlq_messages"
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert exported == set(REASONS)
+    assert reg.get_sample_value("cdm_dlq_messages_total", {"reason": "too-large"}) is None  # not a wire reason
+    # without reasons nothing is pre-exported
+    bare = CollectorRegistry()
+    Metrics(bare)
+    assert not [s for m in bare.collect() if m.name == "cdm_dlq_messages" for s in m.samples]
 
 
 def test_metrics_values() -> None:
     reg = CollectorRegistry()
-    m = Metrics(reg, dlq_reasons=["bad_npz", "too_large"])
-    assert reg.get_sample_value("cdm_dlq_messages_total", {"reason": "bad_npz"}) == 0.0
+    m = Metrics(reg, dlq_reasons=REASONS)
     m.messages_ingested.inc(3)
     m.bytes_ingested.inc(1024)
-    m.dlq_messages.labels(reason="too_large").inc()
+    m.dlq_messages.labels(reason="oversized").inc()
     m.consumer_lag.set(7)
     m.staged_bytes.set(2048)
     m.training_seconds.observe(42.0)
@@ -30,7 +50,8 @@ def test_metrics_values() -> None:
     v = reg.get_sample_value
     assert v("cdm_messages_ingested_total") == 3
     assert v("cdm_bytes_ingested_total") == 1024
-    assert v("cdm_dlq_messages_total", {"reason": "too_large"}) == 1
+    assert v("cdm_dlq_messages_total", {"reason": "oversized"}) == 1
+    assert v("cdm_dlq_messages_total", {"reason": "bad-npz"}) == 0  # the others stay at 0
     assert v("cdm_consumer_lag_messages") == 7
     assert v("cdm_staged_bytes") == 2048
     assert v("cdm_training_seconds_count") == 1 and v("cdm_training_seconds_sum") == 42.0
