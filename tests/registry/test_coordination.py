@@ -14,6 +14,15 @@ from registry.keys import Keys
 pytestmark = pytest.mark.services
 
 
+def expire_now(client: redis.Redis, key: str) -> None:
+    """Let ``key`` run out as its TTL would, without waiting out a real lease: a 1 ms TTL, then until it is gone."""
+    assert client.pexpire(key, 1), f"{key} does not exist"
+    deadline = time.monotonic() + 5
+    while client.exists(key):  # an expired key reads as absent on the next access
+        assert time.monotonic() < deadline, f"{key} outlived its 1 ms TTL"
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def coordinator(redis_client: redis.Redis, keys: Keys) -> Coordinator:
     return Coordinator(redis_client, keys)
@@ -43,19 +52,22 @@ def test_source_lock_expires_and_refresh_extends(
     assert coordinator.refresh_source_lock("shoes", "a", ttl_s=30)
     assert redis_client.pttl(keys.source_lock("shoes")) > 29_000  # extended from now
     assert coordinator.release_source_lock("shoes", "a")
-    assert coordinator.acquire_source_lock("shoes", "a", ttl_s=0.2)
-    time.sleep(0.3)
+    assert coordinator.acquire_source_lock("shoes", "a", ttl_s=30)
+    expire_now(redis_client, keys.source_lock("shoes"))
     assert coordinator.source_lock_owner("shoes") is None  # expired
     assert not coordinator.refresh_source_lock("shoes", "a", ttl_s=1)  # lost: refresh must not resurrect it
     assert coordinator.acquire_source_lock("shoes", "b", ttl_s=1)
 
 
-def test_job_lock(coordinator: Coordinator) -> None:
+def test_job_lock(coordinator: Coordinator, redis_client: redis.Redis, keys: Keys) -> None:
     assert coordinator.acquire_job_lock("router", "a", ttl_s=5)
     assert not coordinator.acquire_job_lock("router", "b", ttl_s=5)
     assert coordinator.refresh_job_lock("router", "a", ttl_s=5)
     assert coordinator.release_job_lock("router", "a")
     assert coordinator.acquire_job_lock("router", "b", ttl_s=5)
+    expire_now(redis_client, keys.job_lock("router"))  # b's lease ran out: a may take it, b may not refresh it
+    assert not coordinator.refresh_job_lock("router", "b", ttl_s=5)
+    assert coordinator.acquire_job_lock("router", "a", ttl_s=5)
 
 
 # --------------------------------------------------------------------------------------------- heartbeat
@@ -69,7 +81,7 @@ def test_heartbeat_ttl(coordinator: Coordinator, redis_client: redis.Redis, keys
     assert live[0].info == {"host": "h", "pid": 1}
     assert 0 < live[0].ttl_s <= 0.5
     assert 0 < redis_client.pttl(keys.daemon("d1")) <= 500
-    time.sleep(0.6)
+    expire_now(redis_client, keys.daemon("d1"))
     assert [d.daemon_id for d in coordinator.live_daemons()] == ["d2"]
     assert redis_client.zrange(keys.daemons, 0, -1) == [b"d2"]  # the expired one left the index
     coordinator.heartbeat("d1", ttl_s=10, info={"pid": 1})  # back again
