@@ -142,6 +142,7 @@ class RouterConfig:
     device: Device = "cpu"
     eval_samples: Annotated[int, Field(ge=1, le=1_000_000)] = 512  # held-out noised samples per noise level
     threads: Threads = 0
+    checkpoint_every: Annotated[int, Field(ge=0, le=10_000_000)] = 100  # steps between checkpoints (0 = none)
 
 
 @section("sample", error=ConfigError)

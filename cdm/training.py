@@ -1,6 +1,9 @@
 """Training loop (improved-diffusion's TrainLoop shape): run_loop -> run_step -> save, over any batch iterator.
 
-Loss: the simple objective ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1-a_t) eps, t, c)||^2 (Ho et al. 2020, eq. 14).
+One loop trains every model of the library: the optimizer step, the lr schedule (``lr_at``), EMA, checkpoints,
+stop handling, the step callback and the progress bar live here; what a step minimises is its ``Objective``.
+Compartments use ``EpsilonObjective``, the simple objective ||eps - eps_theta(sqrt(a_t) x_0 + sqrt(1-a_t) eps, t,
+c)||^2 (Ho et al. 2020, eq. 14); the learnt router (cdm/routing/learnt.py) its cross-entropy.
 Checkpoints (raw weights, EMA, AdamW state, step) are safetensors + JSON, so a killed run resumes exactly.
 
 SISA slicing (Bourtoule et al. 2021, "Machine Unlearning", sec. V-A), ``[train] slices = S > 1``: every sample goes
@@ -20,11 +23,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
+from torch import nn
 from tqdm.auto import tqdm
 
 from cdm.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
@@ -180,6 +184,52 @@ def checkpoint_files(j: int) -> tuple[str, str]:
     return f"{SLICES_DIR}/{j}/{STATE_TENSORS}", f"{SLICES_DIR}/{j}/{STATE_JSON}"
 
 
+class Objective(Protocol):
+    """What one training step minimises: the loss of ``model`` on ``batch``.
+
+    ``generator`` (CPU) is keyed by (seed, step) by the loop; every random draw of the step (noise, timesteps,
+    label dropout) comes from it, so a resumed run repeats the interrupted one exactly.
+    """
+
+    def __call__(self, model: nn.Module, batch: Any, generator: torch.Generator) -> torch.Tensor: ...
+
+
+class EpsilonObjective:
+    """The simple objective ||eps - eps_theta(x_t, t, c)||^2 (Ho et al. 2020, eq. 14), with label dropout to the
+    null class (classifier-free guidance, Ho & Salimans 2022); batches are ``(x_0, labels or None)``."""
+
+    def __init__(
+        self,
+        scheduler: DDPMScheduler,
+        *,
+        num_classes: int,
+        label_dropout: float,
+        device: torch.device,
+        autocast: bool = False,
+    ) -> None:
+        self.scheduler, self.num_classes, self.label_dropout = scheduler, num_classes, label_dropout
+        self.device, self.autocast = device, autocast
+
+    def __call__(self, model: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        x0, labels = batch
+        x0 = x0.to(self.device, non_blocking=True)
+        n = x0.shape[0]
+        # 1. noise, timesteps and label dropout from the step's generator
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator).to(self.device)
+        c = class_input(labels, n, self.num_classes, self.device)
+        if c is not None and self.label_dropout > 0:
+            drop = (torch.rand(n, generator=generator) < self.label_dropout).to(self.device)
+            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+        # 2. forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (the scheduler's add_noise)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        # 3. the squared error of the predicted noise
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            pred = model(x_t, t, class_labels=c).sample
+        return torch.nn.functional.mse_loss(pred.float(), noise)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError('device = "cuda" but no CUDA device is available; set device = "cpu"')
@@ -187,15 +237,31 @@ def resolve_device(device: str) -> torch.device:
 
 
 class TrainLoop:
-    """Trains ``unet`` on batches from ``data``; EMA weights are what sampling uses."""
+    """Trains ``unet`` (any module) on the batches ``run_loop`` is given; EMA weights are what sampling uses.
+
+    Args:
+        unet: the model; moved to ``train.device`` and put in train mode.
+        train: optimizer, schedule, EMA, clipping, seed and checkpoint cadence.
+        scheduler: the noise schedule of the default objective.
+        num_classes: classes of the default objective's model (0: unconditional).
+        objective: the loss of a step (default: ``EpsilonObjective`` over ``scheduler``).
+        resume_key: facts a checkpoint must share to be resumed (e.g. the data's fingerprints); saved in each.
+        workdir: where ``train_state/`` (the resumable checkpoint) lives; None: no checkpoints.
+        progress: show a progress bar.
+        should_stop: polled before each step; True saves a checkpoint and ends ``run_loop``.
+        on_step: called with (step, loss) after each step.
+        desc: the progress bar's label.
+    """
 
     def __init__(
         self,
-        unet: UNet2DModel,
+        unet: nn.Module,
         *,
         train: TrainConfig,
-        scheduler: DDPMScheduler,
-        num_classes: int,
+        scheduler: DDPMScheduler | None = None,
+        num_classes: int = 0,
+        objective: Objective | None = None,
+        resume_key: dict[str, Any] | None = None,
         workdir: Path | None = None,
         progress: bool = True,
         should_stop: Callable[[], bool] | None = None,
@@ -207,6 +273,19 @@ class TrainLoop:
         self.unet = unet.to(self.device).train()
         self.scheduler = scheduler
         self.num_classes = num_classes
+        self.autocast = train.precision == "bf16" and self.device.type == "cuda"
+        if objective is None:
+            if scheduler is None:
+                raise ConfigError("TrainLoop needs a scheduler for the default (epsilon) objective, or an objective")
+            objective = EpsilonObjective(
+                scheduler,
+                num_classes=num_classes,
+                label_dropout=train.label_dropout,
+                device=self.device,
+                autocast=self.autocast,
+            )
+        self.objective = objective
+        self.resume_key = dict(resume_key or {})
         self.workdir = workdir
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
@@ -218,7 +297,6 @@ class TrainLoop:
         self.opt = torch.optim.AdamW(self.params, lr=train.lr, weight_decay=train.weight_decay, foreach=True)
         self.step = 0
         self.losses: list[float] = []
-        self.autocast = train.precision == "bf16" and self.device.type == "cuda"
 
     # -- checkpointing -------------------------------------------------------------------------
     @property
@@ -243,7 +321,13 @@ class TrainLoop:
         save_tensors(d / STATE_TENSORS, tensors)
         tensors_sha = sha256_file(d / STATE_TENSORS)
         # the JSON is written last: it is the commit point of the checkpoint
-        doc = {"step": self.step, "losses": self.losses[-200:], "train": to_dict(self.cfg), "sha256": tensors_sha}
+        doc = {
+            "step": self.step,
+            "losses": self.losses[-200:],
+            "train": to_dict(self.cfg),
+            "sha256": tensors_sha,
+            **({"resume_key": self.resume_key} if self.resume_key else {}),
+        }
         write_json(d / STATE_JSON, {**doc, **meta})
         return {STATE_TENSORS: tensors_sha, STATE_JSON: sha256_file(d / STATE_JSON)}
 
@@ -254,6 +338,11 @@ class TrainLoop:
             raise StoreError(
                 f"{directory} holds a checkpoint trained with a different [train] config; "
                 "delete it to start over or restore the original config to resume"
+            )
+        if meta.get("resume_key", {}) != self.resume_key:
+            raise StoreError(
+                f"{directory} holds a checkpoint of another run ({meta.get('resume_key')}, this run is "
+                f"{self.resume_key}); delete it to start over"
             )
         tensors = load_tensors(directory / STATE_TENSORS, expected_sha256=meta.get("sha256"))
         with torch.no_grad():
@@ -277,41 +366,28 @@ class TrainLoop:
         return int(self.load(self.state_dir)["step"])
 
     # -- the loop ------------------------------------------------------------------------------
-    def run_step(self, x0: torch.Tensor, labels: torch.Tensor | None) -> float:
-        """One optimizer step of the epsilon objective with EMA update."""
+    def run_step(self, batch: Any) -> float:
+        """One optimizer step of ``objective`` on ``batch``, with the EMA update."""
         cfg = self.cfg
-        x0 = x0.to(self.device, non_blocking=True)
-        n = x0.shape[0]
-        # 1. noise, timesteps and label dropout from a generator keyed by (seed, step): exact resume
+        # 1. the step's random draws come from a generator keyed by (seed, step): exact resume
         g = torch.Generator(device="cpu").manual_seed(cfg.seed * 7_919 + self.step)
-        noise = torch.randn(x0.shape, generator=g).to(self.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=g).to(self.device)
-        c = class_input(labels, n, self.num_classes, self.device)
-        if c is not None and cfg.label_dropout > 0:
-            drop = (torch.rand(n, generator=g) < cfg.label_dropout).to(self.device)
-            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
-        # 2. forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (the scheduler's add_noise)
-        x_t = self.scheduler.add_noise(x0, noise, t)
-        # 3. loss, backward, clip, step
+        loss = self.objective(self.unet, batch, g)
+        # 2. schedule, backward, clip, step
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg)
-        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else contextlib.nullcontext()
-        with ctx:
-            pred = self.unet(x_t, t, class_labels=c).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip, foreach=True)
         self.opt.step()
-        # 4. EMA of the weights (with the usual warm-up of the decay)
+        # 3. EMA of the weights (with the usual warm-up of the decay)
         decay = min(cfg.ema_decay, (1 + self.step) / (10 + self.step)) if cfg.ema_warmup else cfg.ema_decay
         with torch.no_grad():
             torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - decay)
         self.step += 1
         return float(loss.detach())
 
-    def run_loop(self, data: Iterator[Batch], until: int | None = None) -> bool:
+    def run_loop(self, data: Iterator[Any], until: int | None = None) -> bool:
         """Train on batches of ``data`` until step ``until`` (default: the step budget); returns True if
         ``should_stop`` interrupted it (checkpoint saved)."""
         until = self.cfg.steps if until is None else until
@@ -328,8 +404,7 @@ class TrainLoop:
                 if self.should_stop():
                     self.save()
                     return True
-                x0, labels = next(data)
-                loss = self.run_step(x0, labels)
+                loss = self.run_step(next(data))
                 self.losses.append(loss)
                 if self.on_step is not None:
                     self.on_step(self.step, loss)

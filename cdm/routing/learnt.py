@@ -2,7 +2,8 @@
 
 Trained with cross-entropy on x_t = sqrt(a_t) x_0 + sqrt(1-a_t) eps, x_0 drawn uniformly from the pooled sources,
 so its optimum is the mixture posterior with priors lambda_i = n_i / N (and P(i | c) proportional to n_{i,c});
-CDM, Golatkar et al. 2023, eq. 4.
+CDM, Golatkar et al. 2023, eq. 4. It trains through cdm.training.TrainLoop (``RouterObjective``), so a stopped
+run resumes from its checkpoint.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import dataclasses
 import itertools
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from torch import nn
-from tqdm.auto import tqdm
 
 import cdm
 from cdm.artifacts import (
@@ -38,11 +38,11 @@ from cdm.artifacts import (
     write_json,
 )
 from cdm.compartment import class_input
-from cdm.config import ModelConfig, RouterConfig, to_dict
+from cdm.config import ModelConfig, RouterConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
 from cdm.denoiser import expand_timesteps
-from cdm.errors import ConfigError, IntegrityError
-from cdm.training import resolve_device
+from cdm.errors import ConfigError, IntegrityError, TrainingInterrupted
+from cdm.training import TrainLoop, resolve_device
 
 WEIGHTS = SAFETENSORS_WEIGHTS_NAME  # diffusers' save_pretrained name: diffusion_pytorch_model.safetensors
 CONFIG = "config.json"
@@ -194,6 +194,75 @@ def _ece(conf: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
     return float(total)
 
 
+RouterBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (x_0, source index, class or the null class)
+
+
+class PoolBatches(Iterator[RouterBatch]):
+    """Minibatches drawn uniformly with replacement from the pooled sources; batch ``s`` depends only on (seed, s),
+    so resuming at step s is exact."""
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, c: torch.Tensor, batch_size: int, *, seed: int, start_step: int = 0
+    ) -> None:
+        self.x, self.y, self.c, self.batch_size, self.seed, self.step = x, y, c, batch_size, seed, start_step
+
+    def __next__(self) -> RouterBatch:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        idx = torch.randint(0, len(self.x), (self.batch_size,), generator=g)
+        self.step += 1
+        return self.x[idx], self.y[idx], self.c[idx]
+
+
+class RouterObjective:
+    """Cross-entropy of the source given x_t = sqrt(a_t) x_0 + sqrt(1-a_t) eps, t uniform, the class hidden with
+    probability ``label_dropout`` (so P(i | x_t, t) is learnt too): the optimum is the mixture posterior."""
+
+    def __init__(
+        self, scheduler: DDPMScheduler, *, num_classes: int, label_dropout: float, device: torch.device
+    ) -> None:
+        self.scheduler, self.num_classes, self.label_dropout, self.device = (
+            scheduler,
+            num_classes,
+            label_dropout,
+            device,
+        )
+
+    def __call__(self, model: nn.Module, batch: RouterBatch, generator: torch.Generator) -> torch.Tensor:
+        x0, y, c = (v.to(self.device) for v in batch)
+        n = len(x0)
+        # 1. timesteps, noise and the hidden classes from the step's generator
+        t = torch.randint(0, int(self.scheduler.config.num_train_timesteps), (n,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(self.device)
+        if self.num_classes:
+            drop = (torch.rand(n, generator=generator) < self.label_dropout).to(self.device)
+            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+        # 2. forward process, then cross-entropy of the source
+        t = t.to(self.device)
+        x_t = self.scheduler.add_noise(x0, noise, t)
+        return F.cross_entropy(model(x_t, t, c), y)
+
+
+def router_train_config(router: RouterConfig) -> TrainConfig:
+    """The loop settings of a router run: AdamW (torch's default weight decay), cosine decay from ``router.lr``
+    without warm-up, no clipping, no EMA (the trained weights are the router)."""
+    return TrainConfig(
+        steps=router.steps,
+        batch_size=router.batch_size,
+        lr=router.lr,
+        weight_decay=0.01,
+        warmup_steps=0,
+        lr_schedule="cosine",
+        ema_decay=0.0,
+        ema_warmup=False,
+        grad_clip=0.0,
+        label_dropout=router.label_dropout,
+        seed=router.seed,
+        device=router.device,
+        checkpoint_every=router.checkpoint_every,
+        threads=router.threads,
+    )
+
+
 def train_router(
     datasets: Mapping[str, SourceData],
     *,
@@ -202,8 +271,14 @@ def train_router(
     num_classes: int,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    workdir: Path | None = None,
 ) -> RouterResult:
-    """Fit w_i(x_t, t, c) by cross-entropy on noised samples of the pooled sources (order = ``datasets`` order)."""
+    """Fit w_i(x_t, t, c) by cross-entropy on noised samples of the pooled sources (order = ``datasets`` order).
+
+    With ``workdir`` the run checkpoints to ``workdir/train_state`` every ``router.checkpoint_every`` steps and
+    resumes from there when rerun on the same data and config. Raises TrainingInterrupted when ``should_stop``
+    stops it (after saving a checkpoint when there is a ``workdir``).
+    """
     started = time.perf_counter()
     names = list(datasets)
     if not names:
@@ -241,47 +316,37 @@ def train_router(
         channels=tuple(router.channels),
         num_classes=num_classes,
         num_train_timesteps=model.num_train_timesteps,
-    ).to(device)
+    )
     sched = DDPMScheduler(**model.scheduler_config())
-    opt = torch.optim.AdamW(net.parameters(), lr=router.lr)
-    losses: list[float] = []
-    step = 0
-    # 2. cross-entropy on noised samples drawn uniformly from the pool (this is what absorbs the priors)
+    fingerprints = {n: fingerprint(datasets[n]) for n in names}
+    # 2. cross-entropy on noised samples drawn uniformly from the pool (this is what absorbs the priors), through the
+    # one training loop: schedule, checkpoints, resume and stop handling as for compartments
+    loop = TrainLoop(
+        net,
+        train=router_train_config(router),
+        objective=RouterObjective(sched, num_classes=num_classes, label_dropout=router.label_dropout, device=device),
+        resume_key={"sources": fingerprints, "router": to_dict(router), "model": to_dict(model)},
+        workdir=workdir,
+        progress=progress,
+        should_stop=should_stop,
+        desc="router",
+    )
     if len(names) > 1:
-        bar = tqdm(range(router.steps), desc="router", disable=not progress, dynamic_ncols=True, leave=False)
-        for step in bar:
-            if should_stop is not None and should_stop():
-                break
-            idx = torch.randint(0, len(x_all), (router.batch_size,), generator=g)
-            x0, y, c = x_all[idx].to(device), y_all[idx].to(device), c_all[idx].to(device)
-            t = torch.randint(0, model.num_train_timesteps, (len(idx),), generator=g).to(device)
-            noise = torch.randn(x0.shape, generator=g).to(device)
-            x_t = sched.add_noise(x0, noise, t)
-            if num_classes:
-                drop = (torch.rand(len(idx), generator=g) < router.label_dropout).to(device)
-                c = torch.where(drop, torch.full_like(c, num_classes), c)
-            for pg in opt.param_groups:  # cosine decay
-                pg["lr"] = router.lr * 0.5 * (1 + np.cos(np.pi * step / max(1, router.steps)))
-            loss = F.cross_entropy(net(x_t, t, c), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-        step = len(losses)
+        start = loop.try_resume()
+        if loop.run_loop(PoolBatches(x_all, y_all, c_all, router.batch_size, seed=router.seed, start_step=start)):
+            raise TrainingInterrupted(f"router training was stopped at step {loop.step} of {router.steps}")
     net.eval().requires_grad_(False)
     # 3. held-out report: accuracy per noise bin, mean weights per bin, ECE
     report = _evaluate(net, torch.cat(ev_x), torch.cat(ev_y), sched, device, priors, router, g)
     report = dataclasses.replace(
         report,
-        steps=step,
-        final_loss=float(np.mean(losses[-50:])) if losses else 0.0,
+        steps=loop.step,
+        final_loss=loop.recent_loss() if loop.losses else 0.0,
         train_seconds=time.perf_counter() - started,
     )
     manifest = RouterManifest(
         source_names=names,
-        fingerprints={n: fingerprint(datasets[n]) for n in names},
+        fingerprints=fingerprints,
         n_samples={n: len(datasets[n]) for n in names},
         num_classes=num_classes,
         model=to_dict(model),

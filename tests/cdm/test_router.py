@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 from cdm.data import to_model_tensor
-from cdm.errors import IntegrityError
+from cdm.errors import IntegrityError, StoreError, TrainingInterrupted
 from cdm.routing import WEIGHTS, load_router, save_router, train_router
 from tests.cdm.conftest import TINY_MODEL, TINY_ROUTER
 
@@ -73,3 +75,49 @@ def test_router_report_and_save_load(tmp_path: Path, trained, two_class_disjoint
     w.write_bytes(bytes(raw))
     with pytest.raises(IntegrityError):
         load_router(tmp_path / "router")
+
+
+def test_a_stopped_router_run_resumes_from_its_checkpoint_to_the_same_weights(
+    two_class_disjoint_sources, tmp_path: Path
+) -> None:
+    cfg = dataclasses.replace(TINY_ROUTER, steps=12, batch_size=16, checkpoint_every=4)
+
+    def run(workdir: Path | None, should_stop=None):
+        return train_router(
+            two_class_disjoint_sources,
+            model=TINY_MODEL,
+            router=cfg,
+            num_classes=10,
+            progress=False,
+            should_stop=should_stop,
+            workdir=workdir,
+        )
+
+    whole = run(None)
+    # stopped before step 7: the checkpoint holds step 6, and nothing is returned
+    polls: list[int] = []
+    with pytest.raises(TrainingInterrupted, match="step 6 of 12"):
+        run(tmp_path, should_stop=lambda: polls.append(1) or len(polls) > 6)
+    state = json.loads((tmp_path / "train_state" / "state.json").read_text())
+    assert state["step"] == 6
+    steps_seen: list[int] = []
+    resumed = train_router(
+        two_class_disjoint_sources,
+        model=TINY_MODEL,
+        router=cfg,
+        num_classes=10,
+        progress=False,
+        workdir=tmp_path,
+        should_stop=lambda: steps_seen.append(1) and False,
+    )
+    assert len(steps_seen) == 12 - 6, "the rerun trained only the steps left after the checkpoint"
+    assert resumed.report.steps == whole.report.steps == 12
+    want, got = whole.router.state_dict(), resumed.router.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), f"{k} differs after resume"
+    assert resumed.report.accuracy == whole.report.accuracy
+    # a checkpoint of other data is refused, not silently resumed
+    other = {k: v.subset(np.arange(len(v)) > 0) for k, v in two_class_disjoint_sources.items()}
+    with pytest.raises(StoreError, match="another run"):
+        train_router(other, model=TINY_MODEL, router=cfg, num_classes=10, progress=False, workdir=tmp_path)
