@@ -95,8 +95,10 @@ def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[Dae
         bootstrap=kafka_bootstrap,
         prefix=f"obs-{tag}",
         namespace=f"obs-{tag}",
-        steps=10,
-        checkpoint_every=5,
+        # long enough (seconds, even on an idle machine) that a few scrapes see a training in progress: the
+        # progress series exist only while a job runs
+        steps=60,
+        checkpoint_every=20,
     )
     e.write_config()
     yield e
@@ -185,6 +187,7 @@ def test_every_panel_returns_data_and_every_rule_evaluates(
     server = start_prometheus(
         tmp_path / "prometheus",
         {"cdm-daemon": [f"127.0.0.1:{daemon_port}"], "cdm-serve": [serve.removeprefix("http://")]},
+        scrape_interval_s=0.5,
     )
     prom = Prom(server)
     try:
