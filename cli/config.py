@@ -55,6 +55,23 @@ def app_config(args: argparse.Namespace) -> AppConfig:
     return load_config(config_path(args), services=services)
 
 
+def registry_composition(cfg: AppConfig, redis_url: str | None, device: str) -> tuple[Any, Any]:
+    """``(Composed, ModelConfig)`` of the registry's current epoch (``cdm sample --redis``, ``cdm attribute``):
+    artifacts fetched through the ``[artifacts]`` store (url "" = ``[daemon] artifact_dir``) into the readers'
+    cache and verified."""
+    from sampler.loader import load_live_composition
+
+    return load_live_composition(
+        cfg.redis,
+        cfg.artifacts,
+        url=redis_url,
+        default_dir=Path(cfg.daemon.artifact_dir),
+        base_dir=cfg.cache_base_dir,
+        device=device,
+        vectorize=cfg.library.sample.vectorize,
+    )
+
+
 def render_config(doc: Mapping[str, Mapping[str, Any]], *, comment: str = "") -> str:
     """config.toml text for ``doc`` ({section: {key: value}}; values str, Path, bool, int, float or lists of them),
     after ``comment`` (one ``# `` line each). The text is read back and parsed as a config, so ConfigError names an

@@ -14,7 +14,7 @@ from typing import Any
 
 from cdm.config import LibraryConfig, RouterConfig, TrainConfig, replace
 from cli.args import csv_ints, csv_list, positive_int
-from cli.config import Subparsers, load_app_config
+from cli.config import Subparsers, load_app_config, registry_composition
 
 
 def _source_arg(value: str) -> tuple[str, Path]:
@@ -225,17 +225,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         den = store.composed(device=device, vectorize=sc.vectorize, mode=sc.mode, top_k=sc.top_k)
         model_cfg = store.model
     else:
-        from sampler.loader import load_live_composition
-
-        den, model_cfg = load_live_composition(
-            cfg.redis,
-            cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
-            url=args.redis,
-            default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=cfg.cache_base_dir,
-            device=device,
-            vectorize=sc.vectorize,
-        )
+        den, model_cfg = registry_composition(cfg, args.redis, device)
     pipe = CompartmentalPipeline(den, make_scheduler(args.scheduler or sc.scheduler, model_cfg))
     out = pipe(
         batch_size=args.n,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.args import csv_ints, csv_list, positive_int
-from cli.config import Subparsers, app_config, load_app_config
+from cli.config import Subparsers, app_config, load_app_config, registry_composition
 from daemon.config import AppConfig
 
 if TYPE_CHECKING:
@@ -225,17 +225,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
 
         den = LocalStore(args.store).composed(device=device, vectorize=sc.vectorize)
     else:
-        from sampler.loader import load_live_composition
-
-        den, _ = load_live_composition(
-            cfg.redis,
-            cfg.artifacts,  # [artifacts]; url "" = [daemon] artifact_dir is the store
-            url=args.redis,
-            default_dir=Path(cfg.daemon.artifact_dir),
-            base_dir=cfg.cache_base_dir,
-            device=device,
-            vectorize=sc.vectorize,
-        )
+        den, _ = registry_composition(cfg, args.redis, device)
     res = attribute_images(
         den,
         image,
