@@ -370,6 +370,8 @@ class TrainingWorker:
             stale = _stale_check(lineage)
             tomb = self.catalogue.tombstone(source)
             if tomb is not None and stale(tomb):
+                if lineage.seal is not None:  # an earlier attempt may have left checkpoints of the forgotten data
+                    self.lifecycle().discard(source, lineage.seal.fingerprint)
                 raise SourceForgotten(f"{source} was forgotten by request {tomb.request_id!r} after it was staged")
             data = self.spool.assemble(source)
             lineage_doc = json_safe(dataclasses.asdict(lineage))

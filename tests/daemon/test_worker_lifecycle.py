@@ -24,7 +24,7 @@ from cdm.artifacts import ArtifactStore, DirectoryStore
 from cdm.config import LibraryConfig, ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, fingerprint, load_digits
 from cdm.errors import StoreError
-from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, data_key
+from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, data_key, work_dir
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import Origin, Seal
@@ -396,6 +396,45 @@ def test_forgetting_a_source_leaves_sources_sharing_its_prefix_alone(
     assert receipt["deleted_files"] and not [u for u in receipt["deleted_files"] if "shoes-v2" in u]
 
 
+def test_a_forget_that_lands_while_its_source_trains_leaves_nothing_of_it(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = make_replica("a"), make_replica("b")
+    a.stage("low", sources["low"], offset=0)
+    on_step = a.worker._on_step
+    forgotten: list[bool] = []
+
+    def forget_mid_training(source: str, step: int, steps: int, loss: float) -> None:
+        on_step(source, step, steps, loss)
+        if not forgotten:  # another replica (it owns the control partition) forgets the source at the first step
+            forgotten.append(b.run(Job("forget-source", "low", origin=control(7), request_id="forget-mid")))
+
+    monkeypatch.setattr(a.worker, "_on_step", forget_mid_training)
+    a.run(Job("train", "low"))
+    assert forgotten == [True] and b.registry.receipt("forget-mid") is not None
+    assert a.recorded.registered == [] and a.recorded.dropped == ["low"] and a.spool.state("low") is None
+    assert a.registry.snapshot().compartments == ()
+    assert all(r.status is not CompartmentStatus.ACTIVE for r in a.registry.history("low"))
+    # nothing trained on the forgotten data is left: not the uploaded weights, not the data copy, not the local
+    # checkpoints and artifact of the training replica (the forget's delete step ran before they existed)
+    assert not a.worker.store.list("data/low") and not a.worker.store.list("compartments"), a.worker.store.list()
+    assert not [p for p in (a.root / "work").rglob("*") if p.is_file()], list((a.root / "work").rglob("*"))
+
+
+def test_checkpoints_of_a_training_interrupted_before_the_forget_are_deleted_when_it_is_dropped(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData]
+) -> None:
+    a, b = make_replica("a"), make_replica("b")
+    a.stage("low", sources["low"], offset=0)
+    checkpoint = work_dir(a.root / "work", "low", fingerprint(sources["low"])) / "train_state" / "state.json"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("{}")  # a run stopped mid-training (SIGTERM, a Redis outage) left its checkpoint
+    assert b.run(Job("forget-source", "low", origin=control(8), request_id="forget-low"))
+    a.run(Job("train", "low"))  # the retry finds the source forgotten
+    assert a.recorded.dropped == ["low"] and a.spool.state("low") is None
+    assert not checkpoint.exists() and not [p for p in (a.root / "work").rglob("*") if p.is_file()]
+
+
 # --------------------------------------------------------------------------------------------- retries
 
 
@@ -519,7 +558,7 @@ def test_train_and_forget_on_an_s3_store_lists_the_deleted_objects(
     snap = a.registry.snapshot()
     low = snap.by_source()["low"]
     assert low.artifact_uri == f"s3://{s3_bucket}/cdm/compartments/low@v1/"
-    assert all(f["uri"].startswith(f"s3://{s3_bucket}/cdm/compartments/low@v1/") for f in low.files.values())
+    assert all(f.uri.startswith(f"s3://{s3_bucket}/cdm/compartments/low@v1/") for f in low.files.values())
     objects = {s3.url(k) for k in s3.list("compartments/low@v1")} | {s3.url(data_key("low", low.fingerprint))}
     assert a.run(Job("forget-source", "low", origin=control(8), request_id="s3-forget"))
     receipt = a.registry.receipt("s3-forget") or {}
