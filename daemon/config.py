@@ -229,7 +229,7 @@ class DaemonConfig:
     spool_max_bytes: Bytes = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
     ingest_retry_initial_s: Annotated[float, Field(gt=0, le=3600)] = 0.5  # first back-off after a broker/spool error
     ingest_retry_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # the back-off doubles up to this
-    # how often (and how long at most) ingest checks that the broker's group coordinator answers; a check that
+    # how often (and how long at most) ingest checks that the broker answers (an offset look-up); a check that
     # fails is a broker failure: not ready, back off (a consumer's poll alone does not notice an outage)
     broker_check_s: Annotated[float, Field(gt=0, le=600)] = 5.0
     # a source whose training failed this often is dropped (dead-lettered: training-failed); failures while Redis

@@ -25,9 +25,10 @@ the unhandled records and back off (exponentially, bounded); :meth:`Ingestor.pro
 while it lasts. Shutdown signals (``daemon.errors.ShutdownRequested``/``ColdShutdown``) propagate.
 
 A consumer's poll does not fail while the broker is away (it returns nothing and reconnects in the background),
-so every ``broker_check_s`` the loop asks the group coordinator for a committed offset (one bounded round trip);
-a check that fails is a broker failure like the others (backing off, reported by ``problem()``), and while it
-lasts every poll checks again, so the recovery is seen at once.
+so every ``broker_check_s`` the loop asks the broker for the first offset of an assigned partition (one bounded
+round trip); a check that fails is a broker failure like the others (backing off, reported by ``problem()``), and
+while it lasts every poll checks again, so the recovery is seen at once. Commits wait at most ``broker_check_s``
+too: the loop never hangs on a broker that is away.
 
 After every poll the ingestor tells the spool which source partitions are live (fetching, caught up with the
 fetch high watermark): a source's idle-seal clock runs only then (see ``daemon.spool``).
@@ -252,7 +253,7 @@ class Ingestor:
         dlq_timeout_s: how long to wait for the dead-letter topic to acknowledge.
         retry_initial_s, retry_max_s: back-off after an infrastructure failure: the first wait, doubled per
             consecutive failure up to the second.
-        broker_check_s: seconds between two checks that the group coordinator answers, and the longest one
+        broker_check_s: seconds between two checks that the broker answers, and the longest one
             may take.
         decode_source, decode_control: the record decoders (default: ``daemon.wire``'s with the limits above);
             any exception they raise dead-letters the record (WireError with its reason, others as
@@ -322,7 +323,7 @@ class Ingestor:
         self._problem: str | None = None  # the last infrastructure failure, until a poll succeeds
         self._failure_kind = ""  # "record" | "poll" | "dlq" | "broker"
         self._broker_check_s = broker_check_s
-        self._next_broker_check = 0.0  # clock() of the next check that the group coordinator answers
+        self._next_broker_check = 0.0  # clock() of the next check that the broker answers
         self._dlq_retry: list[tuple[Origin, WireMessage, str]] = []  # copies to send again (origin, message, reason)
         self._tombstone = tombstone
         self._failed_sources: list[tuple[str, str]] = []  # (source, why) given up by the worker, to dead-letter
@@ -450,20 +451,22 @@ class Ingestor:
             return {}
 
     def _check_broker(self, report: PollReport) -> bool | None:
-        """Ask the group coordinator for a committed offset, every ``broker_check_s`` (every poll while the broker
-        is failing). True: it answered; False: it did not (an infrastructure failure); None: not checked now."""
+        """Ask the broker for the first offset of one assigned partition (a ListOffsets round trip to its leader,
+        apart from the group protocol), every ``broker_check_s`` (every poll while the broker is failing). True: it
+        answered; False: it did not (an infrastructure failure); None: not checked now (also while nothing is
+        assigned: the group join itself talks to the broker then)."""
         now = self._clock()
         if now < self._next_broker_check and self._failure_kind != "broker":
             return None
+        assigned = sorted(self._consumer.assignment())
+        if not assigned:
+            return None
         self._next_broker_check = now + self._broker_check_s
-        probe = TopicPartition(self._config.sources_topic, 0)
         try:
-            self._consumer.committed(probe, timeout_ms=max(1, int(self._broker_check_s * 1000)))
+            self._consumer.beginning_offsets(assigned[:1], timeout_ms=max(1, int(self._broker_check_s * 1000)))
         except KafkaError as exc:
             self._infra_failure(
-                "broker",
-                f"the broker did not answer (its group coordinator, within {self._broker_check_s:g}s): {exc!r}",
-                report,
+                "broker", f"the broker did not answer (within {self._broker_check_s:g}s): {exc!r}", report
             )
             return False
         return True

@@ -174,7 +174,7 @@ class KafkaIngest:
         lag_interval_s: how often the consumer lag is exported.
         retry_initial_s: first back-off after a broker or spool I/O failure (doubling per failure)...
         retry_max_s: ...up to this.
-        broker_check_s: how often the group coordinator is asked whether it answers (a broker outage).
+        broker_check_s: how often the broker is asked whether it answers (a broker outage).
         tombstone: the registry tombstone of a source, None if it was never forgotten (records older than it
             are ignored).
     """

@@ -222,8 +222,8 @@ class FakeConsumer:
     def highwater(self, tp: TopicPartition) -> None:
         return None
 
-    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
-        return None  # the broker check: the group coordinator answers
+    def beginning_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}  # the broker check: the broker answers
 
 
 def test_a_failure_while_handling_rewinds_backs_off_and_retries(tmp_path: Path, digits: SourceData) -> None:
@@ -280,21 +280,25 @@ def test_a_failure_while_handling_rewinds_backs_off_and_retries(tmp_path: Path, 
 
 class BrokerAway(FakeConsumer):
     """A consumer whose broker can go away: its poll returns nothing then (as kafka-python's does, reconnecting in
-    the background), while commits and committed-offset look-ups time out."""
+    the background), while commits and offset look-ups time out."""
 
     def __init__(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         super().__init__(batch)
         self.down = False
+        self.joined = True
         self.checks = 0  # committed-offset look-ups (the ingestor's broker checks)
 
-    def poll(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord]]:
-        return {} if self.down else super().poll(timeout_ms)
+    def assignment(self) -> set[TopicPartition]:
+        return super().assignment() if self.joined else set()
 
-    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
+    def poll(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        return {} if self.down or not self.joined else super().poll(timeout_ms)
+
+    def beginning_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
         self.checks += 1
         if self.down:
-            raise KafkaTimeoutError(f"Failed to get committed offsets within {timeout_ms} ms")
-        return None
+            raise KafkaTimeoutError(f"Failed to get offsets by timestamps in {timeout_ms} ms")
+        return super().beginning_offsets(tps, timeout_ms)
 
     def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int | None = None) -> None:
         if self.down:
@@ -322,7 +326,11 @@ def test_a_broker_outage_is_noticed_reported_and_waited_out(tmp_path: Path, digi
         retry_max_s=4.0,
         broker_check_s=5.0,
     )
-    # 1. healthy: the group coordinator is asked once per broker_check_s, not at every poll
+    # 0. joining the group (nothing assigned): the join itself talks to the broker; no check
+    consumer.joined = False
+    assert not ingestor.poll_once().failure and consumer.checks == 0
+    consumer.joined = True
+    # 1. healthy: the broker is asked once per broker_check_s, not at every poll
     assert ingestor.poll_once().records == 1 and consumer.checks == 1
     now[0] += 1.0
     assert not ingestor.poll_once().failure and consumer.checks == 1
@@ -330,7 +338,7 @@ def test_a_broker_outage_is_noticed_reported_and_waited_out(tmp_path: Path, digi
     consumer.down = True
     now[0] += 5.0
     report = ingestor.poll_once()
-    assert "the broker did not answer" in report.failure and "group coordinator" in report.failure
+    assert "the broker did not answer" in report.failure and "KafkaTimeoutError" in report.failure
     assert "the broker did not answer" in (ingestor.problem() or "")
     assert ingestor.poll_once().backing_off and consumer.paused  # nothing fetched while backing off
     # 3. the chunk's source is dropped meanwhile: its record becomes committable, the commit times out (bounded)
