@@ -21,6 +21,10 @@ Train plan (:meth:`Lifecycle.train`), idempotent through the catalogue (one reco
     4. upload    the slice checkpoints, then save locally and ``upload_directory`` to ``compartments/<id>/``
     5. activate  with the uploaded files, after re-checking the source's tombstone
 
+A train plan that finds its data forgotten (the tombstone checked at 1 and 5: a forget that landed while it
+trained, on any replica) raises SourceForgotten after :meth:`Lifecycle.discard` deleted what it made: the
+checkpoints, the local and uploaded artifact and the data copy (the forget's own delete step ran before they existed).
+
 Forget plans (:meth:`Lifecycle.forget_source`, :meth:`Lifecycle.forget_samples`) are journaled by request id in
 the catalogue and run the steps of :data:`FORGET_STEPS` in order, each idempotent, the journal saved after each::
 
@@ -554,7 +558,7 @@ class Lifecycle:
         """
         fp = fingerprint(data)
         # 1. begin (the same data is never trained twice)
-        self._check_tombstone(source, is_stale)
+        self._check_tombstone(source, is_stale, discard=(fp, None))
         entry = self.catalogue.begin_training(source, fp, lineage)
         if entry.status == "active":
             log.info("%s (fingerprint %s) is already registered as %s", source, fp[:12], entry.compartment_id)
@@ -596,8 +600,8 @@ class Lifecycle:
         out = self.work_root / "out" / cid
         manifest = result.compartment.save(out)
         files = upload_directory(self.store, out, compartment_prefix(cid))
-        # 5. activate (unless the source was forgotten meanwhile)
-        self._check_tombstone(source, is_stale)
+        # 5. activate (unless the source was forgotten meanwhile: then nothing of this run is kept)
+        self._check_tombstone(source, is_stale, discard=(fp, cid))
         others = sum(e.n_samples for e in self.catalogue.active() if e.source != source)
         active = self.catalogue.activate(
             cid,
@@ -621,15 +625,46 @@ class Lifecycle:
         remove_tree(workdir)
         return TrainOutcome(active, True, result)
 
-    def _check_tombstone(self, source: str, is_stale: Callable[[Tombstone], bool] | None) -> None:
+    def _check_tombstone(
+        self, source: str, is_stale: Callable[[Tombstone], bool] | None, *, discard: tuple[str, str | None]
+    ) -> None:
+        """SourceForgotten (after discarding what a training of ``discard`` = (fingerprint, compartment id) left)
+        when the source's tombstone says this data was forgotten."""
         if is_stale is None:
             return
         tomb = self.catalogue.tombstone(source)
         if tomb is not None and is_stale(tomb):
+            deleted = self.discard(source, *discard)
             raise SourceForgotten(
                 f"{source} was forgotten by request {tomb.request_id!r} at {tomb.forgotten_at:.3f}, after this data "
-                "arrived; it is not trained (push it again to train it as a new source)"
+                f"arrived; it is not trained (push it again to train it as a new source); {len(deleted)} file(s) of "
+                "its training deleted"
             )
+
+    def discard(self, source: str, fp: str, compartment_id: str | None = None) -> list[str]:
+        """Delete what training ``source`` on the data of fingerprint ``fp`` left behind, once that data is known
+        forgotten: its checkpoints, the local and uploaded copies of its compartment ``compartment_id`` (never an
+        active one) and its data copy (unless another live version of ``source`` has this fingerprint).
+
+        Returns the URIs deleted. A forget's own delete step runs on the replica that forgets and before a training
+        elsewhere has finished: this is the training replica's half.
+        """
+        deleted = [Path(f).as_uri() for f in remove_tree(work_dir(self.work_root, source, fp))]
+        versions = self.catalogue.versions(source)
+        if compartment_id:
+            deleted += [Path(f).as_uri() for f in remove_tree(self.work_root / "out" / compartment_id)]
+            if not any(v.compartment_id == compartment_id and v.status == "active" for v in versions):
+                deleted += self.store.delete(compartment_prefix(compartment_id), recursive=True)
+        live = any(
+            v.fingerprint == fp and v.status in ("active", "training")
+            for v in versions
+            if v.compartment_id != compartment_id
+        )
+        if not live:
+            deleted += self.store.delete(data_key(source, fp))
+        if deleted:
+            log.info("discarded %d file(s) of a training of forgotten data of %s: %s", len(deleted), source, deleted)
+        return deleted
 
     def retrain_router(self, *, router_id: str | None = None) -> RouterOutcome | None:
         """Train a learnt router over the active compartments' kept data and activate it.

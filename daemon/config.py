@@ -229,7 +229,11 @@ class DaemonConfig:
     spool_max_bytes: Bytes = 32 * 1024**3  # chunk payload bytes on disk, all unregistered sources together
     ingest_retry_initial_s: Annotated[float, Field(gt=0, le=3600)] = 0.5  # first back-off after a broker/spool error
     ingest_retry_max_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # the back-off doubles up to this
-    # a source whose training failed this often is dropped (dead-lettered: training-failed)
+    # how often (and how long at most) ingest checks that the broker answers (an offset look-up); a check that
+    # fails is a broker failure: not ready, back off (a consumer's poll alone does not notice an outage)
+    broker_check_s: Annotated[float, Field(gt=0, le=600)] = 5.0
+    # a source whose training failed this often is dropped (dead-lettered: training-failed); failures while Redis
+    # is unreachable do not count (retried until it is back)
     job_max_attempts: Annotated[int, Field(ge=1, le=1000)] = 5
     job_retry_initial_s: Seconds = 5.0  # first back-off after a failed training/forget job (a Redis outage, ...)
     job_retry_max_s: Seconds = 300.0  # the job back-off doubles per failure up to this (forget jobs retry forever)

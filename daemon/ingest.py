@@ -24,6 +24,12 @@ spool I/O such as a full disk, a dead-letter copy the broker did not acknowledge
 the unhandled records and back off (exponentially, bounded); :meth:`Ingestor.problem` reports the failure
 while it lasts. Shutdown signals (``daemon.errors.ShutdownRequested``/``ColdShutdown``) propagate.
 
+A consumer's poll does not fail while the broker is away (it returns nothing and reconnects in the background),
+so every ``broker_check_s`` the loop asks the broker for the first offset of an assigned partition (one bounded
+round trip); a check that fails is a broker failure like the others (backing off, reported by ``problem()``), and
+while it lasts every poll checks again, so the recovery is seen at once. Commits wait at most ``broker_check_s``
+too: the loop never hangs on a broker that is away.
+
 After every poll the ingestor tells the spool which source partitions are live (fetching, caught up with the
 fetch high watermark): a source's idle-seal clock runs only then (see ``daemon.spool``).
 """
@@ -41,7 +47,14 @@ from typing import Any, Protocol
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import (
+    CoordinatorNotAvailableError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+)
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from cdm.lifecycle import Tombstone
@@ -71,6 +84,9 @@ from daemon.wire import (
 from daemon.wire import decode_control as decode_control_default
 
 log = logging.getLogger(__name__)
+
+# what a call to the broker raises when the broker cannot be reached (not a refusal: a rebalance, a bad request)
+BROKER_AWAY = (KafkaTimeoutError, KafkaConnectionError, NodeNotReadyError, CoordinatorNotAvailableError)
 
 
 class IngestConfig(Protocol):
@@ -237,6 +253,8 @@ class Ingestor:
         dlq_timeout_s: how long to wait for the dead-letter topic to acknowledge.
         retry_initial_s, retry_max_s: back-off after an infrastructure failure: the first wait, doubled per
             consecutive failure up to the second.
+        broker_check_s: seconds between two checks that the broker answers, and the longest one
+            may take.
         decode_source, decode_control: the record decoders (default: ``daemon.wire``'s with the limits above);
             any exception they raise dead-letters the record (WireError with its reason, others as
             ``decode-failed``).
@@ -263,6 +281,7 @@ class Ingestor:
         dlq_timeout_s: float = 30.0,
         retry_initial_s: float = 0.5,
         retry_max_s: float = 30.0,
+        broker_check_s: float = 5.0,
         decode_source: Callable[[RecordLike], Chunk | Seal] | None = None,
         decode_control: Callable[[RecordLike], ControlCommand] | None = None,
         tombstone: Callable[[str], Tombstone | None] | None = None,
@@ -302,7 +321,9 @@ class Ingestor:
         self._failures = 0  # consecutive infrastructure failures
         self._retry_at = 0.0  # clock() before which nothing is fetched
         self._problem: str | None = None  # the last infrastructure failure, until a poll succeeds
-        self._failure_kind = ""  # "record" | "poll" | "dlq"
+        self._failure_kind = ""  # "record" | "poll" | "dlq" | "broker"
+        self._broker_check_s = broker_check_s
+        self._next_broker_check = 0.0  # clock() of the next check that the broker answers
         self._dlq_retry: list[tuple[Origin, WireMessage, str]] = []  # copies to send again (origin, message, reason)
         self._tombstone = tombstone
         self._failed_sources: list[tuple[str, str]] = []  # (source, why) given up by the worker, to dead-letter
@@ -394,7 +415,7 @@ class Ingestor:
             report.backing_off = True
             self._apply_pause(force=True)
             self._poll(report, min(timeout_ms, max(1, int(wait_s * 1000))))
-            report.committed = self._commit()
+            report.committed = self._commit(report)
             self._spool.set_live_partitions(())
             return report
         if self._dlq_retry:
@@ -406,10 +427,17 @@ class Ingestor:
             batches = self._poll(report, timeout_ms)
             self._handle_batches(batches, report)
         self._await_dead_letters(report)
-        report.committed = self._commit()
+        report.committed = self._commit(report)
+        broker_answered = self._check_broker(report) if not report.failure else None
         self._report_lag()
         self._spool.set_live_partitions(() if report.failure else self._live_partitions())
-        if not report.failure and (report.records or self._failure_kind != "record"):
+        if self._failure_kind == "record":
+            recovered = bool(report.records)  # the rewound record was handled this time
+        elif self._failure_kind == "broker":
+            recovered = bool(broker_answered)
+        else:
+            recovered = True
+        if not report.failure and recovered:
             if self._problem is not None:
                 log.info("ingest recovered from: %s", self._problem)
             self._failures, self._problem, self._failure_kind = 0, None, ""
@@ -421,6 +449,27 @@ class Ingestor:
         except KafkaError as exc:
             self._infra_failure("poll", f"polling the broker failed: {type(exc).__name__}: {exc}", report)
             return {}
+
+    def _check_broker(self, report: PollReport) -> bool | None:
+        """Ask the broker for the first offset of one assigned partition (a ListOffsets round trip to its leader,
+        apart from the group protocol), every ``broker_check_s`` (every poll while the broker is failing). True: it
+        answered; False: it did not (an infrastructure failure); None: not checked now (also while nothing is
+        assigned: the group join itself talks to the broker then)."""
+        now = self._clock()
+        if now < self._next_broker_check and self._failure_kind != "broker":
+            return None
+        assigned = sorted(self._consumer.assignment())
+        if not assigned:
+            return None
+        self._next_broker_check = now + self._broker_check_s
+        try:
+            self._consumer.beginning_offsets(assigned[:1], timeout_ms=max(1, int(self._broker_check_s * 1000)))
+        except KafkaError as exc:
+            self._infra_failure(
+                "broker", f"the broker did not answer (within {self._broker_check_s:g}s): {exc!r}", report
+            )
+            return False
+        return True
 
     def _handle_batches(self, batches: dict[TopicPartition, list[Any]], report: PollReport) -> None:
         for tp, records in batches.items():
@@ -735,13 +784,24 @@ class Ingestor:
 
     # ------------------------------------------------------------------------------------------- offsets
 
-    def _commit(self) -> dict[TopicPartition, int]:
+    def _commit(self, report: PollReport | None = None) -> dict[TopicPartition, int]:
+        """Commit what became committable, waiting at most ``broker_check_s`` (the poll loop must not hang on a
+        broker that is away); a commit the broker did not answer is a broker failure of ``report``'s poll."""
         with self._lock:
             offsets = self._tracker.committable()
         if not offsets:
             return {}
         try:
-            self._consumer.commit(offsets)
+            self._consumer.commit(offsets, timeout_ms=max(1, int(self._broker_check_s * 1000)))
+        except BROKER_AWAY as exc:
+            log.warning("offset commit %s: the broker did not answer (%s); retrying later", _fmt(offsets), exc)
+            if report is not None:
+                self._infra_failure(
+                    "broker",
+                    f"the broker did not answer an offset commit within {self._broker_check_s:g}s: {exc!r}",
+                    report,
+                )
+            return {}
         except KafkaError as exc:  # e.g. a rebalance started; kept ready and retried at the next poll
             log.warning("offset commit %s failed (%s); retrying at the next poll", _fmt(offsets), exc)
             return {}

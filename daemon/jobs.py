@@ -1,7 +1,9 @@
 """Periodic jobs (APScheduler 3): heartbeat, sealing idle sources, router retraining, garbage collection.
 
 Every job has ``max_instances=1``, ``coalesce=True`` and an explicit ``misfire_grace_time``. Jobs that must run
-on one replica only (router retraining, garbage collection) take a Redis job lock first.
+on one replica only (router retraining, garbage collection) take a Redis job lock first. While Redis is
+unreachable the jobs that need it fail at every run; :class:`Quiet` logs that in one line when it starts, once a
+minute while it lasts and once when it ends (not a traceback per run: 3 a second with the default intervals).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from common.redact import safe
 from daemon.config import DaemonConfig, SchedulerConfig
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolError, SpoolState
-from daemon.worker import Job, TrainingWorker
+from daemon.worker import Job, TrainingWorker, is_outage
 from registry.coordination import Coordinator
 from registry.reader import RegistryClient
 
@@ -145,6 +147,58 @@ def first_staged_at(spool: Spool, source: str) -> float | None:
     return min((c.staged_at for c in chunks), default=None)
 
 
+class Quiet:
+    """A job body as the scheduler runs it: a Redis outage is logged when it starts, every ``repeat_s`` while it
+    lasts and when it ends, in one line each; any other failure with its traceback, at every run.
+
+    Args:
+        func: the job body.
+        repeat_s: seconds between two "still unreachable" lines.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(
+        self, func: Callable[[], None], *, repeat_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.func = func
+        self.name = getattr(func, "__name__", repr(func))
+        self.repeat_s = repeat_s
+        self.clock = clock
+        self.failing_since: float | None = None  # first failed run of the outage in progress
+        self.failures = 0  # failed runs in the outage in progress
+        self._next_log = 0.0
+
+    def __call__(self) -> None:
+        try:
+            self.func()
+        except Exception as exc:
+            if not is_outage(exc):
+                log.exception("periodic job %s failed", self.name)
+                return
+            now = self.clock()
+            self.failures += 1
+            if self.failing_since is None:
+                self.failing_since = now
+            if now >= self._next_log:
+                self._next_log = now + self.repeat_s
+                log.warning(
+                    "periodic job %s: Redis unreachable for %.0fs (%d failed runs): %s",
+                    self.name,
+                    now - self.failing_since,
+                    self.failures,
+                    exc,
+                )
+            return
+        if self.failing_since is not None:
+            log.info(
+                "periodic job %s: Redis reachable again after %.0fs (%d failed runs)",
+                self.name,
+                self.clock() - self.failing_since,
+                self.failures,
+            )
+            self.failing_since, self.failures, self._next_log = None, 0, 0.0
+
+
 def build_scheduler(jobs: Jobs, sc: SchedulerConfig) -> BackgroundScheduler:
     """A BackgroundScheduler running every job of ``jobs`` at the intervals of ``[scheduler]`` (not started)."""
     scheduler = BackgroundScheduler(
@@ -158,5 +212,5 @@ def build_scheduler(jobs: Jobs, sc: SchedulerConfig) -> BackgroundScheduler:
         (jobs.collect_garbage, sc.gc_s),
         (jobs.export_gauges, sc.lag_s),
     ):
-        scheduler.add_job(func, "interval", seconds=seconds, id=func.__name__, name=func.__name__)
+        scheduler.add_job(Quiet(func), "interval", seconds=seconds, id=func.__name__, name=func.__name__)
     return scheduler

@@ -184,6 +184,7 @@ class KafkaIngest:
         lag_interval_s: how often the consumer lag is exported.
         retry_initial_s: first back-off after a broker or spool I/O failure (doubling per failure)...
         retry_max_s: ...up to this.
+        broker_check_s: how often the broker is asked whether it answers (a broker outage).
         tombstone: the registry tombstone of a source, None if it was never forgotten (records older than it
             are ignored).
     """
@@ -204,6 +205,7 @@ class KafkaIngest:
         lag_interval_s: float,
         retry_initial_s: float,
         retry_max_s: float,
+        broker_check_s: float = 5.0,
         tombstone: Callable[[str], Tombstone | None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -219,6 +221,7 @@ class KafkaIngest:
         self.lag_interval_s = lag_interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.broker_check_s = broker_check_s
         self.tombstone = tombstone
         self._ingestor: Ingestor | None = None  # the clients connect when built, so only start() builds them
 
@@ -243,6 +246,7 @@ class KafkaIngest:
             lag_interval_s=self.lag_interval_s,
             retry_initial_s=self.retry_initial_s,
             retry_max_s=self.retry_max_s,
+            broker_check_s=self.broker_check_s,
             tombstone=self.tombstone,
         )
         self._ingestor = ingestor
@@ -388,6 +392,7 @@ class Service:
             lag_interval_s=cfg.scheduler.lag_s,
             retry_initial_s=cfg.daemon.ingest_retry_initial_s,
             retry_max_s=cfg.daemon.ingest_retry_max_s,
+            broker_check_s=cfg.daemon.broker_check_s,
             tombstone=self._tombstone,
         )
         self.jobs = Jobs(

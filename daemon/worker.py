@@ -14,7 +14,10 @@ store runs the same) over the registry (``daemon.catalogue``) and the artifact s
 A job that fails is retried with bounded exponential back-off (``[daemon] job_retry_initial_s`` doubling up to
 ``job_retry_max_s``). A source that failed ``job_max_attempts`` times is dropped: the poll thread dead-letters
 its seal as ``training-failed`` and releases its offsets. Forget requests are retried until they complete
-(forgetting cannot be given up); a control ``retrain-router`` is dead-lettered as ``control-failed``.
+(forgetting cannot be given up); a control ``retrain-router`` is dead-lettered as ``control-failed``. A failure
+because the registry's Redis could not be reached (:func:`is_outage`) is no fault of the job: it is retried with
+the same back-off until Redis is back, and never counts towards ``job_max_attempts`` (an outage longer than the
+retries must not drop a good source).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import redis
 
 from cdm.artifacts import ArtifactStore
 from cdm.config import LibraryConfig
@@ -67,7 +72,8 @@ class Job:
     request_id: str = ""
     not_before: float = 0.0  # monotonic time before which the job is not run (retries, lock waits)
     release_lock: str = ""  # a job lock (daemon.jobs) to release when the job ends
-    attempt: int = 0  # failed runs so far
+    attempt: int = 0  # failed runs so far that count towards RetryPolicy.max_attempts
+    outages: int = 0  # failed runs so far because Redis was unreachable (retried without limit)
 
     @property
     def forget_request_id(self) -> str:
@@ -127,6 +133,12 @@ class Notices:
     control_done: Callable[[Origin], None]
     training_failed: Callable[[str, str], None]  # (source, why): dead-letter its seal, release its offsets
     control_failed: Callable[[Origin, str], None]  # (control record, why): dead-letter it as control-failed
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The job failed because the registry's Redis could not be reached (refused, timed out, still loading its
+    data after a restart), not because of the job: it will succeed once Redis is back."""
+    return isinstance(exc, redis.ConnectionError | redis.TimeoutError)
 
 
 def predates(lineage: SourceLineage, tomb: Tombstone) -> bool:
@@ -267,7 +279,10 @@ class TrainingWorker:
             log.info("%s %s interrupted: %s", job.kind, job.source, exc)
         except Exception as exc:  # one bad job must not kill the worker; it is retried (see _failed)
             self.status.last_error = f"{job.kind} {job.source}: {type(exc).__name__}: {exc}"
-            log.exception("job %s %s failed (attempt %d)", job.kind, job.source, job.attempt + 1)
+            if is_outage(exc):  # no traceback: it says nothing about the job
+                log.warning("job %s %s failed: Redis is unreachable (%s)", job.kind, job.source, exc)
+            else:
+                log.exception("job %s %s failed (attempt %d)", job.kind, job.source, job.attempt + 1)
             self._failed(job, exc)
         finally:
             self.status.job, self.status.source, self.status.step = "idle", "", 0
@@ -275,11 +290,20 @@ class TrainingWorker:
         return False
 
     def _failed(self, job: Job, exc: Exception) -> None:
-        """Retry with back-off; give a source up after ``retry.max_attempts`` (its seal is dead-lettered)."""
-        attempt = job.attempt + 1
+        """Retry with back-off; give a source up after ``retry.max_attempts`` failures of its own (its seal is
+        dead-lettered); a Redis outage is waited out, however long it lasts."""
         why = f"{type(exc).__name__}: {exc}"[:900]
         if job.kind == "retrain-router" and job.origin is None:
             return  # the periodic router check submits it again
+        if is_outage(exc):
+            outages = job.outages + 1
+            delay = self.retry.delay(job.attempt + outages)
+            log.warning(
+                "%s %s: Redis unreachable, retry in %.1fs (outage failure %d)", job.kind, job.source, delay, outages
+            )
+            self.submit(dataclasses.replace(job, outages=outages, not_before=time.monotonic() + delay))
+            return
+        attempt = job.attempt + 1
         if job.kind in ("train", "retrain-router") and attempt >= self.retry.max_attempts:
             detail = f"{job.kind} failed {attempt} times; last error: {why}"
             if job.kind == "train":
@@ -288,7 +312,7 @@ class TrainingWorker:
             elif job.origin is not None:
                 self.notices.control_failed(job.origin, detail)
             return
-        delay = self.retry.delay(attempt)
+        delay = self.retry.delay(attempt + job.outages)
         log.warning("%s %s: retry %d in %.1fs", job.kind, job.source, attempt, delay)
         self.submit(dataclasses.replace(job, attempt=attempt, not_before=time.monotonic() + delay))
 
@@ -362,6 +386,8 @@ class TrainingWorker:
             stale = _stale_check(lineage)
             tomb = self.catalogue.tombstone(source)
             if tomb is not None and stale(tomb):
+                if lineage.seal is not None:  # an earlier attempt may have left checkpoints of the forgotten data
+                    self.lifecycle().discard(source, lineage.seal.fingerprint)
                 raise SourceForgotten(f"{source} was forgotten by request {tomb.request_id!r} after it was staged")
             data = self.spool.assemble(source)
             lineage_doc = json_safe(dataclasses.asdict(lineage))

@@ -9,7 +9,9 @@ directory and keep everything in memory. ``start`` writes ``STATE/services.json`
     {"redis_url": "redis://127.0.0.1:P/0", "kafka_bootstrap": "127.0.0.1:Q", "s3_endpoint": "http://127.0.0.1:R",
      "pids": {"redis": 123, "kafka": 456, "s3": 789}, "logs": {...}, "started_at": 1700000000.0}
 
-which the daemon (``daemon.config.with_services``), the CLI and the tests read. ``start`` is idempotent:
+which the daemon (``daemon.config.with_services``), the CLI and the tests read. An outage test runs a server of its
+own instead (:func:`redis_server`, :func:`tansu_server`: a :class:`Server` it stops and starts again on the same
+port with its data). ``start`` is idempotent:
 when the recorded processes are alive and answering they are reused. ``deploy/local/README.md`` says how
 Tansu and moto behave (start-up time, topic auto-creation, consumer groups, offsets, what S3 features work).
 
@@ -29,6 +31,7 @@ import http.client
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -52,6 +55,7 @@ READY_TIMEOUT_S = 20.0  # per service; Tansu answers in ~50 ms, redis-server in 
 SERVICE_NAMES = ("redis", "kafka", "s3")  # everything ``start`` runs; a record missing one is restarted
 STOP_TIMEOUT_S = 5.0  # SIGTERM grace before SIGKILL
 _PORT_ATTEMPTS = 3  # a free port can be taken between picking and binding; retry with a new one
+MEMORY_STORAGE = "memory://tansu/"  # Tansu's in-memory storage engine: everything is lost when it stops
 
 # Popen handles of servers this process started, so they are reaped on stop (no zombies, no
 # "subprocess still running" ResourceWarning when the handle is collected while the server runs on).
@@ -191,26 +195,14 @@ def start(state_dir: Path | str = DEFAULT_STATE_DIR, *, timeout_s: float = READY
         try:
             redis_port, pids["redis"] = _start_with_free_port(
                 "redis",
-                lambda port: [
-                    str(redis_server), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--daemonize", "no", "--dir", str(state),
-                ],
+                lambda port: redis_argv(redis_server, port, state, persist=False),
                 _redis_answers,
                 state,
                 timeout_s,
-            )  # fmt: skip
+            )
             kafka_port, pids["kafka"] = _start_with_free_port(
-                "kafka",
-                lambda port: [
-                    str(tansu), "broker",
-                    "--listener-url", f"tcp://127.0.0.1:{port}",
-                    "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
-                    "--storage-engine", "memory://tansu/",
-                ],
-                _kafka_answers,
-                state,
-                timeout_s,
-            )  # fmt: skip
+                "kafka", lambda port: tansu_argv(tansu, port, MEMORY_STORAGE), _kafka_answers, state, timeout_s
+            )
             s3_port, pids["s3"] = _start_with_free_port(
                 "s3", lambda port: [*moto, "-H", "127.0.0.1", "-p", str(port)], _s3_answers, state, timeout_s
             )
@@ -366,6 +358,147 @@ def _prometheus_answers(port: int, timeout_s: float = 2.0) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------------------------- one server alone
+# An outage test stops one server and starts it again on the SAME port with its data; the servers of ``start``
+# keep nothing and move to new ports when restarted, so such a test runs a server of its own with these.
+
+
+def redis_argv(redis_server: Path, port: int, data_dir: Path, *, persist: bool) -> list[str]:
+    """redis-server's command line: everything in memory, or (``persist``) an append-only file in ``data_dir``
+    fsynced before each write is acknowledged, so a restart on ``data_dir`` has every acknowledged write."""
+    durability = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+    return [
+        str(redis_server), "--port", str(port), "--bind", "127.0.0.1", "--save", "", *durability,
+        "--daemonize", "no", "--dir", str(data_dir),
+    ]  # fmt: skip
+
+
+def tansu_argv(tansu: Path, port: int, storage: str) -> list[str]:
+    """Tansu's command line: a broker on ``127.0.0.1:port`` keeping its state in ``storage`` (``memory://tansu/``,
+    or ``s3://BUCKET/`` with :func:`tansu_s3_env`)."""
+    return [
+        str(tansu), "broker",
+        "--listener-url", f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url", f"tcp://127.0.0.1:{port}",
+        "--storage-engine", storage,
+    ]  # fmt: skip
+
+
+def tansu_s3_env(endpoint: str, *, access_key: str, secret_key: str, region: str = "us-east-1") -> dict[str, str]:
+    """The environment that points Tansu's ``s3://BUCKET/`` storage engine at the S3 server ``endpoint``
+    (http://127.0.0.1:PORT; the bucket must exist). With it the broker's topics, records and committed offsets
+    survive a stop and restart (see README.md)."""
+    return {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": region,
+        "AWS_ALLOW_HTTP": "true",
+    }
+
+
+def fixed_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a server restarted on the same port.
+
+    While such a server is down, a client reconnecting to an ephemeral-range port can be handed that very port as
+    its own source port (a TCP self-connect) and keep it, and the restart would find its port taken."""
+    low = _ephemeral_low()
+    candidates = list(range(max(1024, low - 20_000), low))
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return _free_port()  # a tiny ephemeral range: fall back to any free port
+
+
+@dataclass
+class Server:
+    """One server of its own on a fixed port: ``stop()`` it and ``start()`` it again on the same port and data.
+
+    Built by :func:`redis_server` and :func:`tansu_server`; nothing runs until ``start()``. A context manager
+    (``with server.start(): ...``) stops it on exit.
+    """
+
+    name: str  # "redis" or "kafka": the log is STATE/<name>-<port>.log
+    port: int
+    argv: tuple[str, ...]
+    answers: Callable[[int], bool]  # the readiness probe (the same as ``start``'s)
+    state_dir: Path
+    env: dict[str, str] | None = None  # added to this process's environment
+    pid: int | None = None  # of the running server, None while stopped
+    starts: int = 0  # how many times it was started
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir / f"{self.name}-{self.port}.log"
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None and _is_our_server(self.pid)
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> Server:
+        """Start it (a no-op while it runs) and wait until it answers; ServicesError with its log tail if not."""
+        if self.running:
+            return self
+        env = {**os.environ, **self.env} if self.env else None
+        proc = _spawn(self.argv, self.log, self.state_dir, env)
+        try:
+            _wait_ready(self.name, proc, functools.partial(self.answers, self.port), self.log, timeout_s)
+        except BaseException:
+            _terminate(proc.pid)
+            raise
+        self.pid, self.starts = proc.pid, self.starts + 1
+        return self
+
+    def stop(self, *, kill: bool = False) -> bool:
+        """Stop it: SIGTERM (SIGKILL after 5 s), or SIGKILL at once with ``kill``. True if it was running."""
+        pid, self.pid = self.pid, None
+        proc = _children.pop(pid, None) if pid is not None else None
+        if proc is None or proc.poll() is not None:
+            return False
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+            try:
+                proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        proc.wait()  # reaped: nothing is left running behind the handle
+        return True
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def redis_server(state_dir: Path | str, *, port: int | None = None, persist: bool = True) -> Server:
+    """A redis-server of its own (not started) on ``port`` (default :func:`fixed_port`), with its data in
+    ``state_dir``: with ``persist`` every acknowledged write survives a stop (SIGTERM or SIGKILL) and restart."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    port = port or fixed_port()
+    argv = redis_argv(find_redis_server(), port, state, persist=persist)
+    return Server("redis", port, tuple(argv), _redis_answers, state)
+
+
+def tansu_server(
+    state_dir: Path | str, *, port: int | None = None, storage: str = MEMORY_STORAGE, env: dict[str, str] | None = None
+) -> Server:
+    """A Tansu broker of its own (not started) on ``port`` (default :func:`fixed_port`), logging in ``state_dir``,
+    keeping its state in ``storage``: ``s3://BUCKET/`` with ``env=tansu_s3_env(...)`` survives a restart."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    port = port or fixed_port()
+    return Server("kafka", port, tuple(tansu_argv(find_tansu(), port, storage)), _kafka_answers, state, dict(env or {}))
+
+
 # --------------------------------------------------------------------------------------------- internals
 
 
@@ -382,6 +515,14 @@ def _locked(state: Path) -> Iterator[None]:
 
 def _log_path(state: Path, name: str) -> Path:
     return state / f"{name}.log"
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral (client source port) range."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def _free_port() -> int:
@@ -417,7 +558,7 @@ def _start_with_free_port(
     raise last_error
 
 
-def _spawn(argv: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+def _spawn(argv: Sequence[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
@@ -427,6 +568,7 @@ def _spawn(argv: Sequence[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
+            env=env,
             start_new_session=True,  # own session: survives the starter and its terminal's SIGINT
             close_fds=True,
         )

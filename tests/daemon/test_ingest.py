@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry
 
 from cdm.data import SourceData, fingerprint, load_digits, validate_arrays
@@ -215,11 +216,14 @@ class FakeConsumer:
     def resume(self, *tps: TopicPartition) -> None:
         self.paused = set()
 
-    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int | None = None) -> None:
         self.commits.append(offsets)
 
     def highwater(self, tp: TopicPartition) -> None:
         return None
+
+    def beginning_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
+        return {tp: 0 for tp in tps}  # the broker check: the broker answers
 
 
 def test_a_failure_while_handling_rewinds_backs_off_and_retries(tmp_path: Path, digits: SourceData) -> None:
@@ -272,6 +276,83 @@ def test_a_failure_while_handling_rewinds_backs_off_and_retries(tmp_path: Path, 
     ingestor.mark_source_registered("x")
     ingestor.poll_once()
     assert consumer.commits == [{TP0: OffsetAndMetadata(7, "", 0)}]
+
+
+class BrokerAway(FakeConsumer):
+    """A consumer whose broker can go away: its poll returns nothing then (as kafka-python's does, reconnecting in
+    the background), while commits and offset look-ups time out."""
+
+    def __init__(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        super().__init__(batch)
+        self.down = False
+        self.joined = True
+        self.checks = 0  # committed-offset look-ups (the ingestor's broker checks)
+
+    def assignment(self) -> set[TopicPartition]:
+        return super().assignment() if self.joined else set()
+
+    def poll(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord]]:
+        return {} if self.down or not self.joined else super().poll(timeout_ms)
+
+    def beginning_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict[TopicPartition, int]:
+        self.checks += 1
+        if self.down:
+            raise KafkaTimeoutError(f"Failed to get offsets by timestamps in {timeout_ms} ms")
+        return super().beginning_offsets(tps, timeout_ms)
+
+    def commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], timeout_ms: int | None = None) -> None:
+        if self.down:
+            raise KafkaTimeoutError(f"Commit did not complete within {timeout_ms} ms")
+        super().commit(offsets)
+
+
+def test_a_broker_outage_is_noticed_reported_and_waited_out(tmp_path: Path, digits: SourceData) -> None:
+    config = KafkaConfig(sources_topic="s", control_topic="c", dlq_topic="d")
+    part = digits.subset(np.arange(10))
+    chunk = encode_chunk("x", 0, part)
+    record = ConsumerRecord("s", 0, 0, 5, 0, 0, chunk.key, chunk.value, chunk.headers, None, -1, -1, -1)
+    consumer = BrokerAway({TP0: [record]})
+    now = [0.0]
+    ingestor = Ingestor(
+        consumer,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        Spool(tmp_path),
+        Metrics(CollectorRegistry()),
+        config,
+        on_sealed=lambda s: None,
+        on_control=lambda c, o: None,
+        clock=lambda: now[0],
+        retry_initial_s=1.0,
+        retry_max_s=4.0,
+        broker_check_s=5.0,
+    )
+    # 0. joining the group (nothing assigned): the join itself talks to the broker; no check
+    consumer.joined = False
+    assert not ingestor.poll_once().failure and consumer.checks == 0
+    consumer.joined = True
+    # 1. healthy: the broker is asked once per broker_check_s, not at every poll
+    assert ingestor.poll_once().records == 1 and consumer.checks == 1
+    now[0] += 1.0
+    assert not ingestor.poll_once().failure and consumer.checks == 1
+    # 2. the broker goes away: polls return nothing and raise nothing; the next check notices
+    consumer.down = True
+    now[0] += 5.0
+    report = ingestor.poll_once()
+    assert "the broker did not answer" in report.failure and "KafkaTimeoutError" in report.failure
+    assert "the broker did not answer" in (ingestor.problem() or "")
+    assert ingestor.poll_once().backing_off and consumer.paused  # nothing fetched while backing off
+    # 3. the chunk's source is dropped meanwhile: its record becomes committable, the commit times out (bounded)
+    ingestor.mark_source_dropped("x")
+    now[0] += 2.0  # the back-off is over: every poll checks again while the broker is failing
+    report = ingestor.poll_once()
+    assert "an offset commit" in report.failure and report.committed == {} and consumer.commits == []
+    failures = consumer.checks
+    # 4. the broker is back: the first poll after the back-off sees it, commits, and the problem is gone
+    consumer.down = False
+    now[0] += 4.0
+    report = ingestor.poll_once()
+    assert not report.failure and ingestor.problem() is None and consumer.checks == failures + 1
+    assert report.committed == {TP0: 6} and consumer.commits == [{TP0: OffsetAndMetadata(6, "", 0)}]
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -515,7 +596,7 @@ def test_revoked_partitions_commit_what_is_committable(
     report = push_source(producer, config.sources_topic, "shoes", digits, chunk_size=60, progress=False)
     first = make_harness()
     first.poll_until(lambda: first.sealed == ["shoes"])
-    first.ingestor._commit = lambda: {}  # type: ignore[method-assign]  # only the revoke listener commits now
+    first.ingestor._commit = lambda report=None: {}  # type: ignore[method-assign]  # only the revoke listener commits
     first.spool.mark_registered("shoes", "c-1")
     first.ingestor.mark_source_registered("shoes")
     first.ingestor.poll_once(200)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cdm.artifacts import DirectoryStore
 from cdm.config import LibraryConfig
 from cdm.data import load_digits
 from daemon.config import DaemonConfig, SchedulerConfig
-from daemon.jobs import GC_LOCK, ROUTER_LOCK, Jobs, build_scheduler
+from daemon.jobs import GC_LOCK, ROUTER_LOCK, Jobs, Quiet, build_scheduler
 from daemon.metrics import Metrics
 from daemon.spool import Spool
 from daemon.worker import Job, Notices, TrainingWorker
@@ -166,3 +167,42 @@ def test_export_gauges_survives_an_unreachable_registry(tmp_path: Path, redis_cl
     jobs.registry = Down()  # type: ignore[assignment]
     jobs.export_gauges()  # logs, does not raise
     assert jobs.metrics.registry.get_sample_value("cdm_registry_latest_epoch") == 4
+
+
+def test_a_redis_outage_is_logged_in_one_line_per_minute_not_a_traceback_per_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    outage = [True]
+
+    def heartbeat() -> None:
+        if outage[0]:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+    job = Quiet(heartbeat, repeat_s=60.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="daemon.jobs"):
+        for _ in range(150):  # 150 runs, one a second: 2.5 minutes without Redis
+            job()
+            clock.now += 1.0
+        outage[0] = False
+        job()
+        job()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and not any(r.exc_info for r in caplog.records), lines
+    assert lines[0].startswith("periodic job heartbeat: Redis unreachable for 0s (1 failed runs)")
+    assert "for 60s (61 failed runs)" in lines[1] and "for 120s (121 failed runs)" in lines[2]
+    assert lines[3] == "periodic job heartbeat: Redis reachable again after 150s (150 failed runs)"
+
+
+def test_any_other_failure_of_a_periodic_job_is_logged_with_its_traceback_at_every_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def router_check() -> None:
+        raise KeyError("a bug")
+
+    job = Quiet(router_check, clock=Clock())
+    with caplog.at_level(logging.INFO, logger="daemon.jobs"):
+        job()
+        job()
+    assert [r.getMessage() for r in caplog.records] == ["periodic job router_check failed"] * 2
+    assert all(r.exc_info is not None and r.exc_info[0] is KeyError for r in caplog.records)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import redis
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.admin import NewTopic
 
 from deploy.local import services as svc
@@ -231,3 +231,55 @@ def test_s3_bucket_fixture_is_isolated(s3_bucket: str, s3_admin: Any) -> None:
     assert s3_bucket.startswith("cdm-test-")
     assert s3_admin.list_objects_v2(Bucket=s3_bucket).get("KeyCount") == 0
     s3_admin.put_object(Bucket=s3_bucket, Key="a/b", Body=b"x")  # emptied and deleted by the fixture
+
+
+@pytest.mark.services
+def test_a_persistent_redis_of_its_own_restarts_on_its_port_with_every_acknowledged_write(tmp_path: Path) -> None:
+    server = svc.redis_server(tmp_path / "redis", persist=True)
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert server.port < low and not server.running  # below the ephemeral range; not started yet
+    with server.start():
+        client = redis.Redis(port=server.port)
+        client.set("k", "v")
+        client.set("ttl", "x", ex=600)
+        assert server.stop(kill=True)  # SIGKILL: no shutdown save, only the fsynced append-only file
+        with pytest.raises(redis.ConnectionError):
+            client.ping()
+        server.start()
+        assert (client.get("k"), client.get("ttl")) == (b"v", b"x") and 0 < client.ttl("ttl") <= 600
+        assert server.starts == 2 and server.log.name == f"redis-{server.port}.log"
+        client.close()
+    assert not server.running and not server.stop()
+
+
+@pytest.mark.services
+def test_a_tansu_of_its_own_on_s3_keeps_topics_records_and_offsets_across_a_restart(
+    tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    from tests.conftest import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY
+
+    env = svc.tansu_s3_env(s3_endpoint, access_key=S3_TEST_ACCESS_KEY, secret_key=S3_TEST_SECRET_KEY)
+    with svc.tansu_server(tmp_path / "kafka", storage=f"s3://{s3_bucket}/", env=env).start() as server:
+        bootstrap = f"127.0.0.1:{server.port}"
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+        admin.create_topics([NewTopic("t", 2, 1)])
+        admin.close()
+        producer = KafkaProducer(bootstrap_servers=bootstrap)
+        for i in range(3):
+            producer.send("t", key=b"k", value=b"%d" % i).get(10)
+        producer.close()
+        tp = TopicPartition("t", 1)
+        group = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g", enable_auto_commit=False)
+        group.commit({tp: OffsetAndMetadata(2, "", -1)})
+        group.close(autocommit=False)  # every client is closed before the stop (see test_outages_e2e.py's note)
+        assert server.stop()
+        server.start()
+        reader = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=3000)
+        assert reader.partitions_for_topic("t") == {0, 1}
+        reader.assign([TopicPartition("t", p) for p in (0, 1)])
+        reader.seek_to_beginning()
+        assert sorted(r.value for r in reader) == [b"0", b"1", b"2"]
+        reader.close()
+        group = KafkaConsumer(bootstrap_servers=bootstrap, group_id="g", enable_auto_commit=False)
+        assert group.committed(tp) == 2
+        group.close(autocommit=False)

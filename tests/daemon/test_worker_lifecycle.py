@@ -24,13 +24,14 @@ from cdm.artifacts import ArtifactStore, DirectoryStore, sha256_bytes
 from cdm.config import LibraryConfig, ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, fingerprint, load_digits
 from cdm.errors import StoreError
-from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, data_key
+from cdm.lifecycle import FORGET_STEPS, ForgetReceipt, data_key, work_dir
 from cdm.training import slice_of
 from daemon.metrics import Metrics
 from daemon.spool import Spool, SpoolState
 from daemon.wire import Origin, Seal
 from daemon.worker import Job, Notices, RetryPolicy, TrainingWorker
 from registry.coordination import Coordinator
+from registry.errors import RecordError
 from registry.keys import Keys
 from registry.records import CompartmentStatus
 from registry.writer import Registry
@@ -80,24 +81,32 @@ class Recorded:
         )
 
 
+def unreachable(method: str) -> Exception:
+    return redis.ConnectionError(f"injected: Redis unreachable during {method}")
+
+
 class FlakyRegistry(Registry):
-    """The real registry, except that chosen methods raise a Redis connection error the first ``n`` times."""
+    """The real registry, except that chosen methods raise (by default a Redis connection error) the first ``n``
+    times."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.failures: dict[str, int] = {}
+        self.errors: dict[str, Callable[[str], Exception]] = {}
 
-    def fail(self, method: str, times: int = 1) -> None:
+    def fail(self, method: str, times: int = 1, error: Callable[[str], Exception] = unreachable) -> None:
         self.failures[method] = times
+        self.errors[method] = error
 
     def __getattribute__(self, name: str) -> Any:
         attr = super().__getattribute__(name)
         failures = super().__getattribute__("__dict__").get("failures", {})
         if failures.get(name, 0) > 0 and callable(attr):
+            error = super().__getattribute__("errors")[name]
 
             def failing(*args: Any, **kwargs: Any) -> Any:
                 failures[name] -= 1
-                raise redis.ConnectionError(f"injected: Redis unreachable during {name}")
+                raise error(name)
 
             return failing
         return attr
@@ -417,6 +426,45 @@ def test_forgetting_a_source_leaves_sources_sharing_its_prefix_alone(
     assert receipt["deleted_files"] and not [u for u in receipt["deleted_files"] if "shoes-v2" in u]
 
 
+def test_a_forget_that_lands_while_its_source_trains_leaves_nothing_of_it(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = make_replica("a"), make_replica("b")
+    a.stage("low", sources["low"], offset=0)
+    on_step = a.worker._on_step
+    forgotten: list[bool] = []
+
+    def forget_mid_training(source: str, step: int, steps: int, loss: float) -> None:
+        on_step(source, step, steps, loss)
+        if not forgotten:  # another replica (it owns the control partition) forgets the source at the first step
+            forgotten.append(b.run(Job("forget-source", "low", origin=control(7), request_id="forget-mid")))
+
+    monkeypatch.setattr(a.worker, "_on_step", forget_mid_training)
+    a.run(Job("train", "low"))
+    assert forgotten == [True] and b.registry.receipt("forget-mid") is not None
+    assert a.recorded.registered == [] and a.recorded.dropped == ["low"] and a.spool.state("low") is None
+    assert a.registry.snapshot().compartments == ()
+    assert all(r.status is not CompartmentStatus.ACTIVE for r in a.registry.history("low"))
+    # nothing trained on the forgotten data is left: not the uploaded weights, not the data copy, not the local
+    # checkpoints and artifact of the training replica (the forget's delete step ran before they existed)
+    assert not a.worker.store.list("data/low") and not a.worker.store.list("compartments"), a.worker.store.list()
+    assert not [p for p in (a.root / "work").rglob("*") if p.is_file()], list((a.root / "work").rglob("*"))
+
+
+def test_checkpoints_of_a_training_interrupted_before_the_forget_are_deleted_when_it_is_dropped(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData]
+) -> None:
+    a, b = make_replica("a"), make_replica("b")
+    a.stage("low", sources["low"], offset=0)
+    checkpoint = work_dir(a.root / "work", "low", fingerprint(sources["low"])) / "train_state" / "state.json"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_text("{}")  # a run stopped mid-training (SIGTERM, a Redis outage) left its checkpoint
+    assert b.run(Job("forget-source", "low", origin=control(8), request_id="forget-low"))
+    a.run(Job("train", "low"))  # the retry finds the source forgotten
+    assert a.recorded.dropped == ["low"] and a.spool.state("low") is None
+    assert not checkpoint.exists() and not [p for p in (a.root / "work").rglob("*") if p.is_file()]
+
+
 # --------------------------------------------------------------------------------------------- retries
 
 
@@ -440,12 +488,51 @@ def test_a_source_that_keeps_failing_is_given_up_after_max_attempts(
 ) -> None:
     a = make_replica()
     a.stage("low", sources["low"], offset=0)
-    a.registry.fail("begin_training", times=100)
+    a.registry.fail("begin_training", times=100, error=lambda m: RecordError(f"injected: a corrupt record in {m}"))
     assert not a.run(Job("train", "low"))
     a.run_retries()
     assert a.recorded.registered == [] and a.worker.waiting() == 0
     ((source, why),) = a.recorded.training_failed
-    assert source == "low" and "failed 3 times" in why and "Redis unreachable" in why
+    assert source == "low" and "failed 3 times" in why and "a corrupt record" in why
+
+
+def test_a_redis_outage_longer_than_the_retries_never_gives_a_source_up(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData]
+) -> None:
+    a = make_replica()
+    a.stage("low", sources["low"], offset=0)
+    outage = 4 * FAST_RETRY.max_attempts  # failed runs: far more than a source may fail on its own
+    a.registry.fail("begin_training", times=outage)
+    assert not a.run(Job("train", "low"))
+    a.run_retries(timeout_s=30)
+    assert a.recorded.training_failed == [] and a.recorded.registered == ["low"]
+    assert a.registry.failures["begin_training"] == 0, "every injected failure was hit"
+    assert [r.version for r in a.registry.history("low")] == [1]
+    assert a.spool.state("low") == SpoolState.REGISTERED
+
+
+def test_outage_failures_back_off_but_do_not_count_as_attempts(
+    make_replica: Callable[..., Replica], sources: dict[str, SourceData], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = make_replica(retry=RetryPolicy(max_attempts=2, initial_s=10.0, max_s=40.0))
+    a.stage("low", sources["low"], offset=0)
+    retries: list[Job] = []
+    monkeypatch.setattr(a.worker, "submit", retries.append)  # the retries, instead of queueing them
+    a.registry.fail("begin_training", times=3)
+    job = Job("train", "low")
+    for outages, delay in ((1, 10.0), (2, 20.0), (3, 40.0)):  # the back-off doubles up to max_s
+        before = time.monotonic()
+        assert not a.run(job)
+        job = retries.pop()
+        assert (job.attempt, job.outages) == (0, outages)
+        assert before + delay <= job.not_before <= time.monotonic() + delay
+    corrupt = lambda m: RecordError(f"injected: a corrupt record in {m}")  # noqa: E731
+    a.registry.fail("begin_training", times=2, error=corrupt)
+    assert not a.run(job)  # the first failure of its own: one attempt left
+    job = retries.pop()
+    assert (job.attempt, job.outages) == (1, 3) and a.recorded.training_failed == []
+    assert not a.run(job)
+    assert retries == [] and [s for s, _ in a.recorded.training_failed] == ["low"]
 
 
 # --------------------------------------------------------------------------------------------- artifact paths
