@@ -208,12 +208,8 @@ def _density_forget(env: DaemonEnv, r: Result) -> None:
     names = list(src)
     client = connect(RedisConfig(), url=env.redis_url)
     reg = env.registry()
-
-    def active(sources: set[str]) -> bool:  # no router to wait for: the active compartments are the composition
-        return {c.source for c in reg.snapshot().compartments} == sources
-
     env.push(src)
-    env.wait(f"active {names}", lambda: active(set(names)), 300)
+    env.wait_serving(set(names), timeout=300)
     loader = CompositionLoader.from_config(
         ArtifactsConfig(), default_dir=env.root / "artifacts", base_dir=env.root / "sampler"
     )
@@ -230,7 +226,7 @@ def _density_forget(env: DaemonEnv, r: Result) -> None:
         t0 = time.time()
         send_control(producer, f"{env.prefix}.control", ControlCommand("forget-source", names[0], request_id="bd"))
         producer.close()
-        env.wait(f"active {names[1:]}", lambda: active(set(names[1:])), 300)
+        env.wait_serving(set(names[1:]), timeout=300)
         registry_s = time.time() - t0
         env.wait(
             "the sampler without it",
