@@ -256,7 +256,17 @@ def _elbo_posterior(
     n, device = x0.shape[0], x0.device
     mask = comp.allowed(sources, n, device)  # (N, K) within comp.subset; refuses a bare string
     columns = mask.any(0).nonzero(as_tuple=True)[0].tolist()  # S, composition order
-    lam = comp.row_priors(columns, mask[:, columns], labels)  # (N, S); 0: never evaluated on that row
+    lam = comp.row_priors(columns, mask[:, columns], labels, strict=False)  # (N, S); 0: never evaluated on that row
+    empty = (~(lam > 0).any(1)).nonzero(as_tuple=True)[0]
+    if empty.numel():
+        k = int(empty[0])
+        names = [comp.source_names[i] for i in columns]
+        if labels is None:  # (build_composition's priors are n_samples >= 1: a hand-made composition)
+            raise ConfigError(f"every source in {names} has prior 0; give the composition positive priors")
+        raise ConfigError(
+            f"image {k}: none of the sources {names} has a positive prior for its class label {int(labels[k])} "
+            "(no training data of that class); drop the label or attribute over other sources"
+        )
     log_prior = lam.log()
     weights = elbo_weights(comp.alphas_cumprod, timesteps)
     abar = comp.alphas_cumprod.to(device)

@@ -232,11 +232,17 @@ class DensityComposition(Composed):
         return self.source_names
 
     def row_priors(
-        self, columns: Sequence[int], allowed: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        columns: Sequence[int],
+        allowed: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        strict: bool = True,
     ) -> torch.Tensor:
         """(N, S) float64 lambda_i of each row over the sources ``columns`` (S of them): ``priors``, or for a row
         labelled c < num_classes ``class_priors[:, c]`` when there are class priors; zero where ``allowed`` (N, S)
-        bool is False. Unnormalised (only ratios matter). Raises ConfigError for a row with no positive prior."""
+        bool is False. Unnormalised (only ratios matter). ``strict``: ConfigError for a row with no positive prior
+        (else such rows come back all zero for the caller to report)."""
         n, dev = allowed.shape[0], allowed.device
         lam = self.priors.to(dev)[list(columns)].expand(n, -1).clone()
         if self.class_priors is not None and class_labels is not None:
@@ -246,7 +252,7 @@ class DensityComposition(Composed):
             lam[labelled] = cp[:, c[labelled]].T
         lam = torch.where(allowed, lam, torch.zeros_like(lam))  # each row: its own allowed set
         empty = (~(lam > 0).any(1)).nonzero(as_tuple=True)[0]
-        if empty.numel():
+        if strict and empty.numel():
             raise ConfigError(
                 f"row {int(empty[0])} has prior 0 for every source it may use; check priors / class_priors / allowed"
             )

@@ -230,10 +230,17 @@ def test_a_zero_class_prior_means_that_compartment_never_sees_the_image():
     assert (res.by_timestep[:, [0, 2], 2] == 0).all() and (res.posterior > 0).sum() == 8
     assert comps[1].labels == Counter({0: 2 * 3 * 2}) and comps[2].labels == Counter({1: 2 * 3 * 2})
     assert comps[0].labels == Counter({0: 2 * 3 * 2, 1: 2 * 3 * 2})
-    with pytest.raises(ConfigError, match="prior 0 for every source"):
+    with pytest.raises(
+        ConfigError, match=r"image 0: none of the sources \['c'\] has a positive prior for its class label 0"
+    ):
         attribute_tensors(
             density(comps, class_priors=class_priors), x0[:1], sources=["c"], timesteps=[3], class_labels=[0]
         )
+    zero = DensityComposition(comps, NAMES, ABAR, priors=[1.0, 0.0, 1.0])
+    before = [c.calls for c in comps]
+    with pytest.raises(ConfigError, match=r"every source in \['b'\] has prior 0"):
+        attribute_tensors(zero, x0, sources=["b"], timesteps=[3])
+    assert [c.calls for c in comps] == before, "nothing runs on a refused request"
 
 
 # ------------------------------------------------------------------------------------ real tiny compartments
