@@ -78,8 +78,8 @@ from cdm.compartment import WEIGHTS, CompartmentManifest
 from cdm.config import ModelConfig, RouterConfig, RoutingKind, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, load_npz_bytes, npz_bytes
 from cdm.errors import CdmError, IntegrityError, SourceForgotten, StoreError, TrainingInterrupted
-from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
 from cdm.routing import ROUTING_KINDS, RouterResult, save_router, train_head, train_router
+from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
 from cdm.training import SLICES_DIR, SlicePlan, TrainResult, checkpoint_files, slice_of, train_compartment
 from common.names import SOURCE_NAME_PATTERN
 

@@ -305,7 +305,7 @@ def heads_of(compartments: Sequence[nn.Module], names: Sequence[str]) -> list[nn
         head: CompartmentHead | None = getattr(comp, "head", None)
         if head is None:
             raise ConfigError(
-                f"compartment {name!r} has no router head; retrain it with [router] kind = \"heads\" or use another kind"
+                f"compartment {name!r} has no router head; retrain it with [router] kind = 'heads' or use another kind"
             )
         manifest = getattr(comp, "manifest", None)
         want = getattr(manifest, "fingerprint", None)

@@ -6,8 +6,9 @@ each branch with its own weights, and compartments and heads outside the allowed
 
 Trained (``test_trained_heads_recover_the_source_at_moderate_noise``): two well-separated 8x8 toy sources (top half
 +0.6, bottom -0.6, and the reverse; pixel noise 0.1; 64 images each), heads = the learnt Router with one output,
-channels (8, 16), batch 32 + 32, lr 2e-3, equal priors. Measured (a one-off script, the test's set-up) on 256 noised images per source and
-t (600 steps, ~16 s each for both heads on one CPU thread), against the exact log q_i of the empirical data:
+channels (8, 16), batch 32 + 32, lr 2e-3, equal priors. Measured (a one-off script, this test's set-up) on 256
+noised images per source and t (600 steps, ~16 s for both heads on one CPU thread), against the exact log q_i of
+the empirical data:
 
     t     acc   Bayes acc  |h_a - log-ratio*_a|  |dh - dlog q*|  |dlog q*|  |dh|    |w - w*|
     5     1.000 1.000      69428                 138036          138053     16.3    0.0000
@@ -165,7 +166,9 @@ def test_top_1_runs_one_compartment_per_row_the_exact_posteriors_argmax(mixture)
 def test_guidance_branches_use_their_own_exact_weights_with_class_priors(scale, subset):
     comps = make_sources(classes=2)
     # lambda_i P(c | i): the class priors of the exact joint
-    cp = torch.tensor([[p * math.exp(float(lp)) for lp in c.log_pis] for p, c in zip(PRIORS, comps, strict=True)], dtype=torch.float64)
+    cp = torch.tensor(
+        [[p * math.exp(float(lp)) for lp in c.log_pis] for p, c in zip(PRIORS, comps, strict=True)], dtype=torch.float64
+    )
     heads, router = exact_heads(comps, class_priors=cp)
     g = torch.Generator().manual_seed(5)
     x = torch.randn((N, *SHAPE), generator=g, dtype=torch.float64)
@@ -177,9 +180,7 @@ def test_guidance_branches_use_their_own_exact_weights_with_class_priors(scale, 
     eps_c = mixture_eps(comps, PRIORS, subset, x, t, labels)
     eps_null = mixture_eps(comps, PRIORS, subset, x, t, null)
     torch.testing.assert_close(out.eps, eps_null + scale * (eps_c - eps_null), rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(
-        out.weights, exact_posterior(comps, PRIORS, subset, x, t, labels), rtol=1e-9, atol=1e-12
-    )
+    torch.testing.assert_close(out.weights, exact_posterior(comps, PRIORS, subset, x, t, labels), rtol=1e-9, atol=1e-12)
     if scale != 1.0:
         assert out.null_weights is not None
         torch.testing.assert_close(
@@ -226,7 +227,9 @@ def exact_log_q(x0: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor) -> torc
 
 def test_trained_heads_recover_the_source_at_moderate_noise(tmp_path):
     sources = {"a": toy(+1, 1), "b": toy(-1, 2)}
-    stored = {k: train_head(k, d, model=MODEL, router=ROUTER, num_classes=0, progress=False) for k, d in sources.items()}
+    stored = {
+        k: train_head(k, d, model=MODEL, router=ROUTER, num_classes=0, progress=False) for k, d in sources.items()
+    }
     for k, head in stored.items():
         assert head.doc["source"] == k and head.doc["steps"] == ROUTER.steps
         report = head.doc["report"]["accuracy_by_noise"]
@@ -263,7 +266,9 @@ def test_a_trained_head_resumes_from_its_checkpoint(tmp_path):
         return calls["n"] > 3
 
     with pytest.raises(TrainingInterrupted):
-        train_head("a", data, model=MODEL, router=cfg, num_classes=0, progress=False, should_stop=stop, workdir=tmp_path)
+        train_head(
+            "a", data, model=MODEL, router=cfg, num_classes=0, progress=False, should_stop=stop, workdir=tmp_path
+        )
     resumed = train_head("a", data, model=MODEL, router=cfg, num_classes=0, progress=False, workdir=tmp_path)
     for key, value in whole.state.items():
         torch.testing.assert_close(resumed.state[key], value, rtol=0, atol=0)
