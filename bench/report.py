@@ -10,6 +10,7 @@ ORDER = [
     "budget",
     "forgetting",
     "slicing",
+    "recipes",
     "overhead",
     "continual",
     "memorisation",

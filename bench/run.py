@@ -30,13 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         default="quality,slicing,overhead,sampling,service,serving,routing",
-        help="comma-separated benchmark groups",
+        help="comma-separated benchmark groups (also: recipes, forget-samples under equal-FLOP compartment "
+        "recipes, not in the default set)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (overrides the profile's; 1 on a shared CPU)"
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     p = PROFILES[args.profile or ("gpu" if args.device == "cuda" else "quick")]
     if args.device:
         p = dataclasses.replace(p, device=args.device)
+    if args.threads is not None:
+        p = dataclasses.replace(p, threads=args.threads)
     if p.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     print(f"profile {p.name} on {p.device}: {p}", flush=True)
     ext = None
-    if only & {"quality", "slicing"}:
+    if only & {"quality", "slicing", "recipes"}:
         from cdm.metrics import get_feature_extractor
 
         t = time.perf_counter()
@@ -68,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         assert ext is not None
         t = time.perf_counter()
         res = slicing.run(p, out, ext)
+        res.seconds = time.perf_counter() - t
+        res.write(out, env)
+    if "recipes" in only:
+        from bench import slicing
+
+        assert ext is not None
+        t = time.perf_counter()
+        res = slicing.recipes(p, out, ext)
         res.seconds = time.perf_counter() - t
         res.write(out, env)
     if "overhead" in only:

@@ -24,10 +24,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -48,7 +44,7 @@ from cdm.config import ModelConfig, RouterConfig, TrainConfig
 from cdm.data import SourceData, load_digits
 from cdm.routing import save_router, train_router
 from cdm.training import train_compartment
-from deploy.local.services import find_redis_server
+from deploy.local import services
 from registry.acl import AccessRegistry, Grant
 from registry.keys import Keys
 from registry.records import RouterRecord
@@ -97,41 +93,11 @@ class Outcome:
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def redis_server(root: Path) -> Iterator[str]:
-    """A throw-away redis-server on a free loopback port; yields its URL."""
-    port = _free_port()
-    log = open(root / "redis.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"redis-server did not start; see {root / 'redis.log'}") from None
-                time.sleep(0.1)
-        client.close()
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    """A throw-away redis-server on a loopback port (nothing persisted); yields its URL."""
+    with services.redis_server(root, persist=False).start() as server:
+        yield f"redis://127.0.0.1:{server.port}/0"
 
 
 def digit_sources(n: int) -> list[SourceData]:
@@ -214,7 +180,7 @@ def principal_grants() -> list[tuple[str, ...]]:
 @contextmanager
 def cdm_serve(root: Path, store: Path, redis_url: str, namespace: str, *, batching: bool, steps: int) -> Iterator[str]:
     """``cdm serve`` as a process; yields its base URL once /readyz answers 200."""
-    port = _free_port()
+    port = services.free_port()
     cfg = root / f"serve-{'batching' if batching else 'per-request'}.toml"
     cfg.write_text(
         f"""
@@ -239,38 +205,9 @@ sampling_threads = 1
 resync_s = 0.2
 """
     )
-    log_path = root / f"{cfg.stem}.log"
-    log = open(log_path, "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "--config", str(cfg), "serve", "--log-level", "WARNING"],
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(SERVER_THREADS)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"cdm serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cdm serve never became ready:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    env = {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(SERVER_THREADS)}
+    with services.cdm_serve(root / cfg.stem, cfg, port, env=env).start(timeout_s=180):
+        yield f"http://127.0.0.1:{port}"
 
 
 # ---------------------------------------------------------------------------------------------- clients

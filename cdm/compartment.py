@@ -1,11 +1,18 @@
-"""A compartment: one diffusers ``UNet2DModel`` (EMA weights) trained on one source, plus its manifest."""
+"""A compartment: one diffusers ``UNet2DModel`` (EMA weights) trained on one source, plus its manifest.
+
+Under the "heads" routing kind (cdm/routing/heads.py) a compartment also carries its source's router head: the files
+``head.json`` (its config and report) and ``head.safetensors`` (its weights) in the same directory, hashed into the
+manifest like the unet's files, so whatever uploads, verifies, caches and deletes a compartment does the same for its
+head. The head is kept as data (``CompartmentHead``), not as a submodule: compartments with and without a head keep
+the same module tree (``StackedDenoisers``), and the composition that evaluates heads builds their networks.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +28,7 @@ from cdm.artifacts import (
     hash_tree,
     load_tensors,
     read_json,
+    save_tensors,
     verify_tree,
     write_json,
 )
@@ -30,7 +38,24 @@ from cdm.errors import StoreError
 
 WEIGHTS = f"unet/{SAFETENSORS_WEIGHTS_NAME}"  # diffusers' save_pretrained layout below unet/
 UNET_CONFIG = "unet/config.json"
+HEAD_WEIGHTS = "head.safetensors"  # the router head of the "heads" routing kind (cdm/routing/heads.py)
+HEAD_CONFIG = "head.json"  # ... its network config, training facts and report
 FORMAT = 1
+
+
+def has_head(files: Iterable[str]) -> bool:
+    """Whether an artifact with these files (relative paths) carries a router head."""
+    names = set(files)
+    return HEAD_CONFIG in names and HEAD_WEIGHTS in names
+
+
+@dataclass(frozen=True)
+class CompartmentHead:
+    """A compartment's router head as stored: its JSON document (``network``: the constructor arguments of
+    ``cdm.routing.learnt.Router``; plus the data fingerprint and a report) and its weights."""
+
+    doc: dict[str, Any]
+    state: dict[str, torch.Tensor]
 
 
 def build_unet(model: ModelConfig, num_classes: int) -> UNet2DModel:
@@ -134,11 +159,12 @@ class CompartmentManifest:
 class Compartment(torch.nn.Module):
     """A Denoiser over one source: ``eps = unet(x_t, t, c)`` with the EMA weights."""
 
-    def __init__(self, unet: UNet2DModel, manifest: CompartmentManifest) -> None:
+    def __init__(self, unet: UNet2DModel, manifest: CompartmentManifest, head: CompartmentHead | None = None) -> None:
         super().__init__()
         self.unet = unet
         self.manifest = manifest
         self.num_classes = manifest.num_classes
+        self.head = head  # the "heads" routing kind's head (plain data: not a submodule)
 
     @property
     def name(self) -> str:
@@ -155,6 +181,9 @@ class Compartment(torch.nn.Module):
         with atomic_directory(Path(directory)) as tmp:
             # diffusers' own format: unet/config.json + unet/diffusion_pytorch_model.safetensors
             self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+            if self.head is not None:
+                save_tensors(tmp / HEAD_WEIGHTS, self.head.state)
+                write_json(tmp / HEAD_CONFIG, self.head.doc)
             manifest = dataclasses.replace(
                 self.manifest, sha256=hash_tree(tmp), created_at=self.manifest.created_at or time.time()
             )
@@ -180,13 +209,21 @@ class Compartment(torch.nn.Module):
                 f"{directory}: manifest sha256s differ from the ones recorded by the caller (registry); "
                 "the artifact was replaced after registration"
             )
-        verify_tree(directory, {k: v for k, v in manifest.sha256.items() if k != WEIGHTS})
+        verify_tree(directory, {k: v for k, v in manifest.sha256.items() if k not in (WEIGHTS, HEAD_WEIGHTS)})
         config = json.loads((directory / UNET_CONFIG).read_text())
         unet = UNet2DModel.from_config(config)
         state = load_tensors(directory / WEIGHTS, expected_sha256=manifest.sha256.get(WEIGHTS, ""))
         unet.load_state_dict(state)
         unet.eval().requires_grad_(False)
-        return cls(unet, manifest).to(device)
+        head = None
+        if has_head(manifest.sha256):  # head.json verified above, the weights as they are decoded
+            doc = read_json(directory / HEAD_CONFIG)
+            if not isinstance(doc, dict):
+                raise StoreError(f"{directory / HEAD_CONFIG} is not a JSON object; the artifact is corrupt")
+            head = CompartmentHead(
+                doc, load_tensors(directory / HEAD_WEIGHTS, expected_sha256=manifest.sha256[HEAD_WEIGHTS])
+            )
+        return cls(unet, manifest, head).to(device)
 
 
 def new_manifest(

@@ -6,8 +6,9 @@ mixture is the posterior-weighted sum of the per-source denoisers. The rule, the
 1. allowed sets: row n may use the sources S_n (access rights), one row of a (N, K) bool mask, so requests with
    different rights share a batch. Compartments outside S_n never see row n and weigh 0 there.
 2. weights: w_n = P(i | x_t, t, c) over S_n, i.e. a softmax of log-posteriors restricted to S_n (the priors
-   renormalised over S_n): the learnt router's logits here, tracked log-densities in cdm/routing/density.py.
-3. top-k (learnt kind): keep row n's k_n largest weights and renormalise; k_n >= |S_n| is the full mixture.
+   renormalised over S_n): the learnt router's logits here, tracked log-densities in cdm/routing/density.py,
+   log lambda_i + per-source head logits in cdm/routing/heads.py.
+3. top-k (learnt and heads kinds): keep row n's k_n largest weights and renormalise; k_n >= |S_n| is the full mixture.
 4. mix: each compartment runs at most once per call, on exactly the rows where its weight is > 0.
 
 Attribution (the weights averaged over the sampling steps) is in cdm/attribution.py, classifier-free guidance in
@@ -277,7 +278,7 @@ class ComposedDenoiser(Composed):
         vectorize: Vectorize | None = None,
     ) -> ComposedDenoiser:
         """The same compartments and router with other options (None keeps this one's; shares the vmap stack)."""
-        return ComposedDenoiser(
+        return type(self)(
             list(self.compartments),
             self.router,
             self.source_names,
@@ -304,11 +305,18 @@ class ComposedDenoiser(Composed):
         tt = expand_timesteps(t, n, x_t.device)
         mask = self.allowed(allowed, n, x_t.device)
         k = check_top_k(top_k, n) if top_k is not None else (self.top_k if self.mode == "top_k" else None)
-        logits = self.router(x_t, tt, class_labels)[:, self._router_cols]
+        logits, mask = self._logits(x_t, tt, class_labels, mask)
         if logits.dtype in (torch.float16, torch.bfloat16):
             logits = logits.float()  # posteriors in at least fp32, whatever the compartments run in
         w = restricted_softmax(logits, mask)
         return w if k is None else top_k_weights(w, k)
+
+    def _logits(
+        self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) log-posteriors up to a per-row constant over ``source_names``, and the mask they are defined on
+        (``mask`` here; a kind may narrow it, e.g. to sources of nonzero prior). Here: the router's logits."""
+        return self.router(x_t, t, class_labels)[:, self._router_cols], mask
 
     def compose(
         self,

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 Device = Literal["cpu", "cuda"]
-RoutingKind = Literal["learnt", "density"]  # how compartments are composed (cdm/routing/); a registry fact too
+RoutingKind = Literal["learnt", "density", "heads"]  # how compartments are composed (cdm/routing/); a registry fact too
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]  # numpy's legacy seeding takes 32 bits
 Threads = Annotated[int, Field(ge=0, le=1024)]  # 0 = torch's default
 Steps = Annotated[int, Field(ge=1, le=10_000_000)]
@@ -128,10 +128,13 @@ class TrainConfig:
 
 @section("router", error=ConfigError)
 class RouterConfig:
-    """The source classifier w_i(x_t, t, c) = P(source i | x_t, t, c)."""
+    """The source classifier w_i(x_t, t, c) = P(source i | x_t, t, c), or the per-source heads that make it."""
 
     # "learnt": the CNN below, trained on every source's noised data (retrained on every add/forget);
-    # "density": training-free SuperDiff weights from each compartment's own scores (the fields below are unused)
+    # "density": training-free SuperDiff weights from each compartment's own scores (the fields below are unused);
+    # "heads": one CNN of this shape per compartment, trained on its source's data alone against N(0, I) with the
+    # fields below (steps, batch_size = positives + negatives, lr, channels, label_dropout, seed, device,
+    # eval_samples, threads, checkpoint_every), stored and forgotten with its compartment (cdm/routing/heads.py)
     kind: RoutingKind = "learnt"
     steps: Steps = 400  # optimizer steps
     batch_size: BatchSize = 256  # noised samples per step

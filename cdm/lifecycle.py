@@ -17,7 +17,9 @@ Train plan (:meth:`Lifecycle.train`), idempotent through the catalogue (one reco
 
     1. begin     ``begin_training`` (the same data is never trained twice; an active record ends the plan)
     2. keep      the data copy (skipped when present)
-    3. train     resumable; a stop request raises TrainingInterrupted (a rerun resumes from the checkpoint)
+    3. train     resumable; a stop request raises TrainingInterrupted (a rerun resumes from the checkpoint); under
+                 the "heads" routing kind the compartment's router head is trained next, on the same data, and saved
+                 in the compartment's artifact (``head.json`` + ``head.safetensors``)
     4. upload    the slice checkpoints, then save locally and ``upload_directory`` to ``compartments/<id>/``
     5. activate  with the uploaded files, after re-checking the source's tombstone
 
@@ -73,17 +75,17 @@ from cdm.artifacts import (
     upload_directory,
 )
 from cdm.compartment import WEIGHTS, CompartmentManifest
-from cdm.config import ModelConfig, RouterConfig, TrainConfig, to_dict
+from cdm.config import ModelConfig, RouterConfig, RoutingKind, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, load_npz_bytes, npz_bytes
 from cdm.errors import CdmError, IntegrityError, SourceForgotten, StoreError, TrainingInterrupted
+from cdm.routing import ROUTING_KINDS, RouterResult, save_router, train_head, train_router
 from cdm.routing import WEIGHTS as ROUTER_WEIGHTS
-from cdm.routing import RouterResult, save_router, train_router
 from cdm.training import SLICES_DIR, SlicePlan, TrainResult, checkpoint_files, slice_of, train_compartment
 from common.names import SOURCE_NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
-RouterKind = Literal["learnt", "density"]
+RouterKind = RoutingKind  # "learnt" | "density" | "heads"
 Status = Literal["training", "active", "retired"]
 ForgetKind = Literal["forget-source", "forget-samples"]
 # plan.mode: what the request turned out to be once planned
@@ -386,7 +388,8 @@ class Lifecycle:
         model, train, router: the library config sections compartments and routers are built with.
         work_root: local directory for checkpoints (``work/``) and artifacts before upload (``out/``).
         router_kind: ``[router] kind``: "learnt" retrains a router after every composition change that needs it;
-            "density" needs none (a forget-source is retire + delete).
+            "density" needs none (a forget-source is retire + delete); "heads" trains each compartment's head right
+            after it, into the same artifact (a forget-samples retrains both, a forget-source is retire + delete).
         trainer_id: recorded in ``train_metrics`` (e.g. the daemon id).
         progress: show training progress bars.
         should_stop: polled during training; True checkpoints and raises TrainingInterrupted.
@@ -415,8 +418,8 @@ class Lifecycle:
         local_cleanup: Callable[[str], Sequence[str]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if router_kind not in ("learnt", "density"):
-            raise CdmError(f"router kind {router_kind!r} is not one of 'learnt', 'density'")
+        if router_kind not in ROUTING_KINDS:
+            raise CdmError(f"router kind {router_kind!r} is not one of {list(ROUTING_KINDS)}")
         self.catalogue = catalogue
         self.store = store
         self.model = model
@@ -591,6 +594,17 @@ class Lifecycle:
         )
         if result.compartment is None:
             raise TrainingInterrupted(f"training of {cid} stopped at step {result.steps}; a rerun resumes it")
+        if self.router_kind == "heads":  # 3b. its router head, on the same data alone, into the same artifact
+            result.compartment.head = train_head(
+                source,
+                data,
+                model=self.model,
+                router=self.router_cfg,
+                num_classes=self.num_classes,
+                progress=self.progress,
+                should_stop=self.should_stop,
+                workdir=workdir / "head",
+            )
         if base is not None and 0 < result.base_slice <= reused:
             result.compartment.manifest = dataclasses.replace(
                 result.compartment.manifest, base_compartment=base.compartment_id

@@ -23,7 +23,7 @@ key                                        type         contents
                                                         never reset, so ids are never reused)
 ``ns:fingerprints:{source}``               hash         data fingerprint -> compartment id (idempotency)
 ``ns:router``                              hash         the active router (``RouterRecord``)
-``ns:routing``                             string       the routing kind (``RoutingKind``: learnt | density;
+``ns:routing``                             string       the routing kind (``RoutingKind``: learnt | density | heads;
                                                         unset = learnt): how samplers compose, and whether
                                                         the daemon trains a router
 ``ns:epoch``                               string/int   incremented exactly once per change of the composition

@@ -38,6 +38,7 @@ class RoutingKind(StrEnum):
 
     LEARNT = "learnt"  # a router trained on every source (a RouterRecord is needed to serve)
     DENSITY = "density"  # training-free SuperDiff density weights (serves as soon as a compartment is active)
+    HEADS = "heads"  # per-source router heads stored in each compartment (serves the compartments that have one)
 
 
 class CompartmentStatus(StrEnum):

@@ -487,7 +487,7 @@ class Registry(RegistryClient):
         return self._txn(fn, self._keys.router, self._keys.epoch)
 
     def set_routing(self, kind: str) -> int:
-        """Make ``kind`` ("learnt" | "density") the routing kind; returns the epoch after the call.
+        """Make ``kind`` ("learnt" | "density" | "heads") the routing kind; returns the epoch after the call.
 
         A new kind changes how every sampler composes, so the epoch is bumped once (with a change-log entry and an
         event); setting the kind already in force changes nothing (an unset key reads as "learnt"). Raises

@@ -54,14 +54,14 @@ class Composition:
     """What one epoch of the registry serves."""
 
     epoch: int
-    denoiser: Composed  # ComposedDenoiser (learnt routing) or DensityComposition (density routing)
+    denoiser: Composed  # ComposedDenoiser (learnt), DensityComposition (density) or HeadsComposition (heads)
     compartment_ids: tuple[str, ...]
     sources: tuple[str, ...]  # column names of attribution (one per compartment)
     pending: tuple[str, ...] = ()  # active compartments the router does not cover yet (served after retraining)
     loaded_at: float = field(default_factory=time.time)
     records: tuple[CompartmentRecord, ...] = ()  # the registry records of ``compartment_ids`` (same order)
     router: RouterRecord | None = None  # the router's record (learnt routing; None for density)
-    routing: str = "learnt"  # the routing kind it was composed under ("learnt" | "density")
+    routing: str = "learnt"  # the routing kind it was composed under ("learnt" | "density" | "heads")
     degraded: str = ""  # "" = the registry's composition at ``epoch``; else why only a subset of an older one serves
 
     @property

@@ -35,7 +35,7 @@ from cdm.artifacts import (
     sha256_bytes,
 )
 from cdm.artifacts.local import file_url_path
-from cdm.compartment import Compartment
+from cdm.compartment import Compartment, has_head
 from cdm.compose import Composed, Vectorize
 from cdm.config import ModelConfig
 from cdm.errors import CdmError, IntegrityError, StoreError
@@ -126,13 +126,15 @@ class CompositionLoader:
     # -- compositions
 
     def build(self, snap: RegistrySnapshot) -> Composition | None:
-        """The composition of ``snap``; None while there is nothing to serve (no compartment, or the learnt kind
-        without a router covering one).
+        """The composition of ``snap``; None while there is nothing to serve (no compartment, the learnt kind
+        without a router covering one, or the heads kind without a compartment that carries a head).
 
         ``snap`` must already be what may be served (``sampler.forgetting.serving_snapshot``)."""
         kind = snap.routing.value
         router_record = snap.router if needs_router(kind) else None  # the density kind uses no router
         routed = router_record.compartment_ids if router_record is not None else None
+        if kind == "heads":  # served once its compartment carries a head
+            routed = tuple(c.compartment_id for c in snap.compartments if has_head(c.sha256))
         served, pending = serving(kind, snap.compartment_ids, routed)
         records = tuple(c for c in snap.compartments if c.compartment_id in set(served))
         if not records:

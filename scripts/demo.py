@@ -19,7 +19,6 @@ import argparse
 import json
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -177,12 +176,6 @@ def http(method: str, url: str, token: str | None = None, body: dict[str, Any] |
         return err.code, err.headers, err.read()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_ready(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -280,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_log = out / "serve.log"
     try:
         run = str(int(time.time()))
-        serve_port = free_port()
+        serve_port = services.free_port()
         text = demo_config(
             steps=args.steps,
             router_steps=args.router_steps,

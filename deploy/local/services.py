@@ -351,9 +351,14 @@ def stop_prometheus(server: PrometheusServer) -> bool:
 
 
 def _prometheus_answers(port: int, timeout_s: float = 2.0) -> bool:
+    return _http_ok(port, "/-/ready", timeout_s)
+
+
+def _http_ok(port: int, path: str, timeout_s: float = 2.0) -> bool:
+    """Whether GET http://127.0.0.1:PORT/PATH answers 200."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=timeout_s) as response:
-            return response.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout_s) as response:
+            return bool(response.status == 200)
     except (OSError, http.client.HTTPException):
         return False
 
@@ -412,18 +417,18 @@ def fixed_port() -> int:
             except OSError:
                 continue
             return port
-    return _free_port()  # a tiny ephemeral range: fall back to any free port
+    return free_port()  # a tiny ephemeral range: fall back to any free port
 
 
 @dataclass
 class Server:
     """One server of its own on a fixed port: ``stop()`` it and ``start()`` it again on the same port and data.
 
-    Built by :func:`redis_server` and :func:`tansu_server`; nothing runs until ``start()``. A context manager
-    (``with server.start(): ...``) stops it on exit.
+    Built by :func:`redis_server`, :func:`tansu_server` and :func:`cdm_serve`; nothing runs until ``start()``. A
+    context manager (``with server.start(): ...``) stops it on exit.
     """
 
-    name: str  # "redis" or "kafka": the log is STATE/<name>-<port>.log
+    name: str  # "redis", "kafka" or "cdm-serve": the log is STATE/<name>-<port>.log
     port: int
     argv: tuple[str, ...]
     answers: Callable[[int], bool]  # the readiness probe (the same as ``start``'s)
@@ -499,6 +504,26 @@ def tansu_server(
     return Server("kafka", port, tuple(tansu_argv(find_tansu(), port, storage)), _kafka_answers, state, dict(env or {}))
 
 
+def cdm_serve(
+    state_dir: Path | str,
+    config: Path,
+    port: int,
+    *,
+    ready_path: str = "/readyz",
+    env: Mapping[str, str] | None = None,
+    log_level: str = "WARNING",
+) -> Server:
+    """``cdm serve --config CONFIG`` as a process of its own (not started), run in ``state_dir`` (so only
+    ``config`` counts, not a config.toml or .services there), logging to STATE/cdm-serve-PORT.log; ``start()``
+    returns once ``GET ready_path`` answers 200 (``/healthz``: the process is up; ``/readyz``: it can sample).
+    ``port`` must be the config's ``[serve] port``."""
+    state = Path(state_dir).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    argv = (sys.executable, "-m", "cli", "--config", str(config), "serve", "--log-level", log_level)
+    probe = functools.partial(_http_ok, path=ready_path)
+    return Server("cdm-serve", port, argv, probe, state, dict(env or {}))
+
+
 # --------------------------------------------------------------------------------------------- internals
 
 
@@ -525,7 +550,7 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -542,7 +567,7 @@ def _start_with_free_port(
     """Spawn a server on a free port and wait until it answers; returns (port, pid)."""
     last_error: ServicesError | None = None
     for _ in range(_PORT_ATTEMPTS):
-        port = _free_port()
+        port = free_port()
         t0 = time.monotonic()
         proc = _spawn(argv_for(port), _log_path(state, name), state)
         try:
@@ -725,14 +750,15 @@ def _alive(pid: int) -> bool:
 
 
 def _is_our_server(pid: int) -> bool:
-    """The pid is alive and still runs redis-server, tansu, moto.server or prometheus (guards against pid reuse)."""
+    """The pid is alive and still runs redis-server, tansu, moto.server, prometheus or ``python -m cli``
+    (:func:`cdm_serve`): guards against pid reuse."""
     if not _alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True  # no /proc: trust the pid
-    return any(name in cmdline for name in (b"redis-server", b"tansu", b"moto.server", b"prometheus"))
+    return any(name in cmdline for name in (b"redis-server", b"tansu", b"moto.server", b"prometheus", b"-m\x00cli\x00"))
 
 
 def _terminate(pid: int) -> bool:

@@ -4,11 +4,6 @@ itself, and after a forget-source no response at or after the forget's epoch use
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from deploy.local import services
 from registry.acl import AccessRegistry, Grant
 from registry.keys import Keys
 from registry.writer import Registry
@@ -27,16 +23,9 @@ from tests.api.conftest import TAGS, Trained, register
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Process:
     url: str
-    proc: subprocess.Popen[bytes]
     log: Path
 
 
@@ -49,7 +38,7 @@ def cdm_serve(
     access = AccessRegistry(redis_client, keys)
     for source, tags in TAGS.items():
         access.set_tags(source, tags)
-    port = free_port()
+    port = services.free_port()
     cfg = tmp_path / "config.toml"
     cfg.write_text(
         f"""
@@ -71,38 +60,10 @@ sampling_threads = 2
 resync_s = 0.2
 """
     )
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        # cwd: a directory without config.toml or .services, so only --config counts
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--config", str(cfg), "serve", "--log-level", "WARNING"],
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"cdm serve exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"cdm serve never became ready:\n{log.read_text()}")
-            time.sleep(0.2)
-        yield Process(url, proc, log)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # run in a directory without config.toml or .services, so only --config counts
+    server = services.cdm_serve(tmp_path / "serve", cfg, port, env={"PYTHONPATH": str(REPO)})
+    with server.start(timeout_s=120):
+        yield Process(f"http://127.0.0.1:{port}", server.log)
 
 
 @dataclass(frozen=True)

@@ -337,3 +337,58 @@ def test_a_tampered_or_foreign_checkpoint_is_never_resumed_from(
     other = dataclasses.replace(SLICED, lr=2e-3)  # another [train] config: its checkpoints do not apply
     receipt = sliced.forget_samples("low", in_slice(sources["low"], 4), other, ROUTER, progress=False)
     assert (receipt.resumed_from_slice, receipt.steps_retrained) == (0, 8)
+
+
+def test_with_heads_each_compartment_carries_its_head_and_a_forget_touches_only_its_source(
+    tmp_path: Path, sources: dict[str, SourceData]
+) -> None:
+    from cdm.compartment import HEAD_CONFIG, HEAD_WEIGHTS, Compartment
+    from cdm.lifecycle import compartment_prefix
+    from cdm.routing import build_composition
+
+    s = LocalStore(tmp_path / "heads", model=MODEL)
+    lc = s.lifecycle(train=TRAIN, router=ROUTER, router_kind="heads", progress=False)
+    for name, data in sources.items():
+        s.stage_data(name, data)
+        outcome = lc.train(name, data, lineage={"source": name})
+        assert outcome.trained and outcome.result is not None
+    # 1. add: compartment + head, in one artifact (hashed, uploaded, registered); no router, no router training
+    assert s.catalogue.router() is None and not (s.root / "routers").exists()
+    entries = {e.source: e for e in s.catalogue.active()}
+    for name, entry in entries.items():
+        assert {HEAD_CONFIG, HEAD_WEIGHTS} <= set(entry.files), f"{name}'s head is not registered with it"
+        comp = s.load_compartment(name)
+        assert comp.head is not None and comp.head.doc["fingerprint"] == entry.fingerprint
+        assert comp.head.doc["steps"] == ROUTER.steps and comp.manifest.steps == TRAIN.steps
+    comps = [s.load_compartment(n) for n in sorted(entries)]
+    den = build_composition("heads", comps, sorted(entries), n_samples=[entries[n].n_samples for n in sorted(entries)])
+    x = torch.randn(4, 1, 8, 8)
+    assert den.compose(x, torch.full((4,), 500), None).weights.shape == (4, 2)
+    directory = s.compartment_dir("high")
+    before = {e.source: dict(e.files) for e in s.catalogue.active()}
+
+    def digests(source: str) -> dict[str, str]:
+        return {rel: f.sha256 for rel, f in before[source].items()}
+
+    # 2. forget-samples of "low": compartment + head of "low" retrained, "high" byte-identical, still no router
+    low = s.load_data("low")
+    receipt = lc.forget_samples("low", [int(low.ids[0])], request_id="heads-samples")
+    assert receipt.router_after is None and s.catalogue.router() is None
+    after = {e.source: e for e in s.catalogue.active()}
+    assert {rel: f.sha256 for rel, f in after["high"].files.items()} == digests("high")
+    assert after["low"].compartment_id != entries["low"].compartment_id
+    new_low = {rel: f.sha256 for rel, f in after["low"].files.items()}
+    assert new_low[HEAD_WEIGHTS] != digests("low")[HEAD_WEIGHTS] and new_low[WEIGHTS] != digests("low")[WEIGHTS]
+    head = s.load_compartment("low").head
+    assert head is not None and head.doc["n_samples"] == len(low) - 1
+    assert not s.artifacts.exists(f"{compartment_prefix(entries['low'].compartment_id)}/{HEAD_WEIGHTS}")
+    # 3. forget-source of "low": its compartment and head deleted, nothing trained, "high" untouched
+    receipt = lc.forget_source("low", request_id="heads-source")
+    assert receipt.router_after is None and s.sources() == ["high"]
+    assert [f for f in files_of(s) if "low" in f] == []
+    assert {rel: f.sha256 for rel, f in s.catalogue.active()[0].files.items()} == digests("high")
+    # 4. a tampered head is refused like any file of the compartment
+    assert Compartment.load(directory).head is not None
+    (directory / HEAD_WEIGHTS).write_bytes(b"tampered")
+    with pytest.raises(CdmError, match="sha256"):
+        Compartment.load(directory)

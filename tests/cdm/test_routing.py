@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cdm.attribution import WEIGHTINGS, attribute, attribution_agreement, dominant_agreement
-from cdm.compartment import Compartment, build_unet, new_manifest
+from cdm.compartment import Compartment, CompartmentHead, build_unet, new_manifest
 from cdm.compose import ComposedDenoiser
 from cdm.config import SampleConfig, TrainConfig
 from cdm.errors import ConfigError
@@ -18,6 +18,7 @@ from cdm.pipeline import CompartmentalPipeline, make_scheduler
 from cdm.routing import (
     ROUTING_KINDS,
     DensityComposition,
+    HeadsComposition,
     PruneConfig,
     Router,
     RouterManifest,
@@ -35,6 +36,12 @@ NAMES = ["a", "b", "c"]
 COUNTS = [[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 4, 4, 4, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 6, 6, 6, 6, 6]]
 
 
+def tiny_head(name: str) -> CompartmentHead:
+    """An untrained head (the heads kind's network: the Router with one output), stored as a compartment holds it."""
+    spec = {"source_names": [name], "sample_size": 8, "channels": [16, 32], "num_classes": 10}
+    return CompartmentHead({"network": spec, "fingerprint": f"fp-{name}"}, Router(**spec).state_dict())
+
+
 def tiny_compartments() -> list[Compartment]:
     torch.manual_seed(0)
     return [
@@ -49,6 +56,7 @@ def tiny_compartments() -> list[Compartment]:
                 model=TINY_MODEL,
                 train=TrainConfig(),
             ),
+            tiny_head(name),
         )
         for name, counts in zip(NAMES, COUNTS, strict=True)
     ]
@@ -90,11 +98,11 @@ def sample(pipe: CompartmentalPipeline, **kw):
 
 
 def test_kinds_and_what_each_serves():
-    assert ROUTING_KINDS == ("learnt", "density")
-    assert check_kind("density") == "density"
-    with pytest.raises(ConfigError, match="routing kind 'heads' is not one of"):
-        check_kind("heads")
-    assert needs_router("learnt") and not needs_router("density")
+    assert ROUTING_KINDS == ("learnt", "density", "heads")
+    assert check_kind("density") == "density" and check_kind("heads") == "heads"
+    with pytest.raises(ConfigError, match="routing kind 'hydra' is not one of"):
+        check_kind("hydra")
+    assert needs_router("learnt") and not needs_router("density") and not needs_router("heads")
     active = ("a@v1", "b@v2", "c@v1")
     # learnt: only what a router covers; nothing without a router
     assert serving("learnt", active, None) == ((), active)
@@ -102,6 +110,8 @@ def test_kinds_and_what_each_serves():
     # density: every active compartment, as soon as it is active; the router is irrelevant
     assert serving("density", active, None) == (active, ())
     assert serving("density", active, ("a@v1",)) == (active, ())
+    # heads: the compartments that carry a head (``routed``: their ids)
+    assert serving("heads", active, ("a@v1", "c@v1")) == (("a@v1", "c@v1"), ("b@v2",))
 
 
 def test_build_composition(compartments, router):
@@ -115,6 +125,9 @@ def test_build_composition(compartments, router):
     assert density.class_priors is not None and density.class_priors[0, 5] == 0 and density.class_priors[2, 5] == 6
     assert density.estimator == "auto" and density.source_names == NAMES
     torch.testing.assert_close(density.alphas_cumprod, make_scheduler("ddpm", TINY_MODEL).alphas_cumprod.double())
+    heads = compose("heads", compartments, router)
+    assert isinstance(heads, HeadsComposition) and heads.kind == "heads" and heads.router.source_names == NAMES
+    assert heads.router.class_priors is not None and heads.router.class_priors[0, 5] == 0
     # counts that do not cover every class are not class priors
     partial = build_composition("density", compartments, NAMES, class_counts=[[1], [1], [1]])
     assert isinstance(partial, DensityComposition) and partial.class_priors is None

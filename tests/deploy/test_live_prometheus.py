@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -34,6 +30,7 @@ import redis
 import yaml
 
 from cli import main
+from deploy.local import services
 from deploy.local.services import PrometheusServer, start_prometheus, stop_prometheus
 from registry.acl import AccessRegistry, Grant
 from registry.keys import Keys
@@ -68,14 +65,6 @@ class Prom:
         return doc["data"]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait(what: str, check: Any, timeout: float, env: DaemonEnv | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -107,7 +96,7 @@ def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[Dae
 
 @pytest.fixture
 def serve(env: DaemonEnv, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+    port = services.free_port()
     config = tmp_path / "serve.toml"
     config.write_text(
         f"""
@@ -128,35 +117,10 @@ resync_s = 0.5
 metrics_max_principals = 4
 """
     )
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "--config", str(config), "serve", "--log-level", "WARNING"],
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"cdm serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        wait("cdm serve to answer /healthz", healthy, 120)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # up (/healthz) is enough here: the test waits for readiness itself once the daemon serves
+    server = services.cdm_serve(tmp_path / "serve", config, port, ready_path="/healthz", env={"PYTHONPATH": str(REPO)})
+    with server.start(timeout_s=120):
+        yield f"http://127.0.0.1:{port}"
 
 
 def finite(result: list[dict[str, Any]]) -> bool:

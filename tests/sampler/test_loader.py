@@ -156,3 +156,34 @@ def test_oversized_json_and_self_contradicting_records_are_refused(
     with pytest.raises(IntegrityError, match="contradicts itself"):
         loader.build(RegistrySnapshot(1, (contradicting,), router))
     assert not loader.loaded
+
+
+def test_the_heads_kind_serves_the_compartments_that_carry_a_head(
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    keys: Keys,
+    reg: Registry,
+    store: DirectoryStore,
+    loader: CompositionLoader,
+) -> None:
+    from cdm.compartment import HEAD_CONFIG, HEAD_WEIGHTS, CompartmentHead
+    from cdm.routing import HeadsComposition, Router
+
+    writer = tmp_path / "writer"
+    headed = save_tiny_compartment(writer / "scratch", "d0@v1", seed=0)
+    spec = {"source_names": ["d0"], "sample_size": 8, "channels": [8, 16], "num_classes": 10}
+    headed.head = CompartmentHead(
+        {"network": spec, "fingerprint": headed.manifest.fingerprint}, Router(**spec).state_dict()
+    )
+    d0 = publish_compartment(reg, redis_client, keys, store, writer, "d0", seed=0, compartment=headed)
+    d1 = publish_compartment(reg, redis_client, keys, store, writer, "d1", seed=1)  # trained under another kind
+    assert {HEAD_CONFIG, HEAD_WEIGHTS} <= set(d0.files) and HEAD_CONFIG not in d1.files
+    reg.set_routing("heads")
+    live = LiveComposition(RegistryClient(redis_client, keys), loader)
+    comp = live.refresh()
+    assert comp is not None and comp.routing == "heads" and isinstance(comp.denoiser, HeadsComposition)
+    assert comp.compartment_ids == (d0.compartment_id,) and comp.pending == (d1.compartment_id,)
+    assert loader.loads == {"compartment": 1}, "no router, and the compartment without a head is not loaded"
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(comp.denoiser.compose(x, torch.tensor([10, 500]), None).weights, torch.ones(2, 1))
+    live.stop()
