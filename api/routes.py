@@ -57,7 +57,7 @@ from sampler.engine import AttributeRequest, Sampler, SampleRequest, SampleResul
 from sampler.live import Composition
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
-ATTRIBUTION_METHODS = {  # cdm/image_attribution.py: "router" for the learnt routing kind, "elbo" for density
+ATTRIBUTION_METHODS = {  # cdm/image_attribution.py: "router" for the learnt and heads kinds, "elbo" for density
     "router": (
         "x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for each timestep t and noise draw eps; per t the arithmetic "
         "mean over the draws of the router's P(source | x_t, t, label) renormalised over the sources considered; "

@@ -130,8 +130,8 @@ class TimestepPosterior(BaseModel):
 
 
 class AttributeResponse(BaseModel):
-    """``POST /v1/attribute``: P(source | image) over the caller's sources: the router's posterior (learnt routing
-    kind) or the compartments' ELBOs (density routing kind)."""
+    """``POST /v1/attribute``: P(source | image) over the caller's sources: the router's posterior (learnt and heads
+    routing kinds) or the compartments' ELBOs (density routing kind)."""
 
     epoch: int
     sources: list[str] = Field(description="the posterior's columns: the sources considered, nothing else")
@@ -145,7 +145,7 @@ class AttributeResponse(BaseModel):
     draws: int
     seed: int
     method: Literal["router", "elbo"] = Field(
-        description="router: the learnt router's posterior; elbo: the compartments' diffusion ELBOs (density kind)"
+        description="router: the router's (or heads') posterior; elbo: the compartments' diffusion ELBOs (density)"
     )
     method_description: str = Field(description="how the posterior was computed")
 

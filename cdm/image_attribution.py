@@ -6,8 +6,9 @@ Both noise the image along the forward process: for each requested timestep t an
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the compartments' training schedule (diffusers'
 ``DDPMScheduler.add_noise``). Low t sees the image almost clean, high t mostly noise.
 
-* "router" (the learnt kind, ``ComposedDenoiser``): w(x_t, t, c) = P(source | x_t, t, c) is the composition's
-  weights function (the router renormalised over the caller's sources, as when sampling). by_timestep[t] is the
+* "router" (the learnt and heads kinds, ``ComposedDenoiser`` and its ``HeadsComposition``): w(x_t, t, c) =
+  P(source | x_t, t, c) is the composition's weights function (the router, or the per-source heads, renormalised
+  over the caller's sources, as when sampling). by_timestep[t] is the
   arithmetic mean of w over the draws (a Monte Carlo estimate of E_eps[w(x_t, t, c)]); the posterior is the mean of
   those over the timesteps. Only the router runs, never a compartment.
 
@@ -70,7 +71,7 @@ class ImageAttribution:
     """P(source | image) over ``sources`` for each image.
 
     posterior: (N, K); by_timestep: (T, N, K) in ``timesteps`` order; columns are ``sources`` (exactly the sources
-    considered, nothing else, in the composition's order). method "router" (learnt kind): by_timestep is the
+    considered, nothing else, in the composition's order). method "router" (learnt, heads): by_timestep is the
     router's posterior averaged over the draws, posterior their mean over the timesteps. method "elbo" (density
     kind): by_timestep is the posterior from one timestep's weighted ELBO term alone, posterior the one from the
     summed terms (see the module docstring).
@@ -115,8 +116,8 @@ def attribute_images(
     """Posterior over ``sources`` (default: all of the composition) for uint8 ``images`` (N,H,W[,C]).
 
     Args:
-        denoiser: the composition: a ``ComposedDenoiser`` (learnt kind: its router's posterior, no compartment
-            runs) or a ``DensityComposition`` (density kind: the compartments' ELBOs, only those in ``sources``).
+        denoiser: the composition: a ``ComposedDenoiser`` (learnt and heads kinds: its router's posterior, no
+            compartment runs) or a ``DensityComposition`` (density kind: the ELBOs of the compartments in ``sources``).
         images: uint8 images of any size; resized to the model's sample size, channels converted.
         sources: the subset the posterior is over (access rights); None = every source of the composition.
         timesteps: forward-process timesteps in [0, num_train_timesteps).
@@ -155,7 +156,7 @@ def attribute_tensors(
         top = len(denoiser.alphas_cumprod)
     else:
         raise ConfigError(
-            f"image attribution knows the learnt (router) and density (ELBO) routing kinds; got a "
+            f"image attribution knows the router kinds (learnt, heads) and the density kind (ELBO); got a "
             f"{type(denoiser).__name__} of kind {getattr(denoiser, 'kind', None)!r}"
         )
     if not timesteps or any(not 0 <= int(t) < top for t in timesteps):
@@ -200,7 +201,8 @@ def _router_posterior(
     labels: torch.Tensor | None,
     seed: int,
 ) -> ImageAttribution:
-    """The learnt kind: the router's weights, averaged over the draws at each timestep, then over the timesteps."""
+    """The learnt and heads kinds: the router's weights, averaged over the draws at each timestep, then over the
+    timesteps."""
     den = denoiser.configured(subset=sources) if sources is not None else denoiser  # refuses a bare string
     used = [den.source_names[i] for i in den.subset]
     cols = [den.source_names.index(s) for s in used]

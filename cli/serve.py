@@ -51,10 +51,11 @@ def register(sub: Subparsers) -> None:
         "attribute",
         help="which source does an image look like: P(source | image) (offline or live registry)",
         description="Noise IMAGE along the forward process at several timesteps and report the posterior over the "
-        "sources: the learnt kind's router posterior averaged over noise draws (per timestep, then over timesteps), "
-        "or for the density routing kind each compartment's diffusion ELBO as its log-likelihood (method 'elbo'). "
+        "sources: the learnt (or heads) kind's router posterior averaged over noise draws (per timestep, then "
+        "over timesteps), or for the density routing kind each compartment's diffusion ELBO as its "
+        "log-likelihood (method 'elbo'). "
         "--store uses a local store (learnt kind, its router); --redis the registry's served composition, of "
-        "either kind. Prints JSON.",
+        "any kind. Prints JSON.",
     )
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", type=Path, help="local artifact store")

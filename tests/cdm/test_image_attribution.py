@@ -29,13 +29,12 @@ import numpy as np
 import pytest
 import torch
 
-from cdm.compartment import Compartment, build_unet, new_manifest
-from cdm.config import TrainConfig
+from cdm.compartment import Compartment
 from cdm.errors import ConfigError, DataError
 from cdm.image_attribution import attribute_images, attribute_tensors, elbo_weights
 from cdm.routing import DensityComposition, Router, build_composition
-from tests.cdm.conftest import TINY_MODEL
 from tests.cdm.gaussians import ABAR, SHAPE, GaussianSource, log_normal
+from tests.cdm.test_routing import COUNTS, tiny_compartments, tiny_router
 
 NAMES = ["a", "b", "c"]
 PRIORS = [0.5, 0.3, 0.2]
@@ -245,31 +244,12 @@ def test_a_zero_class_prior_means_that_compartment_never_sees_the_image():
 
 # ------------------------------------------------------------------------------------ real tiny compartments
 
-COUNTS = [[5, 5, 0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 4, 4, 4, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 6, 6, 6, 6, 6]]
-
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[list[Compartment], Router]:
-    """Untrained (seeded, deterministic) 8x8 compartments, class counts COUNTS, and an untrained router."""
-    torch.manual_seed(0)
-    comps = [
-        Compartment(
-            build_unet(TINY_MODEL, 10).eval(),
-            new_manifest(
-                name,
-                fingerprint=f"fp-{name}",
-                n_samples=sum(counts),
-                class_counts=counts,
-                num_classes=10,
-                model=TINY_MODEL,
-                train=TrainConfig(),
-            ),
-        )
-        for name, counts in zip(NAMES, COUNTS, strict=True)
-    ]
-    torch.manual_seed(1)
-    router = Router(source_names=NAMES, sample_size=8, channels=(16, 32), num_classes=10).eval()
-    return comps, router
+    """Untrained (seeded, deterministic) 8x8 compartments with untrained heads, class counts COUNTS, and an untrained
+    router (tests/cdm/test_routing.py's)."""
+    return tiny_compartments(), tiny_router()
 
 
 def compose(kind: str, tiny) -> Any:
@@ -338,8 +318,9 @@ def test_density_attribution_of_images_through_real_compartments(tiny):
         unhook()
 
 
-def test_the_learnt_kind_is_unchanged_the_routers_posterior_without_any_compartment(tiny):
-    comp = compose("learnt", tiny)
+@pytest.mark.parametrize("kind", ["learnt", "heads"])
+def test_the_router_kinds_are_unchanged_the_routers_posterior_without_any_compartment(tiny, kind):
+    comp = compose(kind, tiny)
     rows, unhook = count_rows(tiny[0])
     try:
         res = attribute_images(comp, images(2), sources=["a", "c"], timesteps=(10, 200), draws=2, seed=1)
@@ -348,7 +329,7 @@ def test_the_learnt_kind_is_unchanged_the_routers_posterior_without_any_compartm
     assert res.method == "router" and res.sources == ["a", "c"] and res.posterior.shape == (2, 2)
     np.testing.assert_allclose(res.posterior, res.by_timestep.mean(0))
     np.testing.assert_allclose(res.posterior.sum(1), 1, rtol=1e-5)
-    assert sum(rows.values()) == 0, "the learnt kind reads the router only"
+    assert sum(rows.values()) == 0, "the learnt and heads kinds read the router only"
 
 
 @pytest.mark.parametrize(
@@ -368,7 +349,7 @@ def test_the_learnt_kind_is_unchanged_the_routers_posterior_without_any_compartm
         ({"class_labels": [1, 2]}, ConfigError, "2 class labels for 1 images"),
     ],
 )
-@pytest.mark.parametrize("kind", ["learnt", "density"])
+@pytest.mark.parametrize("kind", ["learnt", "density", "heads"])
 def test_bad_input_is_refused_with_what_to_do(tiny, kind, kwargs, error, needle):
     comp = compose(kind, tiny)
     rows, unhook = count_rows(tiny[0])
@@ -389,5 +370,5 @@ def test_labels_for_unconditional_compartments_and_unknown_kinds_are_refused():
         attribute_tensors(density(comps), x0, timesteps=[1], class_labels=[0])
     with pytest.raises(DataError, match="model space"):
         attribute_tensors(density(comps), torch.zeros((1, 2, 4, 4)), timesteps=[1])
-    with pytest.raises(ConfigError, match="learnt \\(router\\) and density \\(ELBO\\)"):
+    with pytest.raises(ConfigError, match="learnt, heads\\) and the density kind \\(ELBO\\)"):
         attribute_tensors(torch.nn.Identity(), x0, timesteps=[1])  # type: ignore[arg-type]
