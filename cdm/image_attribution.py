@@ -8,9 +8,9 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the compartments' training sc
 
 * "router" (the learnt and heads kinds, ``ComposedDenoiser`` and its ``HeadsComposition``): w(x_t, t, c) =
   P(source | x_t, t, c) is the composition's weights function (the router, or the per-source heads, renormalised
-  over the caller's sources, as when sampling). by_timestep[t] is the
-  arithmetic mean of w over the draws (a Monte Carlo estimate of E_eps[w(x_t, t, c)]); the posterior is the mean of
-  those over the timesteps. Only the router runs, never a compartment.
+  over the caller's sources, as when sampling). by_timestep[t] is the arithmetic mean of w over the draws (a Monte
+  Carlo estimate of E_eps[w(x_t, t, c)]); the posterior is the mean of those over the timesteps. Only the router
+  (or the heads) runs, never a compartment.
 
 * "elbo" (the density kind, ``DensityComposition``; nothing trained, no router): each compartment's own diffusion
   ELBO is its log-likelihood (Li et al. 2023, "Your Diffusion Model is Secretly a Zero-Shot Classifier"; the
@@ -30,12 +30,12 @@ x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps with the compartments' training sc
   lambda_i the composition's priors (n_samples, or P(i | c) from the class counts for a labelled image: the priors
   the density kind samples with, ``DensityComposition.row_priors``), S the caller's sources. Every compartment sees
   the same (t, eps) draws (common random numbers) and the draws come in antithetic pairs (eps, -eps), which cancels
-  the term of ||eps - eps_i||^2 linear in eps, the largest part of the Monte Carlo noise at low t (measured on the
-  analytic Gaussian test: 16 paired draws beat 64 independent ones). by_timestep[t] is the posterior from that
-  timestep's term alone, softmax_{i in S}(log lambda_i - W_t mean_eps ||eps - eps_i||^2) (its weight in the sum
-  included, so each shows what that timestep contributes); the posterior comes from the summed terms and is not
-  the mean of by_timestep. Cost: every compartment in S runs once per timestep on draws x N rows. A compartment
-  outside S, or with prior 0 for an image's class, never sees that image.
+  the term of ||eps - eps_i||^2 linear in eps, the largest part of the Monte Carlo noise at low t (measured on
+  analytic Gaussian sources, all timesteps: TV max 0.009 with 16 paired draws, 0.036 with 64 independent ones).
+  by_timestep[t] is the posterior from that timestep's term alone, softmax_{i in S}(log lambda_i - W_t mean_eps
+  ||eps - eps_i||^2) (its weight in the sum included, so each shows what that timestep contributes); the posterior
+  comes from the summed terms and is not the mean of by_timestep. Cost: every compartment in S runs once per
+  timestep on draws x N rows. A compartment outside S, or with prior 0 for an image's class, never sees that image.
   Accuracy (tests/cdm/test_image_attribution.py, compartments with the exact eps of Gaussian-mixture sources in 16
   dims, cosine schedule): with all 1000 timesteps and 16 draws the total variation from the exact P(i | x_0) is
   0.013 at worst and 8e-4 on average over 48 points (log P within 0.14 nats wherever P > 1e-3); every 10th timestep
