@@ -2,6 +2,11 @@
 
 Each benchmark prints its figures and writes JSON + Markdown to bench/results/; the report step assembles
 bench/RESULTS.md from them (ratios are from one run, next to absolute times).
+
+Groups (--only, comma-separated): quality (sections 1-4), slicing (2b), overhead (2c), sampling (5), service (6),
+serving (7), routing (8: router kinds at equal compute), and, only when named, routing-converged (8.5: the router
+kinds at K x compute, each compartment converged_steps x B; it reads routing.json from --out for the
+equal-compute numbers it sets side by side, so run `--only routing` with the same profile first).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ import torch
 from bench import report
 from bench.common import PROFILES, RESULTS, environment
 
+DEFAULT_GROUPS = ("quality", "slicing", "overhead", "sampling", "service", "serving", "routing")
+GROUPS = (*DEFAULT_GROUPS, "routing-converged")  # routing-converged runs only when named
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,11 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="override the profile's device")
     ap.add_argument(
         "--only",
-        default="quality,slicing,overhead,sampling,service,serving,routing",
-        help="comma-separated benchmark groups",
+        default=",".join(DEFAULT_GROUPS),
+        help=f"comma-separated benchmark groups of {', '.join(GROUPS)} (default: all but routing-converged)",
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    unknown = sorted(only - set(GROUPS))
+    if unknown:
+        print(f"--only: unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
     p = PROFILES[args.profile or ("gpu" if args.device == "cuda" else "quick")]
     if args.device:
         p = dataclasses.replace(p, device=args.device)
@@ -46,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = environment()
-    only = set(args.only.split(","))
     print(f"profile {p.name} on {p.device}: {p}", flush=True)
     ext = None
     if only & {"quality", "slicing"}:
@@ -90,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
         routing.run(p, out, ext, env)
+    if "routing-converged" in only:  # after routing: it reads routing.json's equal-compute rows
+        from bench import routing_converged
+        from cdm.metrics import get_feature_extractor
+
+        ext = get_feature_extractor(p.sample_size, cache_dir=Path(".cache/cdm"), device=p.device, progress=False)
+        routing_converged.run(p, out, ext, env)
     if "service" in only:
         from bench import service
 
