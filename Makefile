@@ -1,5 +1,5 @@
 # cdm: every target sets itself up (venv, pip and apt packages, local services) on a fresh machine.
-.PHONY: help setup dev demo test lint typecheck unit bench bench-gpu bench-quick bench-routing services-start services-stop clean
+.PHONY: help setup dev demo test lint typecheck unit bench bench-gpu bench-quick bench-routing bench-routing-converged services-start services-stop clean
 
 PY := .venv/bin/python
 
@@ -34,6 +34,9 @@ bench-quick: dev  ## minutes-long benchmark smoke run
 
 bench-routing: dev  ## the router-kinds group alone at its own profile (~25 min on 2 shared CPU cores)
 	@$(PY) -m bench.run --profile routing --only routing
+
+bench-routing-converged: dev  ## 8.5: the router kinds at K x compute (each compartment converged_steps x B; ~20 min)
+	@$(PY) -m bench.run --profile routing --only routing-converged
 
 services-start: setup  ## start Redis + Kafka-protocol broker + S3 server on free loopback ports (state in .services/)
 	@$(PY) -m deploy.local.services start

@@ -167,13 +167,14 @@ class Result:
     notes: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    level: int = 3  # Markdown heading level of the title (4: a subsection, e.g. 8.5 under section 8)
 
     def add(self, *row: Any) -> None:
         self.rows.append(list(row))
         print("  " + " | ".join(_fmt(v) for v in row), flush=True)
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", ""]
+        lines = [f"{'#' * self.level} {self.title}", ""]
         if self.rows:
             lines += ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
             lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in self.rows]

@@ -18,6 +18,7 @@ ORDER = [
     "service",
     "serving",
     "routing",
+    "routing-converged",  # 8.5, a subsection of 8
 ]
 HEADER = """# cdm benchmark results
 

@@ -174,6 +174,105 @@ def choose_guidance(rows: Sequence[tuple[float, float, float]]) -> float:
     return min(near, key=lambda r: (-r[2], r[0]))[0]
 
 
+# --------------------------------------------------------------------------------------------- quality rows
+# shared by 8.1 (equal compute, below) and 8.5 (K x compute, bench/routing_converged.py): the same monolith
+# reference, kinds, sampler, scoring and attribution agreement
+
+QUALITY_COLUMNS: tuple[str, ...] = (
+    "split",
+    "kind",
+    "routing",
+    "FID",
+    "KID",
+    "FID / monolith",
+    "compartment evals / image / step",
+    "sample s",
+    "trained (s)",
+    "attribution agreement: mean / alpha_bar / snr",
+)
+QUALITY_NOTES: tuple[str, ...] = (
+    "trained (s): the compartments' training time, plus the router's for the learnt kind (density trains "
+    "nothing beyond the compartments).",
+    "compartment evals / image / step: rows the compartments actually ran on (forward hooks), per image and "
+    "sampling step: K for a full mixture, 1 for top-1; pruning lowers it as compartments drop out.",
+    "attribution agreement: share of samples whose dominant source (argmax of the weights averaged over the "
+    "steps, under each weighting of cdm/attribution.py) is the source holding the class the metrics "
+    "classifier reads in the image.",
+)
+
+
+def score(b: Bench, s: Sampled) -> tuple[float, float]:
+    """FID and KID (mean) of ``s``'s images against the bench's reference features."""
+    feats = b.ext.features(s.images)
+    k_mean, _ = kid(feats, b.ref_feats, subset_size=min(500, len(feats)))
+    return fid(feats, b.ref_feats), k_mean
+
+
+def monolith_row(p: Profile, b: Bench, r: Result) -> tuple[Compartment, float, float]:
+    """The reference: the monolith at ``p.steps`` x B on all data, sampled like every kind; adds its row to ``r``
+    and returns it, its training seconds and its FID."""
+    mono, mono_s = b.train("monolith", b.data, p.batch, p.steps)
+    s = draw(p, single(mono, "monolith"), p.n_fid)
+    mono_fid, mono_kid = score(b, s)
+    r.add("all data", "monolith", "-", mono_fid, mono_kid, 1.0, s.evals, s.seconds, mono_s, "-")
+    return mono, mono_s, mono_fid
+
+
+def class_owner(parts: dict[str, SourceData]) -> np.ndarray:
+    """The index of the source holding each of the 10 classes (the by-class split's ground truth)."""
+    truth = np.zeros(10, dtype=np.int64)
+    for i, d in enumerate(parts.values()):
+        if d.labels is None:
+            raise ValueError(f"source #{i} has no labels: attribution agreement needs the by-class split's labels")
+        truth[np.unique(d.labels)] = i
+    return truth
+
+
+def kind_rows(
+    p: Profile,
+    b: Bench,
+    r: Result,
+    split: str,
+    parts: dict[str, SourceData],
+    comps: list[Compartment],
+    learnt: Composed,
+    train_s: float,
+    router_s: float,
+    mono_fid: float,
+    scores: dict[tuple[str, str, str], float],
+) -> None:
+    """One split's rows of the quality table: learnt full and top-1, density full and pruned (``p.prune``) over the
+    same ``comps``; FID, KID, ratio to ``mono_fid``, compartment evaluations, seconds and (by-class) attribution
+    agreement. Each FID goes to ``scores[(split, kind, routing)]``, each agreement (snr weighting) to
+    ``scores[(split, kind, routing + ":agreement")]``."""
+    names = list(parts)
+    truth = class_owner(parts) if split == "by-class" else None
+    rows: list[tuple[RoutingKind, str, Composed, int | None, float]] = [
+        ("learnt", "full", learnt, None, train_s + router_s),
+        ("learnt", "top-1", learnt, 1, train_s + router_s),
+        ("density", "full", density(comps, names), None, train_s),
+    ]
+    rows += [
+        ("density", prune_label(pc), density(comps, names, pc), None, train_s)
+        for pc in (PruneConfig(threshold=t, patience=k) for t, k in p.prune)
+    ]
+    for kind, routing, comp, top_k, trained in rows:
+        s = draw(p, comp, p.n_fid, top_k=top_k)
+        f, k = score(b, s)
+        scores[(split, kind, routing)] = f
+        agree = "n/a"
+        if truth is not None:
+            a = attribution_agreement(s.trajectory, s.alphas_cumprod, truth[b.ext.predict(s.images)])
+            agree = f"{a['mean']:.3f} / {a['alpha_bar']:.3f} / {a['snr']:.3f}"
+            scores[(split, kind, routing + ":agreement")] = a["snr"]
+        r.add(split, kind, routing, f, k, f / mono_fid, s.evals, s.seconds, trained, agree)
+
+
+def prune_label(pc: PruneConfig) -> str:
+    """The routing column of a pruned density row."""
+    return f"pruned (w < {pc.threshold:g} for {pc.patience} steps)"
+
+
 # --------------------------------------------------------------------------------------------- the run
 
 
@@ -261,9 +360,7 @@ class _Context:
 
     # -- scoring ------------------------------------------------------------------------------------
     def score(self, s: Sampled) -> tuple[float, float]:
-        feats = self.b.ext.features(s.images)
-        k_mean, _ = kid(feats, self.b.ref_feats, subset_size=min(500, len(feats)))
-        return fid(feats, self.b.ref_feats), k_mean
+        return score(self.b, s)
 
     def router_cfg(self) -> RouterConfig:
         return self.b.router_cfg
@@ -282,86 +379,27 @@ class _Context:
             f"8.1 Quality per router kind (FID on {p.n_fid} samples, equal compute) and attribution agreement "
             "(by-class split)",
             p,
-            [
-                "split",
-                "kind",
-                "routing",
-                "FID",
-                "KID",
-                "FID / monolith",
-                "compartment evals / image / step",
-                "sample s",
-                "trained (s)",
-                "attribution agreement: mean / alpha_bar / snr",
-            ],
+            list(QUALITY_COLUMNS),
         )
-        mono, mono_s = b.train("monolith", b.data, p.batch, p.steps)
-        s = draw(p, single(mono, "monolith"), p.n_fid)
-        mono_fid, mono_kid = self.score(s)
-        self.mono_s, self.mono_fid = mono_s, mono_fid
-        r.add("all data", "monolith", "-", mono_fid, mono_kid, 1.0, s.evals, s.seconds, mono_s, "-")
-        prunes = [PruneConfig(threshold=t, patience=k) for t, k in p.prune]
+        _, self.mono_s, self.mono_fid = monolith_row(p, b, r)
         for split in SPLITS:
             parts = split_parts(b, split)
-            names = list(parts)
             comps, train_s = train_parts(b, parts, self.batch, p.steps)
             learnt, router_s = self._learnt(split, parts, comps)
-            truth = None
-            if split == "by-class":  # the source holding each class
-                truth = np.zeros(10, dtype=np.int64)
-                for i, d in enumerate(parts.values()):
-                    assert d.labels is not None
-                    truth[np.unique(d.labels)] = i
-            rows: list[tuple[RoutingKind, str, Composed, int | None, float]] = [
-                ("learnt", "full", learnt, None, train_s + router_s),
-                ("learnt", "top-1", learnt, 1, train_s + router_s),
-                ("density", "full", density(comps, names), None, train_s),
-            ]
-            rows += [
-                (
-                    "density",
-                    f"pruned (w < {pc.threshold:g} for {pc.patience} steps)",
-                    density(comps, names, pc),
-                    None,
-                    train_s,
-                )
-                for pc in prunes
-            ]
-            for kind, routing, comp, top_k, trained in rows:
-                s = draw(p, comp, p.n_fid, top_k=top_k)
-                f, k = self.score(s)
-                self.scores[(split, kind, routing)] = f
-                agree = "n/a"
-                if truth is not None:
-                    a = attribution_agreement(s.trajectory, s.alphas_cumprod, truth[b.ext.predict(s.images)])
-                    agree = f"{a['mean']:.3f} / {a['alpha_bar']:.3f} / {a['snr']:.3f}"
-                    self.scores[(split, kind, routing + ":agreement")] = a["snr"]
-                r.add(split, kind, routing, f, k, f / mono_fid, s.evals, s.seconds, trained, agree)
+            kind_rows(p, b, r, split, parts, comps, learnt, train_s, router_s, self.mono_fid, self.scores)
             if split == "random":
                 self.random = {"parts": parts, "comps": comps, "learnt": learnt, "router_s": router_s}
         for split in SPLITS:
             learnt_best = min(self.scores[(split, "learnt", m)] for m in ("full", "top-1"))
             dens = self.scores[(split, "density", "full")]
             self.summary[f"FID / monolith, {split}"] = (
-                f"learnt best {learnt_best / mono_fid:.2f}, density full {dens / mono_fid:.2f}"
+                f"learnt best {learnt_best / self.mono_fid:.2f}, density full {dens / self.mono_fid:.2f}"
             )
         self.summary["attribution agreement (by-class, snr weighting)"] = (
             f"learnt full {self.scores[('by-class', 'learnt', 'full:agreement')]:.3f}, "
             f"density full {self.scores[('by-class', 'density', 'full:agreement')]:.3f}"
         )
-        r.notes.append(
-            "trained (s): the compartments' training time, plus the router's for the learnt kind (density trains "
-            "nothing beyond the compartments)."
-        )
-        r.notes.append(
-            "compartment evals / image / step: rows the compartments actually ran on (forward hooks), per image and "
-            "sampling step: K for a full mixture, 1 for top-1; pruning lowers it as compartments drop out."
-        )
-        r.notes.append(
-            "attribution agreement: share of samples whose dominant source (argmax of the weights averaged over the "
-            "steps, under each weighting of cdm/attribution.py) is the source holding the class the metrics "
-            "classifier reads in the image."
-        )
+        r.notes += QUALITY_NOTES
         return r
 
     def _learnt(
