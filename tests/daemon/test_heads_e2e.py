@@ -4,6 +4,7 @@ no router is ever trained, and forgetting a source deletes its compartment and h
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
-def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str):
+def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[DaemonEnv]:
     tag = uuid.uuid4().hex[:8]
     e = DaemonEnv(
         root=tmp_path / "d",
