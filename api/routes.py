@@ -57,11 +57,21 @@ from sampler.engine import AttributeRequest, Sampler, SampleRequest, SampleResul
 from sampler.live import Composition
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
-ATTRIBUTION_METHOD = (
-    "x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for each timestep t and noise draw eps; per t the arithmetic "
-    "mean over the draws of the router's P(source | x_t, t, label) renormalised over the sources considered; "
-    "posterior = the mean of those over the timesteps"
-)
+ATTRIBUTION_METHODS = {  # cdm/image_attribution.py: "router" for the learnt and heads kinds, "elbo" for density
+    "router": (
+        "x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for each timestep t and noise draw eps; per t the arithmetic "
+        "mean over the draws of the router's P(source | x_t, t, label) renormalised over the sources considered; "
+        "posterior = the mean of those over the timesteps"
+    ),
+    "elbo": (
+        "x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for each timestep t and noise draw eps (the same draws for "
+        "every source, in pairs eps, -eps); log p_i(image | label) = "
+        "-sum_t W_t mean_eps |eps - eps_i(x_t, t, label)|^2 + const, each source's diffusion ELBO "
+        "(W_t = beta_t / (2 alpha_t (1 - abar_t)) times the width of t's "
+        "quadrature cell); posterior = softmax over the sources considered of log prior_i + log p_i; per t the "
+        "posterior from that timestep's term alone"
+    ),
+}
 
 
 class LiveSource(Protocol):
@@ -292,7 +302,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
 
     @router.post(
         "/v1/attribute",
-        summary="Which of your sources does an image look like (the router's posterior)",
+        summary="Which of your sources does an image look like (the router's posterior, or the compartments' ELBOs)",
         response_model=AttributeResponse,
         responses={
             **_errors(401, 403, 422, 429, 503),
@@ -322,7 +332,7 @@ def build_router(ctx: ServeContext) -> APIRouter:
                 "([serve] max_attribute_draws)"
             )
         image = await anyio.to_thread.run_sync(_decode_png, png)
-        # 2. the composition, the caller's sources, then the router's posterior over them
+        # 2. the composition, the caller's sources, then the posterior over them (router or ELBOs, by routing kind)
         comp = ctx.composition()
         st.epoch = comp.epoch
         used = await allowed(request, principal, comp, params.sources)
@@ -352,7 +362,8 @@ def build_router(ctx: ServeContext) -> APIRouter:
             ],
             draws=res.draws,
             seed=seed,
-            method=ATTRIBUTION_METHOD,
+            method=res.method,
+            method_description=ATTRIBUTION_METHODS[res.method],
         )
 
     # ------------------------------------------------------------------------------------------ probes

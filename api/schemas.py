@@ -130,16 +130,24 @@ class TimestepPosterior(BaseModel):
 
 
 class AttributeResponse(BaseModel):
-    """``POST /v1/attribute``: the router's posterior over the caller's sources for the image."""
+    """``POST /v1/attribute``: P(source | image) over the caller's sources: the router's posterior (learnt and heads
+    routing kinds) or the compartments' ELBOs (density routing kind)."""
 
     epoch: int
     sources: list[str] = Field(description="the posterior's columns: the sources considered, nothing else")
-    posterior: list[float] = Field(description="mean over timesteps of the per-timestep posteriors")
+    posterior: list[float] = Field(
+        description="router: mean over timesteps of the per-timestep posteriors; elbo: from the summed ELBO terms"
+    )
     top_source: str
-    by_timestep: list[TimestepPosterior]
+    by_timestep: list[TimestepPosterior] = Field(
+        description="router: the posterior at each timestep (mean over draws); elbo: from that timestep's term alone"
+    )
     draws: int
     seed: int
-    method: str
+    method: Literal["router", "elbo"] = Field(
+        description="router: the router's (or heads') posterior; elbo: the compartments' diffusion ELBOs (density)"
+    )
+    method_description: str = Field(description="how the posterior was computed")
 
 
 class ErrorResponse(BaseModel):

@@ -49,10 +49,13 @@ def register(sub: Subparsers) -> None:
 
     a = sub.add_parser(
         "attribute",
-        help="which source does an image look like: the router's posterior (offline or live registry)",
-        description="Noise IMAGE along the forward process at several timesteps and report the router's posterior "
-        "over the sources, averaged over noise draws (per timestep, then over timesteps). --store uses a local "
-        "store; --redis the registry's served composition. Prints JSON.",
+        help="which source does an image look like: P(source | image) (offline or live registry)",
+        description="Noise IMAGE along the forward process at several timesteps and report the posterior over the "
+        "sources: the learnt (or heads) kind's router posterior averaged over noise draws (per timestep, then "
+        "over timesteps), or for the density routing kind each compartment's diffusion ELBO as its "
+        "log-likelihood (method 'elbo'). "
+        "--store uses a local store (learnt kind, its router); --redis the registry's served composition, of "
+        "any kind. Prints JSON.",
     )
     src = a.add_mutually_exclusive_group(required=True)
     src.add_argument("--store", type=Path, help="local artifact store")
@@ -249,6 +252,7 @@ def cmd_attribute(args: argparse.Namespace) -> int:
                 ],
                 "draws": res.draws,
                 "seed": args.seed,
+                "method": res.method,
             }
         )
     )

@@ -22,8 +22,9 @@ engine iteration:
    attribution (over exactly their sources, as ``sample_now``); cancelled or timed-out requests drop out.
 
 The engine thread starts with the first request and exits after ``idle_exit_s`` without work, so the sampler holds
-no thread while idle and needs no start call (``close`` ends it for good). ``/v1/attribute`` evaluates the router
-only and runs in a worker thread, one at a time.
+no thread while idle and needs no start call (``close`` ends it for good). ``/v1/attribute`` is not batched: it runs
+in a worker thread, one at a time (the learnt kind's router only; the density kind's allowed compartments, on their
+own batch of noised copies of the image).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class BatchingSampler:
         return result
 
     async def attribute(self, request: AttributeRequest) -> ImageAttribution:
-        """The router's posterior of an image: no compartment runs, so it is not batched (a worker thread)."""
+        """P(source | image) (``attribute_now``) in a worker thread, one at a time, outside the engine's batches."""
         if self._attribute_limiter is None:
             self._attribute_limiter = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(attribute_now, request, limiter=self._attribute_limiter)

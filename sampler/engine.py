@@ -98,7 +98,8 @@ def sample_now(request: SampleRequest) -> SampleResult:
 
 
 def attribute_now(request: AttributeRequest) -> ImageAttribution:
-    """Attribute one request in the calling thread (the router only; no compartment is evaluated)."""
+    """Attribute one request in the calling thread: the learnt and heads kinds run the router only, the density kind
+    the compartments of ``request.sources`` only (their ELBOs; ``cdm.image_attribution``)."""
     return attribute_images(
         request.composition.denoiser,
         request.images,

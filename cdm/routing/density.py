@@ -231,6 +231,33 @@ class DensityComposition(Composed):
         """The source names (``source_names``)."""
         return self.source_names
 
+    def row_priors(
+        self,
+        columns: Sequence[int],
+        allowed: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        *,
+        strict: bool = True,
+    ) -> torch.Tensor:
+        """(N, S) float64 lambda_i of each row over the sources ``columns`` (S of them): ``priors``, or for a row
+        labelled c < num_classes ``class_priors[:, c]`` when there are class priors; zero where ``allowed`` (N, S)
+        bool is False. Unnormalised (only ratios matter). ``strict``: ConfigError for a row with no positive prior
+        (else such rows come back all zero for the caller to report)."""
+        n, dev = allowed.shape[0], allowed.device
+        lam = self.priors.to(dev)[list(columns)].expand(n, -1).clone()
+        if self.class_priors is not None and class_labels is not None:
+            c = torch.as_tensor(class_labels, device=dev).long().flatten().expand(n)
+            cp = self.class_priors.to(dev)[list(columns)]  # (S, num_classes)
+            labelled = (c >= 0) & (c < cp.shape[1])
+            lam[labelled] = cp[:, c[labelled]].T
+        lam = torch.where(allowed, lam, torch.zeros_like(lam))  # each row: its own allowed set
+        empty = (~(lam > 0).any(1)).nonzero(as_tuple=True)[0]
+        if strict and empty.numel():
+            raise ConfigError(
+                f"row {int(empty[0])} has prior 0 for every source it may use; check priors / class_priors / allowed"
+            )
+        return lam
+
     def trajectory(
         self,
         n: int,
@@ -482,20 +509,8 @@ class DensityTrajectory:
         return tt
 
     def _start(self, x_t: torch.Tensor, class_labels: torch.Tensor | None) -> None:
-        comp = self.comp
         dev = x_t.device
-        lam = comp.priors.to(dev)[self.columns].expand(self.n, -1).clone()
-        if comp.class_priors is not None and class_labels is not None:
-            c = torch.as_tensor(class_labels, device=dev).long().flatten().expand(self.n)
-            cp = comp.class_priors.to(dev)[self.columns]  # (S, num_classes)
-            labelled = (c >= 0) & (c < cp.shape[1])
-            lam[labelled] = cp[:, c[labelled]].T
-        lam = torch.where(self._allowed.to(dev), lam, torch.zeros_like(lam))  # each row: its own allowed set
-        empty = (~(lam > 0).any(1)).nonzero(as_tuple=True)[0]
-        if empty.numel():
-            raise ConfigError(
-                f"row {int(empty[0])} has prior 0 for every source it may use; check priors / class_priors / allowed"
-            )
+        lam = self.comp.row_priors(self.columns, self._allowed.to(dev), class_labels)
         self._log_prior = lam.log()
         self._active = lam > 0
         self._l = self._l.to(dev)

@@ -27,7 +27,7 @@ from api.config import ServeConfig
 from cdm.image_attribution import ImageAttribution
 from registry.acl import Grant
 from sampler.engine import AttributeRequest, SampleRequest, SampleResult, attribute_now, sample_now
-from tests.api.conftest import SOURCES, Served, auth, decode_images, register
+from tests.api.conftest import SOURCES, Served, auth, decode_images, digit_sources, register
 
 
 def sample(s: Served, token: str | None, **body: object) -> httpx.Response:
@@ -370,7 +370,7 @@ def test_attribute_reports_the_posterior_over_the_callers_sources_without_runnin
     assert abs(sum(doc["posterior"]) - 1) < 1e-5 and doc["top_source"] in doc["sources"]
     assert [b["t"] for b in doc["by_timestep"]] == [10, 100] and doc["draws"] == 3
     assert np.allclose(np.mean([b["posterior"] for b in doc["by_timestep"]], axis=0), doc["posterior"])
-    assert "mean over the draws" in doc["method"]
+    assert doc["method"] == "router" and "mean over the draws" in doc["method_description"]
     assert sum(s.calls.values()) == 0, "attribution evaluates the router only"
     # the same as a multipart upload
     m = s.client.post(
@@ -380,6 +380,46 @@ def test_attribute_reports_the_posterior_over_the_callers_sources_without_runnin
         headers=auth(tok),
     )
     assert m.status_code == 200 and m.json() == doc
+
+
+def test_attribute_with_the_density_kind_runs_only_the_callers_compartments(serve: Callable[..., Served]) -> None:
+    s = serve()
+    tok = s.token("bob", "source:alpha", "source:gamma")
+    epoch = s.registry.set_routing("density")  # no router: the compartments' ELBOs
+    comp = s.live.refresh()
+    assert comp is not None and comp.routing == "density" and comp.epoch == epoch
+    s.count_calls()
+    png = png_of(digit_sources(3)[0].images[0])  # one of alpha's digits (0-3)
+    body = {"image": base64.b64encode(png).decode(), "timesteps": [10, 100], "draws": 3, "seed": 2}
+    s.calls.clear()
+    s.rows.clear()
+    r = s.client.post("/v1/attribute", json=body, headers=auth(tok))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["sources"] == ["alpha", "gamma"] and doc["epoch"] == epoch and doc["method"] == "elbo"
+    assert "ELBO" in doc["method_description"] and doc["draws"] == 3 and doc["seed"] == 2
+    assert abs(sum(doc["posterior"]) - 1) < 1e-9 and doc["top_source"] in doc["sources"]
+    assert [b["t"] for b in doc["by_timestep"]] == [10, 100]
+    assert all(abs(sum(b["posterior"]) - 1) < 1e-9 for b in doc["by_timestep"])
+    # the caller's compartments only: one call per timestep on the draws' rows; beta never runs
+    assert s.calls == {"alpha": 2, "gamma": 2} and s.rows == {"alpha": 6, "gamma": 6}
+    m = s.client.post(
+        "/v1/attribute",
+        files={"image": ("x.png", png, "image/png")},
+        data={"timesteps": "10,100", "draws": "3", "seed": "2"},
+        headers=auth(tok),
+    )
+    assert m.status_code == 200 and m.json() == doc
+    # a label: P(source | class) from the class counts; class 0 is only alpha's, so gamma never runs
+    s.calls.clear()
+    lab = s.client.post("/v1/attribute", json={**body, "label": 0}, headers=auth(tok)).json()
+    assert lab["posterior"] == [1.0, 0.0] and s.calls == {"alpha": 2}
+    bad = s.client.post("/v1/attribute", json={**body, "label": 5}, headers=auth(tok))  # 4-6 are beta's digits
+    assert bad.status_code == 422 and "has a positive prior for its class label 5" in bad.json()["message"], bad.text
+    # forbidden and missing sources: the same answer as with the learnt kind
+    a = s.client.post("/v1/attribute", json={**body, "sources": ["beta"]}, headers=auth(tok))
+    b = s.client.post("/v1/attribute", json={**body, "sources": ["ghost"]}, headers=auth(tok))
+    assert a.status_code == b.status_code == 403 and a.content == b.content and "beta" not in s.calls
 
 
 @pytest.mark.parametrize(

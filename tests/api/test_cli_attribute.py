@@ -1,4 +1,5 @@
-"""``cdm attribute IMAGE``: the router's posterior for an image, offline (--store) and against a registry (--redis)."""
+"""``cdm attribute IMAGE``: P(source | image), offline (--store, the learnt kind's router) and against a registry
+(--redis, either routing kind: the router's posterior, or the compartments' ELBOs for the density kind)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,36 @@ def test_attribute_against_the_registry(
     assert "unknown source" in capsys.readouterr().err
 
 
+def test_attribute_against_a_density_registry(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    trained: Trained,
+    redis_client: redis.Redis,
+    redis_db_url: str,
+    redis_namespace: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    reg = Registry(redis_client, Keys(redis_namespace))
+    register(reg, trained)
+    reg.set_routing("density")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[redis]\nnamespace = "{redis_namespace}"\n[daemon]\nartifact_dir = "{trained.router_dir.parent}"\n'
+    )
+    img = write_png(tmp_path / "x.png", digit_sources(3)[2].images[0])
+    argv = ["--config", str(cfg), "attribute", str(img), "--redis", redis_db_url, "--draws", "2", "--seed", "1"]
+    assert main([*argv, "--sources", "beta,gamma", "--timesteps", "10,200"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "elbo" and doc["sources"] == ["beta", "gamma"] and abs(sum(doc["posterior"]) - 1) < 1e-5
+    assert [b["t"] for b in doc["by_timestep"]] == [10, 200] and doc["top_source"] in ("beta", "gamma")
+    assert main([*argv, "--label", "9"]) == 0  # digit 9 is only gamma's: its class prior is 1
+    labelled = json.loads(capsys.readouterr().out)
+    assert labelled["sources"] == ["alpha", "beta", "gamma"] and labelled["posterior"] == [0.0, 0.0, 1.0]
+    assert main([*argv, "--sources", "nope"]) == 2
+    assert "unknown source" in capsys.readouterr().err
+
+
 def test_attribute_offline_from_a_store(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -65,5 +96,6 @@ def test_attribute_offline_from_a_store(
     assert main(["attribute", str(img), "--store", str(tmp_path / "store"), "--draws", "2"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["sources"] == ["hi", "lo"] and len(doc["by_timestep"]) == 4 and doc["draws"] == 2
+    assert doc["method"] == "router"
     assert main(["attribute", str(tmp_path / "missing.png"), "--store", str(tmp_path / "store")]) == 2
     assert "does not exist" in capsys.readouterr().err
