@@ -68,17 +68,12 @@ def test_train_sample_attribute_forget_under_a_router_free_kind(
     assert z["attribution"].shape == (4, 2) and np.allclose(z["attribution"].sum(1), 1, atol=1e-4)
     with Image.open(png) as im:
         assert im.size[0] > 8 * 4
-    # attribute: the heads kind has a posterior (its heads); the density kind has no router and says so
+    # attribute: the heads kind by its heads (the router path), the density kind by each compartment's ELBO
     image = tmp_path / "img.png"
     Image.fromarray(z["images"][0, :, :, 0]).save(image)
-    code = main([*c, "attribute", str(image), "--store", store, "--timesteps", "100,500", "--draws", "2"])
-    captured = capsys.readouterr()
-    if kind == "heads":
-        assert code == 0, captured.err
-        att = json.loads(captured.out.strip().splitlines()[-1])
-        assert att["sources"] == ["hi", "lo"] and abs(sum(att["posterior"]) - 1) < 1e-3
-    else:
-        assert code == 2 and "'density' routing kind" in captured.err and "no router" in captured.err
+    att = run(capsys, *c, "attribute", str(image), "--store", store, "--timesteps", "100,500", "--draws", "2")
+    assert att["sources"] == ["hi", "lo"] and abs(sum(att["posterior"]) - 1) < 1e-3
+    assert att["method"] == ("router" if kind == "heads" else "elbo")
     # forget some samples of hi: only hi is retrained (with a new head under "heads"), lo untouched
     lo_before = files_sha256(s, "lo")
     ids = load_npz(sources["hi"]).ids[:5].tolist()
