@@ -413,6 +413,7 @@ class _Context:
             return ComposedDenoiser(comps, router, names), router_s
         self.stores = {kind: LocalStore(self.tmp / kind, model=self.b.model) for kind in KINDS}
         for kind, store in self.stores.items():
+            store.use_routing(kind)  # the store's kind, as `cdm train --store` records it
             lc = self.lifecycle(store, kind)
             for name, c in zip(names, comps, strict=True):
                 register(lc, name, parts[name], c)
@@ -421,7 +422,9 @@ class _Context:
         with timer() as t:
             outcome = self.lifecycle(self.stores["learnt"], "learnt").retrain_router()
         assert outcome is not None
-        return self.stores["learnt"].composed(device=self.p.device), t["s"]
+        den = self.stores["learnt"].composed(device=self.p.device)
+        assert isinstance(den, ComposedDenoiser)
+        return den, t["s"]
 
     # -- 2. sampling cost vs K ------------------------------------------------------------------------
     def cost(self) -> Result:

@@ -1,9 +1,13 @@
 """LocalStore: the offline store (a directory), the embedded default with no services.
 
-It runs the same lifecycle as the daemon (``cdm.lifecycle``) over a JSON catalogue and a local artifact store::
+It runs the same lifecycle as the daemon (``cdm.lifecycle``) over a JSON catalogue and a local artifact store. The
+routing kind is a fact of the store, as it is of the registry: recorded from ``[router] kind`` when the store first
+trains, then used by every command (``composed()`` builds any kind); training or forgetting under another kind is
+refused (compartments trained under one kind carry no heads, or router, for another)::
 
     STORE/store.json                      format and [model] of the store
-    STORE/catalogue.json                  the catalogue (LocalCatalogue): compartments, router, tombstones, receipts
+    STORE/catalogue.json                  the catalogue (LocalCatalogue): compartments, router, tombstones, receipts,
+                                          and the routing kind ([router] kind) the store trains under
     STORE/compartments/<source>@v<n>/     a compartment (unet/ + manifest.json; slices/<j>/ the checkpoint after SISA
                                           slice j when [train] slices > 1, hashed in the manifest)
     STORE/routers/<router id>/            the learnt router
@@ -28,8 +32,8 @@ import torch
 
 from cdm.artifacts import DirectoryStore, StoredFile, confined_path, read_json, stored_files_from_dict, write_json
 from cdm.compartment import Compartment, CompartmentManifest
-from cdm.compose import ComposedDenoiser, Mode, Vectorize
-from cdm.config import ModelConfig, RouterConfig, TrainConfig, build, to_dict
+from cdm.compose import Composed, ComposedDenoiser, Mode, Vectorize
+from cdm.config import ModelConfig, RouterConfig, RoutingKind, TrainConfig, build, to_dict
 from cdm.data import SourceData, fingerprint, load_npz
 from cdm.errors import ConfigError, DataError, StoreError
 from cdm.lifecycle import (
@@ -45,7 +49,7 @@ from cdm.lifecycle import (
     source_of,
 )
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
-from cdm.routing import Router, RouterManifest, RouterResult, load_router
+from cdm.routing import Router, RouterManifest, RouterResult, build_composition, check_kind, load_router
 from cdm.training import TrainResult
 from common.names import SOURCE_NAME_RULE, is_source_name
 
@@ -103,6 +107,22 @@ class LocalCatalogue:
             lineage=r.get("lineage", {}),
             prior=float(r.get("prior", 0.0)),
         )
+
+    # -- the routing kind (offline only: the registry keeps it as ``ns:routing``)
+
+    def routing(self) -> str | None:
+        """The routing kind recorded for the store; None when none is (a new store, or one older than the record)."""
+        kind = self._doc.get("routing")
+        return str(kind) if kind is not None else None
+
+    def set_routing(self, kind: str) -> None:
+        if self._doc.get("routing") != kind:
+            self._doc["routing"] = kind
+            self._save()
+
+    def trained_any(self) -> bool:
+        """Whether anything was ever trained into the store (a compartment, in any state, or a router)."""
+        return bool(self._doc["compartments"]) or self._doc["router"] is not None
 
     # -- staged data (offline only: `cdm train` stages, then trains)
 
@@ -335,13 +355,14 @@ class LocalStore:
         *,
         train: TrainConfig | None = None,
         router: RouterConfig | None = None,
-        router_kind: RouterKind = "learnt",
+        router_kind: RouterKind | None = None,
         progress: bool = True,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
         after_step: Callable[[str], None] | None = None,
     ) -> Lifecycle:
-        """The shared lifecycle over this store (the daemon's worker runs the same one over the registry)."""
+        """The shared lifecycle over this store (the daemon's worker runs the same one over the registry), under
+        ``router_kind`` (default: the store's, ``routing_kind()``; another one is not checked here)."""
         step = None
         if on_step is not None:
             callback = on_step
@@ -356,13 +377,36 @@ class LocalStore:
             train=train or TrainConfig(),
             router=router or RouterConfig(),
             work_root=self.root,
-            router_kind=router_kind,
+            router_kind=router_kind if router_kind is not None else self.routing_kind(),
             trainer_id="offline",
             progress=progress,
             should_stop=should_stop,
             on_step=step,
             after_step=after_step,
         )
+
+    # -- the routing kind --------------------------------------------------------------------------
+    def routing_kind(self) -> RoutingKind:
+        """The kind the store's compartments were trained under (recorded at its first training; "learnt" for a
+        store older than that record, or one that has trained nothing yet)."""
+        return check_kind(self.catalogue.routing() or "learnt")
+
+    def use_routing(self, kind: str, *, record: bool = True) -> RoutingKind:
+        """``kind`` (``[router] kind``) checked against the store's: recorded when the store has trained nothing
+        yet (``record``), else it must be the store's kind. StoreError naming both kinds and the ways on otherwise."""
+        kind = check_kind(kind)
+        if not self.catalogue.trained_any():
+            if record:
+                self.catalogue.set_routing(kind)
+            return kind
+        stored = self.routing_kind()
+        if kind != stored:
+            raise StoreError(
+                f"{self.root} was trained under [router] kind = {stored!r}, not {kind!r}: its compartments carry no "
+                f"heads or router for another kind, and one store never mixes kinds. Set [router] kind = {stored!r} "
+                f"in the config to use this store, or train the sources into a new --store directory under {kind!r}."
+            )
+        return stored
 
     # -- paths and queries -----------------------------------------------------------------------
     def _current(self, name: str) -> Entry | None:
@@ -449,10 +493,16 @@ class LocalStore:
         progress: bool = True,
         should_stop: Callable[[], bool] | None = None,
         on_step: Callable[[int, float], None] | None = None,
+        router: RouterConfig | None = None,
     ) -> TrainResult:
-        """Train (or resume) the compartment of a staged source and register it (the shared train plan)."""
+        """Train (or resume) the compartment of a staged source and register it (the shared train plan); under the
+        heads kind its head too (``router``: the head's training settings and ``[router] kind``, checked against the
+        store's kind and recorded by the first training; None: the store's kind, default settings)."""
         data = self.load_data(name)
-        lc = self.lifecycle(train=train, progress=progress, should_stop=should_stop, on_step=on_step)
+        kind = self.use_routing(router.kind if router is not None else self.routing_kind())
+        lc = self.lifecycle(
+            train=train, router=router, router_kind=kind, progress=progress, should_stop=should_stop, on_step=on_step
+        )
         outcome = lc.train(name, data, lineage={"source": name, "staged": str(self.data_path(name))})
         if outcome.result is None:  # this data is trained already
             return TrainResult(None, False, 0, float("nan"), 0.0, 0)
@@ -464,10 +514,12 @@ class LocalStore:
         *,
         progress: bool = True,
         should_stop: Callable[[], bool] | None = None,
-        router_kind: RouterKind = "learnt",
+        router_kind: RouterKind | None = None,
     ) -> RouterResult | None:
-        """Retrain the router over every trained source (None and no router when the store is empty)."""
-        outcome = self.lifecycle(router=cfg, progress=progress, should_stop=should_stop, router_kind=router_kind)
+        """Retrain the learnt router over every trained source (None and no router when the store is empty, or its
+        kind needs none). The kind is ``cfg.kind`` checked against the store's, unless ``router_kind`` names one."""
+        kind = router_kind if router_kind is not None else self.use_routing(cfg.kind)
+        outcome = self.lifecycle(router=cfg, progress=progress, should_stop=should_stop, router_kind=kind)
         result = outcome.retrain_router()
         return result.result if result is not None else None
 
@@ -480,6 +532,9 @@ class LocalStore:
         return Compartment.load(directory, device=device, expected_sha256=_manifest_sha(current.files))
 
     def _router(self, *, device: str | torch.device = "cpu") -> tuple[Router, list[str]]:
+        kind = self.routing_kind()
+        if kind != "learnt":
+            raise StoreError(f"{self.root} composes under the {kind!r} routing kind, which has no learnt router")
         router = self.catalogue.router()
         if router is None:
             raise StoreError(f"{self.root} has no router; run `cdm train --store {self.root}` first")
@@ -503,22 +558,46 @@ class LocalStore:
         top_k: int = 1,
         subset: Sequence[str] | None = None,
         vectorize: Vectorize = "auto",
-    ) -> ComposedDenoiser:
+    ) -> Composed:
+        """Every compartment of the store composed under the store's routing kind (``routing_kind()``): the learnt
+        kind with its router, the heads kind with the compartments' heads, the density kind with priors and class
+        counts from their manifests. ``mode``/``top_k`` apply to the learnt and heads kinds (the density kind runs
+        every allowed compartment: ConfigError for mode "top_k")."""
         names = self.sources()
         if not names:
             raise StoreError(f"{self.root} holds no compartments; train some with `cdm train`")
-        router, router_names = self._router(device=device)
+        kind = self.routing_kind()
+        if kind == "learnt":
+            router, router_names = self._router(device=device)
+            comps = [self.load_compartment(n, device=device) for n in names]
+            return ComposedDenoiser(
+                comps,
+                router,
+                names,
+                router_names=router_names,
+                mode=mode,
+                top_k=top_k,
+                subset=subset,
+                vectorize=vectorize,
+            )
+        if kind == "density" and mode != "full":
+            raise ConfigError(
+                f"{self.root} composes by density, which runs every allowed compartment: mode {mode!r} does not "
+                'apply; use [sample] mode = "full"'
+            )
         comps = [self.load_compartment(n, device=device) for n in names]
-        return ComposedDenoiser(
+        den = build_composition(
+            kind,
             comps,
-            router,
             names,
-            router_names=router_names,
-            mode=mode,
-            top_k=top_k,
-            subset=subset,
+            n_samples=[c.manifest.n_samples for c in comps],
+            class_counts=[c.manifest.class_counts for c in comps],
             vectorize=vectorize,
+            subset=subset,
         )
+        if isinstance(den, ComposedDenoiser):  # the heads kind: the learnt kind's options too
+            return den.configured(mode=mode, top_k=top_k)
+        return den
 
     def pipeline(
         self, *, device: str | torch.device = "cpu", scheduler: str = "dpm", vectorize: Vectorize = "auto"
@@ -546,12 +625,14 @@ class LocalStore:
         request_id: str | None = None,
         after_step: Callable[[str], None] | None = None,
     ) -> ForgetReceipt:
-        """Exact forgetting of a whole source: retire it, retrain the router, delete every artifact of it."""
+        """Exact forgetting of a whole source: retire it, retrain the router (learnt kind), delete every artifact of
+        it. ``router.kind`` must be the store's."""
+        kind = self.use_routing(router.kind, record=False)
         known = {v.source for v in self.catalogue.active()} | set(self.catalogue.staged())
         rid = request_id or self._request_id("forget-source", name, ())
         if name not in known and self.catalogue.journal(rid) is None:
             raise StoreError(f"no source {name!r} in {self.root}; known: {sorted(known)}")
-        lc = self.lifecycle(router=router, progress=progress, after_step=after_step)
+        lc = self.lifecycle(router=router, router_kind=kind, progress=progress, after_step=after_step)
         return lc.forget_source(name, request_id=rid)
 
     def forget_samples(
@@ -569,9 +650,11 @@ class LocalStore:
         (``train.slices > 1``) the compartment is retrained from its checkpoint before the first slice holding one of
         the samples; with one slice, from scratch.
 
-        Ids the source does not hold are listed in the receipt; when none matches, nothing changes."""
+        Ids the source does not hold are listed in the receipt; when none matches, nothing changes. ``router.kind``
+        must be the store's (under the heads kind the retrained compartment gets a new head)."""
+        kind = self.use_routing(router.kind, record=False)
         rid = request_id or self._request_id("forget-samples", name, ids)
-        lc = self.lifecycle(train=train, router=router, progress=progress, after_step=after_step)
+        lc = self.lifecycle(train=train, router=router, router_kind=kind, progress=progress, after_step=after_step)
         return lc.forget_samples(name, ids, request_id=rid)
 
 

@@ -50,7 +50,9 @@ def register(sub: Subparsers) -> None:
         "train",
         help="train one compartment per new source, then the router",
         description="Stage each --source into the store, train a compartment for every source whose "
-        "data fingerprint is not trained yet (an interrupted run resumes), then retrain the router.",
+        "data fingerprint is not trained yet (an interrupted run resumes), then retrain the router. The store "
+        "keeps the [router] kind of its first training (learnt: one router; heads: a head per compartment; "
+        "density: nothing more) and refuses another one later.",
     )
     t.add_argument("--store", type=Path, required=True, help="local artifact store directory (created if missing)")
     t.add_argument(
@@ -175,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_app_config(args)
     train, router = _train_cfgs(args, cfg.library)
     store = LocalStore(args.store, model=cfg.library.model)
+    kind = store.use_routing(router.kind)  # recorded by the first training; another kind later is refused
     progress = not args.no_progress
     todo = []
     for name, path in args.source:
@@ -188,10 +191,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         todo.append(name)
     for name in todo:
         _say(f"> training compartment {name!r} ({train.steps} steps, batch {train.batch_size}, {train.device})")
-        res = store.train_compartment(name, train, progress=progress)
+        res = store.train_compartment(name, train, progress=progress, router=router)
         resumed = f", resumed from step {res.resumed_from}" if res.resumed_from else ""
         _say(f"  done in {res.seconds:.1f}s, final loss {res.final_loss:.4f}{resumed}")
-    if todo or store.router_manifest() is None or not args.source:
+    if kind == "learnt" and (todo or store.router_manifest() is None or not args.source):
         _say(f"> training router over {store.sources()}")
         rr = store.train_router(router, progress=progress)
         if rr is not None:
@@ -200,7 +203,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"  accuracy by noise level (low -> high): {acc}; ECE {rr.report.ece:.3f}; "
                 f"priors {[round(p, 3) for p in rr.report.priors]}"
             )
-    print(json.dumps({"store": str(args.store), "sources": store.sources(), "trained": todo}))
+    print(json.dumps({"store": str(args.store), "sources": store.sources(), "trained": todo, "routing": kind}))
     return 0
 
 
@@ -343,7 +346,12 @@ def cmd_ls_store(args: argparse.Namespace) -> int:
     store = LocalStore(args.store)
     rows = [store.manifest(n).to_dict() for n in store.sources()]
     rm = store.router_manifest()
-    doc: dict[str, Any] = {"store": str(args.store), "compartments": rows, "router": rm.to_dict() if rm else None}
+    doc: dict[str, Any] = {
+        "store": str(args.store),
+        "routing": store.routing_kind(),
+        "compartments": rows,
+        "router": rm.to_dict() if rm else None,
+    }
     if args.json:
         print(json.dumps(doc))
     else:

@@ -14,6 +14,7 @@ artifact store, which must contain that directory.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter as Tally
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from registry.records import CompartmentRecord, RegistrySnapshot, RouterRecord
 from sampler.forgetting import recorded_sha256, serving_snapshot
 from sampler.live import Composition
 
+log = logging.getLogger(__name__)
 MAX_JSON_BYTES = 1 << 20  # largest manifest or config read from an artifact
 ArtifactKey = tuple[str, str]  # (compartment or router id, sha256 of its recorded {file: sha256})
 M = TypeVar("M")
@@ -98,6 +100,7 @@ class CompositionLoader:
         self._compartments: dict[ArtifactKey, _Loaded[Compartment]] = {}
         self._routers: dict[ArtifactKey, _Loaded[Router]] = {}
         self.loads: Tally[str] = Tally()  # artifacts fetched and decoded, by kind ("compartment", "router")
+        self._headless_told: set[str] = set()  # compartments already logged as lacking a head (heads kind)
 
     @classmethod
     def from_config(
@@ -136,6 +139,8 @@ class CompositionLoader:
         if kind == "heads":  # served once its compartment carries a head
             routed = tuple(c.compartment_id for c in snap.compartments if has_head(c.sha256))
         served, pending = serving(kind, snap.compartment_ids, routed)
+        if kind == "heads":
+            self._tell_headless(pending)
         records = tuple(c for c in snap.compartments if c.compartment_id in set(served))
         if not records:
             return None
@@ -144,6 +149,24 @@ class CompositionLoader:
         compartments = [self._compartment(rec) for rec in records]
         # 2. the composition under the registry's routing kind
         return self._compose(kind, snap.epoch, records, compartments, router_record, router, pending, degraded="")
+
+    def _tell_headless(self, pending: Collection[str]) -> None:
+        """Log, once per compartment (not at every build), the active compartments the heads kind cannot serve: a
+        compartment trained under the heads kind carries its head before it is activated, so these were trained
+        under another kind and stay pending until retrained or until the kind changes back."""
+        new = [c for c in pending if c not in self._headless_told]
+        if not new:
+            return
+        self._headless_told.update(new)
+        log.warning(
+            "routing kind 'heads': %d active compartment(s) carry no router head and stay pending: %s "
+            "(newly seen: %s). They were trained under another [router] kind; retrain them under "
+            '[router] kind = "heads" (forget-source, then push the source again) or set [router] kind back to '
+            "the kind they were trained under.",
+            len(pending),
+            ", ".join(sorted(pending)),
+            ", ".join(sorted(new)),
+        )
 
     def restrict(self, comp: Composition, keep: Collection[str], *, epoch: int, reason: str) -> Composition | None:
         """``comp`` limited to the compartments in ``keep`` (ids), from memory; None if none is left."""
@@ -354,6 +377,11 @@ def load_live_composition(
         loader.close()  # the modules are in memory; nothing needs the cached files pinned any more
     if comp is None:
         refused = f"; refused as forgotten: {dict(serving.refused)}" if serving.refused else ""
+        if snap.routing.value == "heads" and snap.compartments and not refused:
+            refused = (
+                "; none of the active compartments carries a router head (they were trained under another [router] "
+                'kind): retrain them under kind "heads" (forget-source, then push again) or switch the kind back'
+            )
         raise CdmError(
             f"the registry at {redact_url(url or redis.url)} serves nothing yet (epoch {snap.epoch}, "
             f"{len(snap.compartments)} active compartment(s), routing {snap.routing.value}, router "

@@ -83,6 +83,7 @@ def build_composition(
     class_counts: Sequence[Sequence[int]] | None = None,
     vectorize: Vectorize = "auto",
     prune: PruneConfig | None = None,
+    subset: Sequence[str] | None = None,
 ) -> Composed:
     """Compartments composed under routing ``kind``.
 
@@ -101,6 +102,7 @@ def build_composition(
         vectorize: how the learnt and heads kinds evaluate compartments (``[sample] vectorize``).
         prune: density kind: drop a compartment from a row once its weight stayed negligible (an approximation,
             off by default; see ``PruneConfig``). Refused by "learnt", whose cheap approximation is top-k.
+        subset: the sources the composition may ever use (access rights); None = all.
     """
     kind = check_kind(kind)
     if not compartments:
@@ -110,7 +112,9 @@ def build_composition(
             raise ConfigError("the learnt routing kind needs a trained router; train one or use kind 'density'")
         if prune is not None:
             raise ConfigError("pruning applies to the density routing kind; the learnt kind's approximation is top_k")
-        return ComposedDenoiser(compartments, router, names, router_names=router_names, vectorize=vectorize)
+        return ComposedDenoiser(
+            compartments, router, names, router_names=router_names, vectorize=vectorize, subset=subset
+        )
     if router is not None:
         raise ConfigError(f"the {kind} routing kind uses no router; pass router=None")
     priors = None
@@ -127,10 +131,17 @@ def build_composition(
         if prune is not None:
             raise ConfigError("pruning applies to the density routing kind; the heads kind's approximation is top_k")
         heads = HeadsRouter(heads_of(compartments, names), names, priors=priors, class_priors=class_priors)
-        return HeadsComposition(compartments, heads, names, vectorize=vectorize)
+        return HeadsComposition(compartments, heads, names, vectorize=vectorize, subset=subset)
     alphas_cumprod = DDPMScheduler(**first.manifest.model_config.scheduler_config()).alphas_cumprod
     return DensityComposition(
-        compartments, names, alphas_cumprod, priors=priors, class_priors=class_priors, estimator="auto", prune=prune
+        compartments,
+        names,
+        alphas_cumprod,
+        priors=priors,
+        class_priors=class_priors,
+        subset=subset,
+        estimator="auto",
+        prune=prune,
     )
 
 

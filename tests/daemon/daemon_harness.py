@@ -18,6 +18,7 @@ import numpy as np
 import redis
 from kafka import KafkaProducer
 
+from cdm.compartment import has_head
 from cdm.data import SourceData, load_digits
 from cli.config import render_config
 from daemon.producer import push_source
@@ -63,6 +64,7 @@ class DaemonEnv:
     steps: int = 40
     checkpoint_every: int = 10
     lock_ttl_s: float = 10.0
+    router_kind: str = "learnt"  # [router] kind: "learnt" | "density" | "heads"
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _logs: list[Any] = field(default_factory=list)
     _spools: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)  # spool slot -> its daemon
@@ -86,7 +88,14 @@ class DaemonEnv:
                 "checkpoint_every": self.checkpoint_every,
                 "threads": 1,
             },
-            "router": {"steps": 30, "batch_size": 64, "channels": [16, 32], "eval_samples": 64, "threads": 1},
+            "router": {
+                "kind": self.router_kind,
+                "steps": 30,
+                "batch_size": 64,
+                "channels": [16, 32],
+                "eval_samples": 64,
+                "threads": 1,
+            },
             "sample": {"num_inference_steps": 3},
             "kafka": {
                 "bootstrap_servers": self.bootstrap,
@@ -195,15 +204,21 @@ class DaemonEnv:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.logs()}")
 
     def wait_serving(self, sources: set[str], timeout: float = 120.0) -> RegistrySnapshot:
-        """Until the active compartments are exactly ``sources`` and, with the learnt routing kind, the router covers
-        them all (the density kind has no router: the active compartments are the composition)."""
+        """Until the active compartments are exactly ``sources`` and all are served: with the learnt routing kind the
+        router covers them all, with the heads kind each carries its head, with the density kind (no router) the
+        active compartments are the composition."""
         reg = self.registry()
 
         def check() -> RegistrySnapshot | None:
             snap = reg.snapshot()
             active = {c.source for c in snap.compartments}
-            routed = set(snap.router.compartment_ids) if snap.router else set()
-            covered = snap.routing == "density" or routed == set(snap.compartment_ids)
+            if snap.routing == "density":
+                covered = True
+            elif snap.routing == "heads":
+                covered = all(has_head(c.sha256) for c in snap.compartments)
+            else:
+                routed = set(snap.router.compartment_ids) if snap.router else set()
+                covered = routed == set(snap.compartment_ids)
             return snap if active == sources and covered else None
 
         return self.wait(f"serving {sorted(sources)}", check, timeout)

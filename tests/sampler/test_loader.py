@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def test_the_heads_kind_serves_the_compartments_that_carry_a_head(
     reg: Registry,
     store: DirectoryStore,
     loader: CompositionLoader,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from cdm.compartment import HEAD_CONFIG, HEAD_WEIGHTS, CompartmentHead
     from cdm.routing import HeadsComposition, Router
@@ -180,9 +182,14 @@ def test_the_heads_kind_serves_the_compartments_that_carry_a_head(
     assert {HEAD_CONFIG, HEAD_WEIGHTS} <= set(d0.files) and HEAD_CONFIG not in d1.files
     reg.set_routing("heads")
     live = LiveComposition(RegistryClient(redis_client, keys), loader)
-    comp = live.refresh()
+    with caplog.at_level(logging.WARNING, logger="sampler.loader"):
+        comp = live.refresh()
+        assert loader.build(reg.snapshot()) is not None  # a second check: nothing new to tell
     assert comp is not None and comp.routing == "heads" and isinstance(comp.denoiser, HeadsComposition)
     assert comp.compartment_ids == (d0.compartment_id,) and comp.pending == (d1.compartment_id,)
+    told = [r.getMessage() for r in caplog.records if r.name == "sampler.loader"]
+    assert len(told) == 1 and d1.compartment_id in told[0] and d0.compartment_id not in told[0], told
+    assert '[router] kind = "heads"' in told[0] and "back" in told[0]
     assert loader.loads == {"compartment": 1}, "no router, and the compartment without a head is not loaded"
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(comp.denoiser.compose(x, torch.tensor([10, 500]), None).weights, torch.ones(2, 1))
