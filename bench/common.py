@@ -53,7 +53,7 @@ class Profile:
     sisa_slices: tuple[int, ...] = (4, 8)  # [train] slices compared with 1 in the slicing benchmark
     sisa_eval_n: int = 2000  # held-out test images of its denoising loss
     # recipes group (section 2d): compartment batch sizes compared at equal FLOPs (steps = batch x steps / (K b))
-    forget_recipes: tuple[int, ...] = (4, 8, 16, 32)
+    forget_recipes: tuple[int, ...] = (4, 8, 16)
     recipe_slices: int = 8  # SISA slices of every recipe (capped at its steps)
     seed: int = 0
     # routing group (bench/routing.py): every router kind samples with this one sampler, stochastic because the
@@ -89,7 +89,7 @@ PROFILES = {
         serving_train_steps=150,
         k=4,
         sisa_eval_n=500,
-        forget_recipes=(8, 16, 32),
+        forget_recipes=(8, 16),
         recipe_slices=4,
         guidance_scales=(1.0, 2.0, 3.0),
         density_guidance_scales=(),
