@@ -41,7 +41,7 @@ from cdm.artifacts import remove_tree, upload_directory
 from cdm.attribution import attribution_agreement
 from cdm.compartment import Compartment, CompartmentHead, build_unet, new_manifest
 from cdm.compose import Composed, ComposedDenoiser
-from cdm.config import RouterConfig, RoutingKind, TrainConfig, to_dict
+from cdm.config import ModelConfig, RouterConfig, RoutingKind, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint
 from cdm.lifecycle import Lifecycle, compartment_prefix
 from cdm.metrics import FeatureExtractor, fid, kid
@@ -177,15 +177,18 @@ def headed(comps: Sequence[Compartment], names: Sequence[str], heads: Sequence[C
 _HEADS: dict[tuple[str, str, str], CompartmentHead] = {}  # (source, data fingerprint, configs) -> its trained head
 
 
-def heads_for(b: Bench, parts: dict[str, SourceData]) -> tuple[list[CompartmentHead], float]:
-    """Each source's head (``train_head`` on its data alone, the bench's ``[router]`` budget) and their training
-    seconds (as each head recorded them). A head depends on its data and configs only, so it is trained once per
-    process and reused, e.g. by 8.5's K x compute compartments of the same split; a reused head keeps its seconds."""
+def heads_for(
+    model: ModelConfig, router: RouterConfig, parts: dict[str, SourceData]
+) -> tuple[list[CompartmentHead], float]:
+    """Each source's head (``train_head`` on its data alone with ``router``: the bench's ``[router]`` budget) and
+    their training seconds (as each head recorded them). A head depends on its data and configs only, so it is
+    trained once per process and reused, e.g. by 8.5's K x compute compartments of the same split; a reused head
+    keeps its seconds."""
     heads: list[CompartmentHead] = []
     for name, data in parts.items():
-        key = (name, fingerprint(data), json.dumps([to_dict(b.router_cfg), to_dict(b.model)], sort_keys=True))
+        key = (name, fingerprint(data), json.dumps([to_dict(router), to_dict(model)], sort_keys=True))
         if key not in _HEADS:
-            _HEADS[key] = train_head(name, data, model=b.model, router=b.router_cfg, num_classes=10, progress=False)
+            _HEADS[key] = train_head(name, data, model=model, router=router, num_classes=10, progress=False)
         heads.append(_HEADS[key])
     return heads, sum(float(h.doc["train_seconds"]) for h in heads)
 
@@ -319,7 +322,7 @@ def kind_rows(
         ("density", prune_label(pc), density(comps, names, pc), None, train_s)
         for pc in (PruneConfig(threshold=t, patience=k) for t, k in p.prune)
     ]
-    heads, heads_s = heads_for(b, parts)
+    heads, heads_s = heads_for(b.model, b.router_cfg, parts)
     by_heads = headed(comps, names, heads)
     rows += [("heads", "full", by_heads, None, train_s + heads_s), ("heads", "top-1", by_heads, 1, train_s + heads_s)]
     for kind, routing, comp, top_k, trained in rows:
@@ -456,7 +459,7 @@ class _Context:
             learnt, router_s = self._learnt(split, parts, comps)
             kind_rows(p, b, r, split, parts, comps, learnt, train_s, router_s, self.mono_fid, self.scores)
             if split == "random":
-                heads, _ = heads_for(b, parts)  # trained by _learnt for the heads store
+                heads, _ = heads_for(b.model, b.router_cfg, parts)  # trained by _learnt for the heads store
                 self.random = {
                     "parts": parts,
                     "comps": comps,
@@ -488,7 +491,7 @@ class _Context:
         if split != "random":
             router, router_s = self.b.router(parts)
             return ComposedDenoiser(comps, router, names), router_s
-        heads, _ = heads_for(self.b, parts)
+        heads, _ = heads_for(self.b.model, self.b.router_cfg, parts)
         self.stores = {kind: LocalStore(self.tmp / kind, model=self.b.model) for kind in KINDS}
         for kind, store in self.stores.items():
             store.use_routing(kind)  # the store's kind, as `cdm train --store` records it
