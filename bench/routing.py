@@ -745,8 +745,9 @@ class _Context:
             self.summary[f"forget-source, {kind}"] = f"{t['s']:.3g} s ({flops / 1e12:.3g} TFLOP of training)"
         r.notes.append(
             "seconds are end to end through LocalStore's lifecycle (journal, training, upload, catalogue, deletion); "
-            "the monolith's is its retraining on the remaining data with the same recipe, timed between the two "
-            "forget-samples requests so that all see alike load on the shared machine; every speed-up is against it."
+            "the monolith's is its retraining on the remaining data with the same recipe, timed amid the kinds' "
+            "forget-samples requests (after learnt's, before density's and heads') so that all see alike load on the "
+            "shared machine; every speed-up is against it."
         )
         r.notes.append(
             "FID before is the same routing and seed in 8.1 (the monolith's: its 8.1 row); the compartment retrain "
