@@ -1,18 +1,23 @@
-"""8. Router kinds side by side (issue 12): the learnt router vs training-free density weights (SuperDiff) on the
-same compartments, in one run.
+"""8. Router kinds side by side (issue 12): the learnt router, training-free density weights (SuperDiff) and
+per-source density-ratio heads on the same compartments, in one run.
 
 The compartments of each split are trained once (``bench.quality``'s code, equal compute) and composed under every
 kind; every kind samples with the same stochastic sampler (``Profile.routing_scheduler``, SDE-DPM-Solver++: the
 density kind's Itô estimator needs one) and the same seeds. Sections:
 
-1. quality: FID ratio to the monolith per split and kind (learnt full / top-1, density full / pruned), compartment
+1. quality: FID ratio to the monolith per split and kind (learnt full / top-1, density full / pruned, heads full /
+   top-1), compartment
    evaluations per image and step, and attribution agreement with the ground truth on the by-class split (each
    sample's dominant source vs its class's source, the class read by the metrics classifier).
-2. sampling cost vs K (random compartments, as in ``bench.sampling``): density's K passes vs learnt full and top-1.
+2. sampling cost vs K (random compartments, as in ``bench.sampling``): density's K passes vs learnt and heads full and
+   top-1.
 3. guidance: FID and class accuracy against ``guidance_scale``; the lowest FID is the measured default.
 4. forgetting and continual learning per kind, end to end through ``LocalStore``'s lifecycle: forget-samples (1% of
-   one source, FID change), adding one source (a compartment, + a router over every source for the learnt kind),
-   forget-source; wall time and FLOPs vs retraining the monolith.
+   one source, FID change), adding one source (a compartment, + a router over every source for the learnt kind, + its
+   head for the heads kind), forget-source; wall time and FLOPs vs retraining the monolith.
+
+The heads (cdm/routing/heads.py) depend on each source's data only: they are trained once per source with the bench's
+``[router]`` budget (``heads_for``) and reused by every composition, and by 8.5 in the same process, on the same data.
 """
 
 from __future__ import annotations
@@ -34,19 +39,35 @@ from bench.common import Profile, Result, router_step_flops, timer, unet_step_fl
 from bench.quality import SPLITS, Bench, single, split_parts, train_parts
 from cdm.artifacts import remove_tree, upload_directory
 from cdm.attribution import attribution_agreement
-from cdm.compartment import Compartment, build_unet, new_manifest
+from cdm.compartment import Compartment, CompartmentHead, build_unet, new_manifest
 from cdm.compose import Composed, ComposedDenoiser
-from cdm.config import RouterConfig, RoutingKind, TrainConfig
+from cdm.config import ModelConfig, RouterConfig, RoutingKind, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint
 from cdm.lifecycle import Lifecycle, compartment_prefix
 from cdm.metrics import FeatureExtractor, fid, kid
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
-from cdm.routing import PruneConfig, Router, build_composition
+from cdm.routing import (
+    HeadsComposition,
+    HeadsRouter,
+    PruneConfig,
+    Router,
+    build_composition,
+    check_kind,
+    train_head,
+)
 from cdm.store import LocalStore
 
-KINDS: tuple[RoutingKind, ...] = ("learnt", "density")
+KINDS: tuple[RoutingKind, ...] = ("learnt", "density", "heads")
 SAMPLE_BATCH = 250  # images per pipeline call when scoring
 COST_REPEATS = 3  # timed runs per configuration of the cost table; the median is reported
+# the (kind, mode) rows of the cost table at each K > 1
+COSTED: tuple[tuple[str, str], ...] = (
+    ("learnt", "full"),
+    ("learnt", "top-1"),
+    ("density", "full"),
+    ("heads", "full"),
+    ("heads", "top-1"),
+)
 NAN = float("nan")
 
 
@@ -135,14 +156,54 @@ def density(comps: Sequence[Compartment], names: Sequence[str], prune: PruneConf
     )
 
 
-def register(lc: Lifecycle, name: str, data: SourceData, comp: Compartment) -> None:
-    """Register an already trained compartment in a store, as ``Lifecycle.train`` does after training (keep the
-    data copy, upload, activate): the benchmark trains each compartment once and composes it under every kind."""
+def with_head(comp: Compartment, head: CompartmentHead) -> Compartment:
+    """``comp`` carrying ``head`` (the same network and manifest: the other kinds' compositions stay head-free)."""
+    return Compartment(comp.unet, comp.manifest, head)
+
+
+def headed(comps: Sequence[Compartment], names: Sequence[str], heads: Sequence[CompartmentHead]) -> Composed:
+    """The heads kind over ``comps`` with ``heads`` (one per source, in order): priors and class priors from the
+    manifests, as a sampler builds it; top-k is the sampler's ``top_k``."""
+    carrying = [with_head(c, h) for c, h in zip(comps, heads, strict=True)]
+    return build_composition(
+        "heads",
+        carrying,
+        names,
+        n_samples=[c.manifest.n_samples for c in comps],
+        class_counts=[c.manifest.class_counts for c in comps],
+    )
+
+
+_HEADS: dict[tuple[str, str, str], CompartmentHead] = {}  # (source, data fingerprint, configs) -> its trained head
+
+
+def heads_for(
+    model: ModelConfig, router: RouterConfig, parts: dict[str, SourceData]
+) -> tuple[list[CompartmentHead], float]:
+    """Each source's head (``train_head`` on its data alone with ``router``: the bench's ``[router]`` budget) and
+    their training seconds (as each head recorded them). A head depends on its data and configs only, so it is
+    trained once per process and reused, e.g. by 8.5's K x compute compartments of the same split; a reused head
+    keeps its seconds."""
+    heads: list[CompartmentHead] = []
+    for name, data in parts.items():
+        key = (name, fingerprint(data), json.dumps([to_dict(router), to_dict(model)], sort_keys=True))
+        if key not in _HEADS:
+            _HEADS[key] = train_head(name, data, model=model, router=router, num_classes=10, progress=False)
+        heads.append(_HEADS[key])
+    return heads, sum(float(h.doc["train_seconds"]) for h in heads)
+
+
+def register(
+    lc: Lifecycle, name: str, data: SourceData, comp: Compartment, head: CompartmentHead | None = None
+) -> None:
+    """Register an already trained compartment (with ``head``: carrying it, for a heads store) in a store, as
+    ``Lifecycle.train`` does after training (keep the data copy, upload, activate): the benchmark trains each
+    compartment once and composes it under every kind."""
     fp = fingerprint(data)
     entry = lc.catalogue.begin_training(name, fp, {"source": name, "bench": "routing"})
     lc.keep_data(name, data, fp)
     out = lc.work_root / "out" / entry.compartment_id
-    manifest = comp.to("cpu").save(out)
+    manifest = (comp if head is None else with_head(comp, head)).to("cpu").save(out)
     cid = entry.compartment_id
     files = upload_directory(lc.store, out, compartment_prefix(cid))
     others = sum(e.n_samples for e in lc.catalogue.active() if e.source != name)
@@ -191,8 +252,12 @@ QUALITY_COLUMNS: tuple[str, ...] = (
     "attribution agreement: mean / alpha_bar / snr",
 )
 QUALITY_NOTES: tuple[str, ...] = (
-    "trained (s): the compartments' training time, plus the router's for the learnt kind (density trains "
-    "nothing beyond the compartments).",
+    "trained (s): the compartments' training time, plus the router's for the learnt kind and the K heads' for the "
+    "heads kind (density trains nothing beyond the compartments).",
+    "heads: one density-ratio classifier per compartment (cdm/routing/heads.py, the learnt router's network with one "
+    "output), trained on its source alone against N(0, I) draws with the [router] budget (router steps x batch: "
+    "half the source's noised images, half reference draws); w = softmax(log prior + head logits); top-1 runs one "
+    "compartment and all K heads per step.",
     "compartment evals / image / step: rows the compartments actually ran on (forward hooks), per image and "
     "sampling step: K for a full mixture, 1 for top-1; pruning lowers it as compartments drop out.",
     "attribution agreement: share of samples whose dominant source (argmax of the weights averaged over the "
@@ -241,10 +306,11 @@ def kind_rows(
     mono_fid: float,
     scores: dict[tuple[str, str, str], float],
 ) -> None:
-    """One split's rows of the quality table: learnt full and top-1, density full and pruned (``p.prune``) over the
-    same ``comps``; FID, KID, ratio to ``mono_fid``, compartment evaluations, seconds and (by-class) attribution
-    agreement. Each FID goes to ``scores[(split, kind, routing)]``, each agreement (snr weighting) to
-    ``scores[(split, kind, routing + ":agreement")]``."""
+    """One split's rows of the quality table: learnt full and top-1, density full and pruned (``p.prune``), heads
+    full and top-1 (``heads_for``'s heads, trained once per source) over the same ``comps``; FID, KID, ratio to
+    ``mono_fid``, compartment evaluations, seconds and (by-class) attribution agreement. Each FID goes to
+    ``scores[(split, kind, routing)]``, each agreement (snr weighting) to ``scores[(split, kind, routing +
+    ":agreement")]``."""
     names = list(parts)
     truth = class_owner(parts) if split == "by-class" else None
     rows: list[tuple[RoutingKind, str, Composed, int | None, float]] = [
@@ -256,6 +322,9 @@ def kind_rows(
         ("density", prune_label(pc), density(comps, names, pc), None, train_s)
         for pc in (PruneConfig(threshold=t, patience=k) for t, k in p.prune)
     ]
+    heads, heads_s = heads_for(b.model, b.router_cfg, parts)
+    by_heads = headed(comps, names, heads)
+    rows += [("heads", "full", by_heads, None, train_s + heads_s), ("heads", "top-1", by_heads, 1, train_s + heads_s)]
     for kind, routing, comp, top_k, trained in rows:
         s = draw(p, comp, p.n_fid, top_k=top_k)
         f, k = score(b, s)
@@ -314,10 +383,12 @@ class Section:
     def markdown(self) -> str:
         p = self.profile
         lines = [
-            "### 8. Router kinds: learnt router vs training-free density weights (SuperDiff), side by side",
+            "### 8. Router kinds: learnt router vs training-free density weights (SuperDiff) vs per-source heads, side "
+            "by side",
             "",
             f"Profile `{p.name}`: K = {p.k} sources, {p.steps} steps per compartment at B = {max(1, p.batch // p.k)} "
-            f"(equal compute with a {p.steps} x B = {p.batch} monolith), router {p.router_steps} x {p.router_batch}, "
+            f"(equal compute with a {p.steps} x B = {p.batch} monolith), router {p.router_steps} x {p.router_batch} "
+            f"(and each of the K heads the same), "
             f"{p.n_fid} FID samples, {p.sample_steps} {p.routing_scheduler} steps for every kind.",
             "",
         ]
@@ -388,16 +459,24 @@ class _Context:
             learnt, router_s = self._learnt(split, parts, comps)
             kind_rows(p, b, r, split, parts, comps, learnt, train_s, router_s, self.mono_fid, self.scores)
             if split == "random":
-                self.random = {"parts": parts, "comps": comps, "learnt": learnt, "router_s": router_s}
+                heads, _ = heads_for(b.model, b.router_cfg, parts)  # trained by _learnt for the heads store
+                self.random = {
+                    "parts": parts,
+                    "comps": comps,
+                    "learnt": learnt,
+                    "router_s": router_s,
+                    "heads": headed(comps, list(parts), heads),
+                }
         for split in SPLITS:
             learnt_best = min(self.scores[(split, "learnt", m)] for m in ("full", "top-1"))
             dens = self.scores[(split, "density", "full")]
+            hf, h1 = (self.scores[(split, "heads", m)] for m in ("full", "top-1"))
             self.summary[f"FID / monolith, {split}"] = (
-                f"learnt best {learnt_best / self.mono_fid:.2f}, density full {dens / self.mono_fid:.2f}"
+                f"learnt best {learnt_best / self.mono_fid:.2f}, density full {dens / self.mono_fid:.2f}, "
+                f"heads full {hf / self.mono_fid:.2f} / top-1 {h1 / self.mono_fid:.2f}"
             )
-        self.summary["attribution agreement (by-class, snr weighting)"] = (
-            f"learnt full {self.scores[('by-class', 'learnt', 'full:agreement')]:.3f}, "
-            f"density full {self.scores[('by-class', 'density', 'full:agreement')]:.3f}"
+        self.summary["attribution agreement (by-class, snr weighting)"] = ", ".join(
+            f"{kind} full {self.scores[('by-class', kind, 'full:agreement')]:.3f}" for kind in KINDS
         )
         r.notes += QUALITY_NOTES
         return r
@@ -405,18 +484,20 @@ class _Context:
     def _learnt(
         self, split: str, parts: dict[str, SourceData], comps: list[Compartment]
     ) -> tuple[ComposedDenoiser, float]:
-        """The learnt composition. On the random split through two stores (learnt, density) holding the same
-        compartments, which the forgetting and continual sections then change; by-class in memory."""
+        """The learnt composition. On the random split through one store per kind (learnt, density, heads) holding
+        the same compartments (the heads store's carrying their heads), which the forgetting and continual sections
+        then change; by-class in memory."""
         names = list(parts)
         if split != "random":
             router, router_s = self.b.router(parts)
             return ComposedDenoiser(comps, router, names), router_s
+        heads, _ = heads_for(self.b.model, self.b.router_cfg, parts)
         self.stores = {kind: LocalStore(self.tmp / kind, model=self.b.model) for kind in KINDS}
         for kind, store in self.stores.items():
             store.use_routing(kind)  # the store's kind, as `cdm train --store` records it
             lc = self.lifecycle(store, kind)
-            for name, c in zip(names, comps, strict=True):
-                register(lc, name, parts[name], c)
+            for name, c, h in zip(names, comps, heads, strict=True):
+                register(lc, name, parts[name], c, h if kind == "heads" else None)
         for c in comps:
             c.to(self.p.device)
         with timer() as t:
@@ -437,12 +518,7 @@ class _Context:
             ["K", "kind", "mode", "s / image", "x single model", "compartment evals / image / step"],
         )
         configs = [(1, "-", "single")]
-        configs += [
-            (k, kind, mode)
-            for k in p.sampling_ks
-            if k > 1
-            for kind, mode in (("learnt", "full"), ("learnt", "top-1"), ("density", "full"))
-        ]
+        configs += [(k, kind, mode) for k in p.sampling_ks if k > 1 for kind, mode in COSTED]
         comps = self._random_compartments(max(p.sampling_ks))
         built = [(self._costed(comps[:k], kind, mode), 1 if mode == "top-1" else None) for k, kind, mode in configs]
         for comp, top_k in built:
@@ -462,16 +538,17 @@ class _Context:
         biggest = max(p.sampling_ks)
         by = {c: t for c, t in zip(configs, secs, strict=True)}
         if (biggest, "density", "full") in by:
-            d, lf, l1 = (
-                by[(biggest, kind, mode)]
-                for kind, mode in (("density", "full"), ("learnt", "full"), ("learnt", "top-1"))
-            )
             self.summary[f"sampling cost at K={biggest}"] = (
-                f"density {d / base:.2f}x one model, learnt full {lf / base:.2f}x, learnt top-1 {l1 / base:.2f}x"
+                ", ".join(f"{kind} {mode} {by[(biggest, kind, mode)] / base:.2f}x" for kind, mode in COSTED)
+                + " one model"
             )
         r.notes.append(
             "density routing has no top-1: every allowed compartment runs at every step to track its log-density "
             "(pruning, in 7.1, is its approximation); the Itô bookkeeping is a few dot products per step."
+        )
+        r.notes.append(
+            "heads top-1 runs one compartment and all K heads per step (a head is the learnt router's network with "
+            "one output, so K head passes cost about K router passes); heads full runs all K of each."
         )
         return r
 
@@ -494,13 +571,20 @@ class _Context:
         ]
 
     def _costed(self, comps: list[Compartment], kind: str, mode: str) -> Composed:
-        """The composition a cost row times: one bare model, the learnt router over ``comps`` or density."""
+        """The composition a cost row times: one bare model, the learnt router over ``comps``, random heads (one
+        per compartment, the router's network with one output) or density."""
         names = [c.manifest.name for c in comps]
         if mode == "single":
             return single(comps[0], names[0])
         if kind == "learnt":
             router = Router(source_names=names, sample_size=self.p.sample_size, num_classes=10).to(self.p.device)
             return ComposedDenoiser(comps, router, names)  # "auto": the loop on CPU, vmap on CUDA
+        if kind == "heads":
+            nets = [
+                Router(source_names=[n], sample_size=self.p.sample_size, num_classes=10).to(self.p.device).eval()
+                for n in names
+            ]
+            return HeadsComposition(comps, HeadsRouter(nets, names), names)
         return density(comps, names)
 
     # -- 3. forgetting and 4. continual ---------------------------------------------------------------
@@ -534,38 +618,45 @@ class _Context:
         def fl_router(n: int) -> int:
             return p.router_steps * router_step_flops(b.model, b.router_cfg, p.router_batch, n)
 
-        # a) 1% of one source: learnt retrains the compartment and the router, density the compartment only, the
-        #    monolith everything; the monolith is timed between the two, so all three see alike machine load
+        fl_head = fl_router(1)  # a head: the router's network with one output, the same steps x batch
+
+        # a) 1% of one source: learnt retrains the compartment and the router, density the compartment only, heads
+        #    the compartment and its head, the monolith everything; the monolith is timed amid the kinds, so all
+        #    see alike machine load
         d = parts[victim]
         rng = np.random.default_rng(p.seed)
         ids = rng.choice(d.ids, size=max(1, round(len(d) * p.forget_fraction)), replace=False)
-        routing = {"learnt": ("top-1", 1), "density": ("full", None)}
+        routing = {"learnt": ("top-1", 1), "density": ("full", None), "heads": ("top-1", 1)}
         timed: dict[str, tuple[float, float, float]] = {}  # seconds, FID before, FID after
-        for step in ("learnt", "monolith", "density"):
+        for step in ("learnt", "monolith", "density", "heads"):
             if step == "monolith":
                 mono, secs = b.train("monolith-forget", b.data.subset(~np.isin(b.data.ids, ids)), p.batch, p.steps)
                 after, _ = self.score(draw(p, single(mono, "monolith"), p.n_fid))
                 timed[step] = (secs, self.mono_fid, after)
                 continue
-            kind: RoutingKind = "learnt" if step == "learnt" else "density"
+            kind = check_kind(step)
             store = self.stores[kind]
             with timer() as t:
                 receipt = self.lifecycle(store, kind).forget_samples(victim, ids.tolist(), request_id=uuid.uuid4().hex)
             assert receipt.outcome == "samples-forgotten", receipt.detail
-            comps, snames = loaded(store, p.device)
-            comp: Composed = store.composed(device=p.device) if kind == "learnt" else density(comps, snames)
             label, top_k = routing[kind]
-            after, _ = self.score(draw(p, comp, p.n_fid, top_k=top_k))
+            after, _ = self.score(draw(p, store.composed(device=p.device), p.n_fid, top_k=top_k))
             timed[kind] = (t["s"], self.scores[("random", kind, label)], after)
         mono_s = self.mono_retrain_s = timed["monolith"][0]
-        flops_of = {"learnt": fl_comp + fl_router(k), "density": fl_comp, "monolith": fl_mono}
+        flops_of = {
+            "learnt": fl_comp + fl_router(k),
+            "density": fl_comp,
+            "heads": fl_comp + fl_head,
+            "monolith": fl_mono,
+        }
         what_of = {
             "learnt": "compartment + router",
             "density": "compartment only (no router)",
+            "heads": "compartment + its head",
             "monolith": "full retrain on the remaining data",
         }
         changes: dict[str, float] = {}
-        for who in ("learnt", "density", "monolith"):
+        for who in (*KINDS, "monolith"):
             secs, before, after = timed[who]
             flops = flops_of[who]
             changes[who] = (after - before) / before
@@ -586,7 +677,8 @@ class _Context:
             for kind, v in changes.items()
         )
         # b) continual: add one source; learnt trains its compartment + a router over all K + 1, density the
-        #    compartment only and serves it at once
+        #    compartment only and serves it at once, heads the compartment + its head (timed here, on top of the
+        #    density store's compartment, as the learnt kind's router is)
         rng = np.random.default_rng(p.seed + 1)
         new = b.data.subset(np.sort(rng.choice(len(b.data), size=len(d), replace=False)))
         new_name = f"rand{k}"
@@ -599,6 +691,9 @@ class _Context:
         register(lc, new_name, new, comps[snames.index(new_name)])
         with timer() as t_router:
             lc.retrain_router()
+        with timer() as t_head:
+            new_head = train_head(new_name, new, model=b.model, router=b.router_cfg, num_classes=10, progress=False)
+        register(self.lifecycle(self.stores["heads"], "heads"), new_name, new, comps[snames.index(new_name)], new_head)
         add: dict[RoutingKind, tuple[float, int, str]] = {
             "learnt": (
                 t_comp["s"] + t_router["s"],
@@ -606,15 +701,22 @@ class _Context:
                 f"compartment #{k + 1} ({p.steps} steps) + router over {k + 1} sources ({p.router_steps} steps)",
             ),
             "density": (t_comp["s"], fl_comp, f"compartment #{k + 1} only ({p.steps} steps); served at once"),
+            "heads": (
+                t_comp["s"] + t_head["s"],
+                fl_comp + fl_head,
+                f"compartment #{k + 1} ({p.steps} steps) + its head ({p.router_steps} steps); served at once",
+            ),
         }
         for kind, (secs, flops, what) in add.items():
             r.add(f"add source #{k + 1} ({len(new)} images)", kind, what, secs, NAN, flops / 1e12, NAN, NAN, NAN, NAN)
         self.summary[f"continual: adding source #{k + 1}"] = (
             f"density: one compartment ({fl_comp / 1e12:.3g} TFLOP, {add['density'][0]:.1f} s, served with "
             f"{check.evals:.0f} compartment evals per step and no router); learnt: compartment + router "
-            f"({add['learnt'][1] / 1e12:.3g} TFLOP, {add['learnt'][0]:.1f} s)"
+            f"({add['learnt'][1] / 1e12:.3g} TFLOP, {add['learnt'][0]:.1f} s); heads: compartment + its head "
+            f"({add['heads'][1] / 1e12:.3g} TFLOP, {add['heads'][0]:.1f} s)"
         )
-        # c) a whole source: learnt retires + retrains the router over the rest; density retires and deletes
+        # c) a whole source: learnt retires + retrains the router over the rest; density and heads retire and delete
+        #    (a head lives in its compartment's directory)
         for kind in KINDS:
             store = self.stores[kind]
             epoch = store.catalogue.epoch
@@ -625,6 +727,9 @@ class _Context:
             flops = fl_router(k) if kind == "learnt" else 0
             epochs = f"epoch {epoch} -> {store.catalogue.epoch}"
             what = f"router over the other {k}" if kind == "learnt" else f"nothing (retire, delete, {epochs})"
+            if kind == "heads":
+                rest = self.stores[kind].composed(device=p.device)  # the other K heads still compose
+                assert victim not in rest.source_names, rest.source_names
             r.add(
                 f"whole source {victim} (of {k + 1})",
                 kind,
@@ -640,18 +745,23 @@ class _Context:
             self.summary[f"forget-source, {kind}"] = f"{t['s']:.3g} s ({flops / 1e12:.3g} TFLOP of training)"
         r.notes.append(
             "seconds are end to end through LocalStore's lifecycle (journal, training, upload, catalogue, deletion); "
-            "the monolith's is its retraining on the remaining data with the same recipe, timed between the two "
-            "forget-samples requests so that all three see alike load on the shared machine; every speed-up is "
-            "against it."
+            "the monolith's is its retraining on the remaining data with the same recipe, timed amid the kinds' "
+            "forget-samples requests (after learnt's, before density's and heads') so that all see alike load on the "
+            "shared machine; every speed-up is against it."
         )
         r.notes.append(
             "FID before is the same routing and seed in 8.1 (the monolith's: its 8.1 row); the compartment retrain "
-            "after a forget-samples is the same computation for both kinds (same seed and data), so their FID "
-            "changes differ by routing (and the learnt kind's retrained router) only."
+            "after a forget-samples is the same computation for every kind (same seed and data), so their FID "
+            "changes differ by routing (and the learnt kind's retrained router, the heads kind's retrained head) only."
         )
         r.notes.append(
             "the whole-source rows remove 1/K of the distribution, so no FID change is reported (it measures "
             "coverage, not damage); the continual rows add a resampled source (Fashion-MNIST has no unseen data)."
+        )
+        r.notes.append(
+            "heads: a forget-samples retrains the compartment and its head through the heads store's lifecycle (one "
+            f"head: {fl_head / 1e12:.3g} TFLOP); adding a source times its head's training on top of the compartment "
+            "the density store trained (the same computation), and registers both in the heads store."
         )
         return r
 
@@ -679,10 +789,11 @@ class _Context:
         plan: list[tuple[str, str, Composed, int | None, Sequence[float]]] = [
             ("learnt", "top-1", self.random["learnt"], 1, p.guidance_scales),
             ("density", "full", density(comps, names), None, p.density_guidance_scales),
+            ("heads", "top-1", self.random["heads"], 1, ()),
         ]
         measured: dict[str, list[tuple[float, float, float]]] = {}
         for kind, routing, comp, top_k, scales in plan:
-            if not scales:  # only at the scale the learnt sweep chose
+            if not scales:  # only at the scale the learnt sweep chose (heads: always)
                 scales = (choose_guidance(measured["learnt"]),)
             for scale in scales:
                 s = draw(p, comp, n, top_k=top_k, labels=labels, guidance_scale=scale)
@@ -700,4 +811,5 @@ class _Context:
             "the random split's compartments of 7.1; each branch is composed with its own weights "
             "(cdm/guidance.py), so a guided step costs twice the compartment rows of an unguided one."
         )
+        r.notes.append("heads top-1 is measured at the learnt kind's chosen scale only (no sweep of its own).")
         return r

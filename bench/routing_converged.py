@@ -4,10 +4,12 @@ Section 8.1 (bench/routing.py) compares the router kinds at equal compute: each 
 ``p.steps`` steps at B / K. Here each compartment trains ``p.converged_steps`` steps at the monolith's full batch B
 (K x the monolith's compute; ``bench.quality`` section 1 measures the learnt kind alone at this budget), for every
 split of ``p.converged_splits``. The learnt router is trained on each split (it depends on the data only, not on the
-compartments). The rows are 8.1's, made by the same code (``bench.routing.monolith_row`` / ``kind_rows``): learnt
-full and top-1, density full and pruned, the same stochastic sampler and seed, FID / KID against the same test
-features, the monolith at ``p.steps`` x B as the reference, attribution agreement on the by-class split. The facts
-put each ratio next to 8.1's equal-compute one, read from ``routing.json`` in the same results folder.
+compartments), and so are the heads (``bench.routing.heads_for``: trained once per source, reused from 8.1 when both
+groups run in one process). The rows are 8.1's, made by the same code (``bench.routing.monolith_row`` /
+``kind_rows``): learnt full and top-1, density full and pruned, heads full and top-1, the same stochastic sampler
+and seed, FID / KID against the same test features, the monolith at ``p.steps`` x B as the reference, attribution
+agreement on the by-class split. The facts put each ratio next to 8.1's equal-compute one, read from
+``routing.json`` in the same results folder.
 
 Run: ``python -m bench.run --profile routing --only routing-converged`` (``make bench-routing-converged``).
 """
@@ -148,10 +150,11 @@ def run(p: Profile, out: Path, ext: FeatureExtractor, env: dict[str, Any]) -> Re
     scores: dict[Key, float] = {}
     routings = [("learnt", "full"), ("learnt", "top-1"), ("density", "full")]
     routings += [("density", prune_label(PruneConfig(threshold=t, patience=k))) for t, k in p.prune]
+    routings += [("heads", "full"), ("heads", "top-1")]
     r.facts["budget"] = (
         f"{p.k} compartments x {p.converged_steps} steps x B = {p.batch} = {p.k * p.converged_steps / p.steps:g}x "
-        f"the monolith's {p.steps} x {p.batch}; the learnt router {p.router_steps} x {p.router_batch} per split, as "
-        "in 8.1"
+        f"the monolith's {p.steps} x {p.batch}; the learnt router {p.router_steps} x {p.router_batch} per split and "
+        "each source's head the same, as in 8.1"
     )
     r.facts["equal-compute numbers (in brackets)"] = eq.source
     r.facts["feature extractor"] = (
@@ -188,7 +191,7 @@ def run(p: Profile, out: Path, ext: FeatureExtractor, env: dict[str, Any]) -> Re
             *QUALITY_NOTES,
             "the learnt router is trained on each split's data in memory (bench.quality's Bench.router); it depends "
             "on the data only, so it is the same recipe as 8.1's (whose random-split router went through the "
-            "store's lifecycle).",
+            "store's lifecycle); so do the heads (trained once per source and process, reused across budgets).",
             "the reference is 8.1's: the monolith at the profile's steps x B, retrained in this run with the same "
             "recipe and seed; the compartments here get the same batch B for converged_steps steps each.",
         ]
