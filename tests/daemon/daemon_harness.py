@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -258,3 +260,16 @@ def metric(text: str, name: str, labels: str = "") -> float | None:
 
 def as_json(x: Any) -> str:
     return json.dumps(x, default=str)
+
+
+@contextlib.contextmanager
+def daemon_env(root: Path, redis_url: str, bootstrap: str, name: str, **settings: Any) -> Iterator[DaemonEnv]:
+    """A fresh deployment (topics, group and namespace ``name-<random>``) with its config written; every process
+    it started is stopped on exit. ``settings``: DaemonEnv's fields (steps, checkpoint_every, router_kind, ...)."""
+    tag = f"{name}-{uuid.uuid4().hex[:8]}"
+    env = DaemonEnv(root=root, redis_url=redis_url, bootstrap=bootstrap, prefix=tag, namespace=tag, **settings)
+    env.write_config()
+    try:
+        yield env
+    finally:
+        env.stop_all()

@@ -3,7 +3,6 @@ no router is ever trained, and forgetting a source deletes its compartment and h
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,27 +13,17 @@ from cdm.artifacts import artifact_path
 from cdm.compartment import HEAD_CONFIG, HEAD_WEIGHTS
 from cli import main
 from registry.records import CompartmentStatus
-from tests.daemon.daemon_harness import DaemonEnv, digit_sources
+from tests.daemon.daemon_harness import DaemonEnv, daemon_env, digit_sources
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
 def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[DaemonEnv]:
-    tag = uuid.uuid4().hex[:8]
-    e = DaemonEnv(
-        root=tmp_path / "d",
-        redis_url=redis_db_url,
-        bootstrap=kafka_bootstrap,
-        prefix=f"heads-{tag}",
-        namespace=f"heads-{tag}",
-        steps=10,
-        checkpoint_every=5,
-        router_kind="heads",
-    )
-    e.write_config()
-    yield e
-    e.stop_all()
+    with daemon_env(
+        tmp_path / "d", redis_db_url, kafka_bootstrap, "heads", steps=10, checkpoint_every=5, router_kind="heads"
+    ) as e:
+        yield e
 
 
 def test_heads_kind_serves_each_compartment_with_its_head_and_forgets_one_without_training(env: DaemonEnv) -> None:

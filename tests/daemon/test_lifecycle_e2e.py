@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,26 +18,15 @@ from cdm.data import fingerprint
 from cli import main
 from daemon.wire import Seal, encode_chunk, encode_seal
 from registry.records import CompartmentStatus
-from tests.daemon.daemon_harness import DaemonEnv, digit_sources, names_by_partition
+from tests.daemon.daemon_harness import DaemonEnv, daemon_env, digit_sources, names_by_partition
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture
-def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str):
-    tag = uuid.uuid4().hex[:8]
-    e = DaemonEnv(
-        root=tmp_path / "d",
-        redis_url=redis_db_url,
-        bootstrap=kafka_bootstrap,
-        prefix=f"lc-{tag}",
-        namespace=f"lc-{tag}",
-        steps=10,
-        checkpoint_every=5,
-    )
-    e.write_config()
-    yield e
-    e.stop_all()
+def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[DaemonEnv]:
+    with daemon_env(tmp_path / "d", redis_db_url, kafka_bootstrap, "lc", steps=10, checkpoint_every=5) as e:
+        yield e
 
 
 def group_committed(env: DaemonEnv, partition: int) -> int | None:

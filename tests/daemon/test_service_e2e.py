@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +22,15 @@ from registry.reader import RegistryClient
 from registry.records import CompartmentStatus
 from sampler.live import LiveComposition
 from sampler.loader import CompositionLoader
-from tests.daemon.daemon_harness import DaemonEnv, digit_sources, http_get, metric, names_by_partition
+from tests.daemon.daemon_harness import DaemonEnv, daemon_env, digit_sources, http_get, metric, names_by_partition
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(420)]
 
 
 @pytest.fixture
-def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str):
-    tag = uuid.uuid4().hex[:8]
-    e = DaemonEnv(
-        root=tmp_path / "d",
-        redis_url=redis_db_url,
-        bootstrap=kafka_bootstrap,
-        prefix=f"e2e-{tag}",
-        namespace=f"e2e-{tag}",
-    )
-    e.write_config()
-    yield e
-    e.stop_all()
+def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[DaemonEnv]:
+    with daemon_env(tmp_path / "d", redis_db_url, kafka_bootstrap, "e2e") as e:
+        yield e
 
 
 def test_sources_to_compartments_hot_swap_sample_and_forget(env: DaemonEnv, capsys) -> None:

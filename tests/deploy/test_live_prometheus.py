@@ -19,7 +19,6 @@ import re
 import time
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from deploy.local import services
 from deploy.local.services import PrometheusServer, start_prometheus, stop_prometheus
 from registry.acl import AccessRegistry, Grant
 from registry.keys import Keys
-from tests.daemon.daemon_harness import REPO, DaemonEnv, digit_sources, http_get, metric
+from tests.daemon.daemon_harness import REPO, DaemonEnv, daemon_env, digit_sources, http_get, metric
 from tests.deploy.common import GRAFANA, RULE_FILES
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -77,21 +76,10 @@ def wait(what: str, check: Any, timeout: float, env: DaemonEnv | None = None) ->
 
 @pytest.fixture
 def env(tmp_path: Path, redis_db_url: str, kafka_bootstrap: str) -> Iterator[DaemonEnv]:
-    tag = uuid.uuid4().hex[:8]
-    e = DaemonEnv(
-        root=tmp_path / "d",
-        redis_url=redis_db_url,
-        bootstrap=kafka_bootstrap,
-        prefix=f"obs-{tag}",
-        namespace=f"obs-{tag}",
-        # long enough (seconds, even on an idle machine) that a few scrapes see a training in progress: the
-        # progress series exist only while a job runs
-        steps=60,
-        checkpoint_every=20,
-    )
-    e.write_config()
-    yield e
-    e.stop_all()
+    # steps: long enough (seconds, even on an idle machine) that a few scrapes see a training in progress: the
+    # progress series exist only while a job runs
+    with daemon_env(tmp_path / "d", redis_db_url, kafka_bootstrap, "obs", steps=60, checkpoint_every=20) as e:
+        yield e
 
 
 @pytest.fixture
