@@ -165,3 +165,16 @@ def s3_bucket(s3_admin: Any) -> Iterator[str]:
         for upload in s3_admin.list_multipart_uploads(Bucket=name).get("Uploads", []):
             s3_admin.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
         s3_admin.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_kept() -> Iterator[None]:
+    """torch's intra-op thread count is process-wide, and ``[train]/[router]/[sample] threads`` set it: a test that
+    trains with ``threads = 1`` must not leave it so for the tests after it (a result compared bit for bit with
+    another process's depends on it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

@@ -261,8 +261,8 @@ def test_routing_kind_is_a_registry_fact_in_the_snapshot(
     assert (change.kind, change.epoch, change.detail) == ("routing", 2, {"kind": "density", "previous": "learnt"})
     assert registry.set_routing(RoutingKind.DENSITY) == 2 and len(registry.changes()) == 3  # idempotent
     assert registry.set_routing("learnt") == 3 and registry.snapshot().routing is RoutingKind.LEARNT
-    with pytest.raises(ValueError, match="routing kind 'heads' is not one of"):
-        registry.set_routing("heads")
+    with pytest.raises(ValueError, match="routing kind 'bogus' is not one of"):
+        registry.set_routing("bogus")
     assert registry.epoch() == 3
     redis_client.set(keys.routing, "mystery")  # written by something else: named, not silently learnt
     with pytest.raises(RecordError, match="'mystery'"):
