@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # each run has its own Redis namespace, so it starts from empty daemon state too: a previous run's spool and
+    # artifacts belong to that run's registry
+    for stale in ("spool", "artifacts", ".cache"):
+        shutil.rmtree(out / stale, ignore_errors=True)
     started = time.perf_counter()
     # 1. services
     _say("== 1. starting Redis and the Kafka-protocol broker on free loopback ports")
