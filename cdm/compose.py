@@ -126,6 +126,31 @@ def mix(
     return eps
 
 
+def check_class_priors(class_priors: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """``class_priors`` as a float64 (K, num_classes) tensor of counts n_{i,c} (None stays None); ConfigError unless
+    finite and non-negative."""
+    if class_priors is None:
+        return None
+    cp = torch.as_tensor(class_priors).double()
+    if cp.ndim != 2 or cp.shape[0] != k or bool((cp < 0).any()) or not bool(torch.isfinite(cp).all()):
+        raise ConfigError(f"class_priors must be a finite non-negative ({k}, num_classes) tensor")
+    return cp
+
+
+def row_priors(
+    priors: torch.Tensor, class_priors: torch.Tensor | None, class_labels: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """(N, K) lambda_i of each of ``n`` rows, on ``priors``' device and dtype: ``priors`` (K,), or for a row labelled
+    c < num_classes ``class_priors[:, c]`` (P(i | c) proportional to n_{i,c}) when there are class priors; the null
+    class and unlabelled rows keep ``priors``. Unnormalised (only ratios matter)."""
+    lam = priors.expand(n, -1).clone()
+    if class_priors is not None and class_labels is not None:
+        c = torch.as_tensor(class_labels, device=priors.device).long().flatten().expand(n)
+        labelled = (c >= 0) & (c < class_priors.shape[1])
+        lam[labelled] = class_priors[:, c[labelled]].T
+    return lam
+
+
 class Composed(nn.Module):
     """Compartments composed under one routing kind: what ``CompartmentalPipeline`` samples from.
 

@@ -104,7 +104,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
-from cdm.compose import Allowed, Composed, TopK
+from cdm.compose import Allowed, Composed, TopK, check_class_priors, row_priors
 from cdm.config import RoutingKind
 from cdm.denoiser import ComposeOutput, Composer, expand_timesteps
 from cdm.errors import ConfigError
@@ -204,12 +204,7 @@ class DensityComposition(Composed):
         if lam.shape != (k,) or bool((lam < 0).any()) or not bool(torch.isfinite(lam).all()):
             raise ConfigError(f"priors must be {k} finite non-negative numbers (one per source), got {lam.tolist()}")
         self.priors = lam
-        if class_priors is not None:
-            cp = torch.as_tensor(class_priors).double()
-            if cp.ndim != 2 or cp.shape[0] != k or bool((cp < 0).any()) or not bool(torch.isfinite(cp).all()):
-                raise ConfigError(f"class_priors must be a finite non-negative ({k}, num_classes) tensor")
-            class_priors = cp
-        self.class_priors = class_priors
+        self.class_priors = check_class_priors(class_priors, k)
         if float(self.priors[self.subset].sum()) <= 0:
             raise ConfigError(f"every source in the subset {[self.source_names[i] for i in self.subset]} has prior 0")
         if estimator not in ("ito", "divergence", "auto"):
@@ -243,13 +238,9 @@ class DensityComposition(Composed):
         labelled c < num_classes ``class_priors[:, c]`` when there are class priors; zero where ``allowed`` (N, S)
         bool is False. Unnormalised (only ratios matter). ``strict``: ConfigError for a row with no positive prior
         (else such rows come back all zero for the caller to report)."""
-        n, dev = allowed.shape[0], allowed.device
-        lam = self.priors.to(dev)[list(columns)].expand(n, -1).clone()
-        if self.class_priors is not None and class_labels is not None:
-            c = torch.as_tensor(class_labels, device=dev).long().flatten().expand(n)
-            cp = self.class_priors.to(dev)[list(columns)]  # (S, num_classes)
-            labelled = (c >= 0) & (c < cp.shape[1])
-            lam[labelled] = cp[:, c[labelled]].T
+        n, dev, cols = allowed.shape[0], allowed.device, list(columns)
+        cp = self.class_priors.to(dev)[cols] if self.class_priors is not None else None  # (S, num_classes)
+        lam = row_priors(self.priors.to(dev)[cols], cp, class_labels, n)
         lam = torch.where(allowed, lam, torch.zeros_like(lam))  # each row: its own allowed set
         empty = (~(lam > 0).any(1)).nonzero(as_tuple=True)[0]
         if strict and empty.numel():

@@ -44,7 +44,7 @@ from diffusers import DDPMScheduler
 from torch import nn
 
 from cdm.compartment import CompartmentHead, class_input
-from cdm.compose import ComposedDenoiser
+from cdm.compose import ComposedDenoiser, check_class_priors, row_priors
 from cdm.config import ModelConfig, RouterConfig, RoutingKind, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
 from cdm.denoiser import expand_timesteps
@@ -223,22 +223,12 @@ class HeadsRouter(nn.Module):
         lam = torch.ones(k, dtype=torch.float64) if priors is None else torch.as_tensor(priors).double()
         if tuple(lam.shape) != (k,) or not bool(torch.isfinite(lam).all()) or bool((lam <= 0).any()):
             raise ConfigError(f"priors must be {k} finite positive numbers, got {lam.tolist()}")
-        self.log_priors = lam.log()
-        if class_priors is not None:
-            cp = torch.as_tensor(class_priors).double()
-            if cp.dim() != 2 or cp.shape[0] != k or not bool(torch.isfinite(cp).all()) or bool((cp < 0).any()):
-                raise ConfigError(f"class_priors must be a finite non-negative ({k}, num_classes) tensor")
-            class_priors = cp
-        self.class_priors = class_priors
+        self.priors = lam
+        self.class_priors = check_class_priors(class_priors, k)
 
     def log_prior(self, n: int, class_labels: torch.Tensor | None) -> torch.Tensor:
         """(N, K) log lambda_i(c) per row (-inf where a class count is zero), float64 on the CPU."""
-        lp = self.log_priors.expand(n, -1).clone()
-        if self.class_priors is not None and class_labels is not None:
-            c = torch.as_tensor(class_labels).long().flatten().cpu().expand(n)
-            labelled = (c >= 0) & (c < self.class_priors.shape[1])
-            lp[labelled] = self.class_priors[:, c[labelled]].T.log()
-        return lp
+        return row_priors(self.priors, self.class_priors, class_labels, n).log()
 
     def logits(
         self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None, mask: torch.Tensor
