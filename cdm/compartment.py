@@ -91,6 +91,13 @@ def class_input(
     return class_labels.to(device=device, dtype=torch.long)
 
 
+def drop_labels(c: torch.Tensor, p: float, num_classes: int, generator: torch.Generator) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each label replaced by the null class (``num_classes``) with
+    probability ``p``, from one uniform draw per row of ``generator``."""
+    drop = (torch.rand(len(c), generator=generator) < p).to(c.device)
+    return torch.where(drop, torch.full_like(c, num_classes), c)
+
+
 @dataclass(frozen=True)
 class SliceRecord:
     """One SISA slice of a compartment's data and the checkpoint kept after it (Bourtoule et al. 2021, sec. V-A)."""

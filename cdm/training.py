@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cdm.artifacts import load_tensors, read_json, save_tensors, sha256_file, write_json
-from cdm.compartment import Compartment, SliceRecord, build_unet, class_input, new_manifest
+from cdm.compartment import Compartment, SliceRecord, build_unet, class_input, drop_labels, new_manifest
 from cdm.config import ModelConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
 from cdm.errors import CdmError, ConfigError, StoreError
@@ -219,8 +219,7 @@ class EpsilonObjective:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator).to(self.device)
         c = class_input(labels, n, self.num_classes, self.device)
         if c is not None and self.label_dropout > 0:
-            drop = (torch.rand(n, generator=generator) < self.label_dropout).to(self.device)
-            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+            c = drop_labels(c, self.label_dropout, self.num_classes, generator)
         # 2. forward process x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (the scheduler's add_noise)
         x_t = self.scheduler.add_noise(x0, noise, t)
         # 3. the squared error of the predicted noise

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from torch import nn
 
-from cdm.compartment import CompartmentHead, class_input
+from cdm.compartment import CompartmentHead, class_input, drop_labels
 from cdm.compose import ComposedDenoiser, check_class_priors, row_priors
 from cdm.config import ModelConfig, RouterConfig, RoutingKind, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
@@ -83,8 +83,7 @@ class HeadObjective:
         t = t.to(self.device)
         c = class_input(labels, n, self.num_classes, self.device)
         if c is not None and self.label_dropout > 0:
-            drop = (torch.rand(n, generator=generator) < self.label_dropout).to(self.device)
-            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+            c = drop_labels(c, self.label_dropout, self.num_classes, generator)
         # 2. positives x_t ~ q_i(x_t | t, c), negatives x_t ~ N(0, I), one forward pass
         x_t = self.scheduler.add_noise(x0, noise, t)
         logits = model(torch.cat([x_t, reference]), torch.cat([t, t]), None if c is None else torch.cat([c, c]))

@@ -37,7 +37,7 @@ from cdm.artifacts import (
     verify_tree,
     write_json,
 )
-from cdm.compartment import class_input
+from cdm.compartment import class_input, drop_labels
 from cdm.config import ModelConfig, RouterConfig, TrainConfig, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
 from cdm.denoiser import expand_timesteps
@@ -234,8 +234,7 @@ class RouterObjective:
         t = torch.randint(0, int(self.scheduler.config.num_train_timesteps), (n,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator).to(self.device)
         if self.num_classes:
-            drop = (torch.rand(n, generator=generator) < self.label_dropout).to(self.device)
-            c = torch.where(drop, torch.full_like(c, self.num_classes), c)
+            c = drop_labels(c, self.label_dropout, self.num_classes, generator)
         # 2. forward process, then cross-entropy of the source
         t = t.to(self.device)
         x_t = self.scheduler.add_noise(x0, noise, t)
