@@ -49,7 +49,7 @@ from cdm.config import ModelConfig, RouterConfig, RoutingKind, to_dict
 from cdm.data import SourceData, fingerprint, to_model_tensor
 from cdm.denoiser import expand_timesteps
 from cdm.errors import ConfigError, TrainingInterrupted
-from cdm.routing.learnt import NOISE_BINS, Router, router_train_config
+from cdm.routing.learnt import NOISE_BINS, Router, router_spec, router_train_config
 from cdm.training import ResumableBatches, TrainLoop, check_trainable, resolve_device
 
 HEAD_FORMAT = 1
@@ -127,14 +127,7 @@ def train_head(
     torch.manual_seed(router.seed)
     x = to_model_tensor(data.images, model.sample_size)
     labels = torch.as_tensor(data.labels, dtype=torch.long) if (data.labels is not None and num_classes) else None
-    spec: dict[str, Any] = {
-        "source_names": [name],
-        "in_channels": model.in_channels,
-        "sample_size": model.sample_size,
-        "channels": list(router.channels),
-        "num_classes": num_classes,
-        "num_train_timesteps": model.num_train_timesteps,
-    }
+    spec = router_spec([name], model, router, num_classes)
     net = Router(**spec)
     sched = DDPMScheduler(**model.scheduler_config())
     fp = fingerprint(data)

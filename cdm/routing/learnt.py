@@ -241,6 +241,19 @@ class RouterObjective:
         return F.cross_entropy(model(x_t, t, c), y)
 
 
+def router_spec(names: Sequence[str], model: ModelConfig, router: RouterConfig, num_classes: int) -> dict[str, Any]:
+    """``Router``'s arguments for ``names`` (its logit columns), the compartments' model and the ``[router]``
+    widths: JSON-safe, so a head stores it as its network."""
+    return {
+        "source_names": [str(n) for n in names],
+        "in_channels": model.in_channels,
+        "sample_size": model.sample_size,
+        "channels": list(router.channels),
+        "num_classes": num_classes,
+        "num_train_timesteps": model.num_train_timesteps,
+    }
+
+
 def router_train_config(router: RouterConfig) -> TrainConfig:
     """The loop settings of a router run: AdamW (torch's default weight decay), cosine decay from ``router.lr``
     without warm-up, no clipping, no EMA (the trained weights are the router)."""
@@ -308,14 +321,7 @@ def train_router(
     x_all, y_all, c_all = torch.cat(xs), torch.cat(ys), torch.cat(cs)
     counts = torch.bincount(y_all, minlength=len(names)).float()
     priors = (counts / counts.sum()).tolist()
-    net = Router(
-        source_names=names,
-        in_channels=model.in_channels,
-        sample_size=model.sample_size,
-        channels=tuple(router.channels),
-        num_classes=num_classes,
-        num_train_timesteps=model.num_train_timesteps,
-    )
+    net = Router(**router_spec(names, model, router, num_classes))
     sched = DDPMScheduler(**model.scheduler_config())
     fingerprints = {n: fingerprint(datasets[n]) for n in names}
     # 2. cross-entropy on noised samples drawn uniformly from the pool (this is what absorbs the priors), through the
