@@ -51,8 +51,8 @@ from cdm.routing import (
     HeadsRouter,
     PruneConfig,
     Router,
-    build_composition,
     check_kind,
+    compose_trained,
     train_head,
 )
 from cdm.store import LocalStore
@@ -146,14 +146,7 @@ def draw(
 
 def density(comps: Sequence[Compartment], names: Sequence[str], prune: PruneConfig | None = None) -> Composed:
     """The density kind over ``comps``: priors and class priors from their manifests, as a sampler builds it."""
-    return build_composition(
-        "density",
-        comps,
-        names,
-        n_samples=[c.manifest.n_samples for c in comps],
-        class_counts=[c.manifest.class_counts for c in comps],
-        prune=prune,
-    )
+    return compose_trained("density", comps, names, prune=prune)
 
 
 def with_head(comp: Compartment, head: CompartmentHead) -> Compartment:
@@ -164,14 +157,7 @@ def with_head(comp: Compartment, head: CompartmentHead) -> Compartment:
 def headed(comps: Sequence[Compartment], names: Sequence[str], heads: Sequence[CompartmentHead]) -> Composed:
     """The heads kind over ``comps`` with ``heads`` (one per source, in order): priors and class priors from the
     manifests, as a sampler builds it; top-k is the sampler's ``top_k``."""
-    carrying = [with_head(c, h) for c, h in zip(comps, heads, strict=True)]
-    return build_composition(
-        "heads",
-        carrying,
-        names,
-        n_samples=[c.manifest.n_samples for c in comps],
-        class_counts=[c.manifest.class_counts for c in comps],
-    )
+    return compose_trained("heads", [with_head(c, h) for c, h in zip(comps, heads, strict=True)], names)
 
 
 _HEADS: dict[tuple[str, str, str], CompartmentHead] = {}  # (source, data fingerprint, configs) -> its trained head

@@ -49,7 +49,7 @@ from cdm.lifecycle import (
     source_of,
 )
 from cdm.pipeline import CompartmentalPipeline, make_scheduler
-from cdm.routing import Router, RouterManifest, RouterResult, build_composition, check_kind, load_router
+from cdm.routing import Router, RouterManifest, RouterResult, check_kind, compose_trained, load_router
 from cdm.training import TrainResult
 from common.names import SOURCE_NAME_RULE, is_source_name
 
@@ -586,15 +586,7 @@ class LocalStore:
                 'apply; use [sample] mode = "full"'
             )
         comps = [self.load_compartment(n, device=device) for n in names]
-        den = build_composition(
-            kind,
-            comps,
-            names,
-            n_samples=[c.manifest.n_samples for c in comps],
-            class_counts=[c.manifest.class_counts for c in comps],
-            vectorize=vectorize,
-            subset=subset,
-        )
+        den = compose_trained(kind, comps, names, vectorize=vectorize, subset=subset)
         if isinstance(den, ComposedDenoiser):  # the heads kind: the learnt kind's options too
             return den.configured(mode=mode, top_k=top_k)
         return den

@@ -145,6 +145,20 @@ def build_composition(
     )
 
 
+def compose_trained(kind: str, compartments: Sequence[Any], names: Sequence[str], **options: Any) -> Composed:
+    """``build_composition`` of trained compartments with their own priors: n_samples and class counts from each
+    compartment's manifest (as a sampler takes them from the registry records). ``options``: build_composition's
+    other keywords (router, vectorize, prune, subset, ...)."""
+    return build_composition(
+        kind,
+        compartments,
+        names,
+        n_samples=[c.manifest.n_samples for c in compartments],
+        class_counts=[c.manifest.class_counts for c in compartments],
+        **options,
+    )
+
+
 __all__ = [
     "CONFIG",
     "NOISE_BINS",
@@ -164,6 +178,7 @@ __all__ = [
     "RoutingKind",
     "build_composition",
     "check_kind",
+    "compose_trained",
     "estimator_for",
     "head_network",
     "heads_of",
